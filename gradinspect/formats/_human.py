@@ -1,0 +1,104 @@
+"""Number spelling and the summary lines shared by the human-facing formats."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def num(x: float, digits: int = 3) -> str:
+    """A compact number: ``0.0123``, ``1.23e-05``, ``NaN``, ``inf``."""
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    if digits <= 4 and 1e3 <= abs(x) < 1e5:
+        return f"{x:.0f}"
+    text = f"{x:.{digits}g}"
+    if "e" in text:  # 1.23e-05 -> 1.23e-5
+        mant, exp = text.split("e")
+        text = f"{mant}e{int(exp)}"
+    return text
+
+
+def percent(share: float) -> str:
+    if math.isnan(share):
+        return "NaN"
+    if 0 < share < 0.0005:
+        return "<0.1%"
+    return f"{share * 100:.1f}%"
+
+
+def bar(share: float, width: int) -> str:
+    """A bar of ``width`` cells, in eighths of a cell."""
+    if not math.isfinite(share) or share <= 0:
+        return " " * width
+    eighths = min(width * 8, max(1, round(share * width * 8)))
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (_EIGHTHS[part] if part else "")).ljust(width)
+
+
+def shape(s: tuple[int, ...] | None) -> str:
+    if s is None:
+        return "-"
+    return "×".join(map(str, s)) if s else "scalar"
+
+
+def nonfinite(row: Any) -> str:
+    """``NaN/inf`` counts, blank for a finite row."""
+    return f"{row.nan}/{row.inf}" if row.nonfinite else ""
+
+
+def middle_elide(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    keep = width - 1
+    head = keep // 2
+    return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
+def norm_label(p: float) -> str:
+    if math.isinf(p):
+        return "L∞"
+    return f"L{int(p)}" if p in (1.0, 2.0) else f"L{p:g}"
+
+
+def summary(report: Any) -> list[tuple[str, str]]:
+    """(label, value) lines below the table."""
+    t, c = report.total, report.clip
+    shown = len(report.tensors)
+    rows_word = "groups" if report.group_by else "tensors"
+    tensors = f"{t.tensors:,}"
+    if report.group_by:
+        tensors += f" in {shown + report.omitted:,} groups (--group-by {report.group_by})"
+    if report.omitted:
+        tensors += f", {shown:,} {rows_word} shown (--top)"
+    if report.skipped:
+        tensors += f"; {len(report.skipped)} skipped (not floating point)"
+    lines = [
+        ("files", f"{len(report.sources)}"),
+        ("tensors", tensors),
+        ("elements", f"{t.numel:,}"),
+        ("global L2", num(t.l2, 8)),
+        ("global L1", num(t.l1, 8)),
+        ("global L∞", num(t.linf, 8)),
+    ]
+    p = report.norm_type
+    if not (p in (1.0, 2.0) or math.isinf(p)):
+        lines.append((f"global {norm_label(p)}", num(t.norm, 8)))
+    if t.nonfinite:
+        lines.append(("non-finite", f"{t.nan:,} NaN, {t.inf:,} inf"))
+    by = "" if p == 2.0 else f" (of the {norm_label(p)} norm)"
+    lines += [
+        ("max_norm", num(c.max_norm, 8)),
+        ("clip coef", num(c.coef, 8) + by + (f", eps {num(c.eps)}" if c.eps != 1e-6 else "")),
+        ("clipped", "yes" if c.clipped else "no"),
+        ("norm after clip", num(c.norm_after, 8)),
+    ]
+    return lines

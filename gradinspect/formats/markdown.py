@@ -1,0 +1,33 @@
+"""GitHub-flavoured Markdown: a table of tensors and a summary list."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+from . import RenderOptions
+from ._human import bar, nonfinite, norm_label, num, percent, shape, summary
+
+
+def _esc(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
+def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
+    lp = report.norm_type not in (1.0, 2.0) and report.norm_type != float("inf")
+    head = ["#", "tensor", "shape", "dtype", "L2", "L1", "L∞"] + ([norm_label(report.norm_type)] if lp else []) + ["share", "NaN/inf"]
+    out.write("| " + " | ".join(head) + " |\n")
+    numeric = {"#", "L2", "L1", "L∞", "share", norm_label(report.norm_type)}
+    out.write("|" + "|".join("---:" if h in numeric else "---" for h in head) + "|\n")
+    for i, r in enumerate(report.tensors, 1):
+        cells = [str(i), f"`{_esc(r.name)}`", shape(r.shape), r.dtype, num(r.l2, 4), num(r.l1, 4), num(r.linf, 4)]
+        if lp:
+            cells.append(num(r.norm, 4))
+        cells += [f"{bar(r.share, 5).rstrip()} {percent(r.share)}".strip(), ("⚠️ " + nonfinite(r)) if r.nonfinite else ""]
+        out.write("| " + " | ".join(cells) + " |\n")
+    if report.omitted:
+        out.write(f"\n… and {report.omitted:,} more rows (--top).\n")
+    out.write("\n")
+    for label, value in summary(report):
+        out.write(f"- **{label}**: {value}\n")
+    for w in report.warnings():
+        out.write(f"\n> ⚠️ **Warning:** {_esc(w)}\n")

@@ -1,0 +1,111 @@
+"""The terminal table, drawn with rich.
+
+Readable at 80 columns: every column but the tensor name takes the width of
+its content and long names are elided in the middle.  No colour when NO_COLOR
+is set or the output is not a terminal (rich's own detection).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import RenderOptions
+from ._human import bar, middle_elide, nonfinite, norm_label, num, percent, shape, summary
+
+_BAR = 6
+_MIN_NAME = 12
+
+
+def console_for(out: TextIO, options: RenderOptions) -> Console:
+    kwargs: dict[str, Any] = {"file": out, "highlight": False, "emoji": False}
+    if options.width is not None:
+        kwargs["width"] = options.width
+    if options.color is not None:
+        kwargs["no_color"] = not options.color
+        kwargs["force_terminal"] = options.color
+    return Console(**kwargs)
+
+
+def _layout(cols: list[tuple[str, str]], rows: list[list[str]], width: int) -> tuple[list[int], int] | None:
+    """Column widths and gap when the names fit well enough in ``width``, else None."""
+    widths = [max([len(h)] + [len(c[j]) for c in rows]) for j, (h, _) in enumerate(cols)]
+    longest = widths[1]
+    for gap in (2, 1):
+        room = width - sum(w for j, w in enumerate(widths) if j != 1) - gap * (len(cols) - 1)
+        if room >= min(longest, 24):
+            widths[1] = min(longest, room)
+            return widths, gap
+    return None
+
+
+def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
+    con = console_for(out, options)
+    p = report.norm_type
+    lp = not (p in (1.0, 2.0) or math.isinf(p))
+    any_bad = any(r.nonfinite for r in report.tensors)
+    cols: list[tuple[str, str]] = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"),
+                                   ("L2", "right"), ("L1", "right"), ("L∞", "right")]
+    if lp:
+        cols.append((norm_label(p), "right"))
+    cols.append(("share", "left"))
+    if any_bad:
+        cols.append(("NaN/inf", "right"))
+    share_col = len(cols) - (2 if any_bad else 1)
+
+    def cells(r: Any, i: int, bar_w: int) -> list[str]:
+        c = [str(i), r.name, shape(r.shape), r.dtype, num(r.l2), num(r.l1), num(r.linf)]
+        if lp:
+            c.append(num(r.norm))
+        c.append(f"{bar(r.share, bar_w)} {percent(r.share):>6}" if bar_w else percent(r.share))
+        if any_bad:
+            c.append(nonfinite(r))
+        return c
+
+    # Prefer the share bar; give it up, then tighten the gaps, before eliding names.
+    for bar_w in (_BAR, 0):
+        rows = [cells(r, i, bar_w) for i, r in enumerate(report.tensors, 1)]
+        fit = _layout(cols, rows, con.width)
+        if fit:
+            break
+    if fit is None:
+        widths = [max([len(h)] + [len(c[j]) for c in rows]) for j, (h, _) in enumerate(cols)]
+        gap = 1
+        widths[1] = max(_MIN_NAME, con.width - sum(w for j, w in enumerate(widths) if j != 1) - (len(cols) - 1))
+    else:
+        widths, gap = fit
+    table = Table(box=None, pad_edge=False, header_style="bold underline", padding=(0, 0, 0, gap))
+    for j, (h, just) in enumerate(cols):
+        if j == share_col and not bar_w:
+            just = "right"
+        table.add_column(h, justify=just, no_wrap=True, width=widths[j], overflow="crop")
+    for r, c in zip(report.tensors, rows):
+        c[1] = middle_elide(c[1], widths[1])
+        style = "red" if r.nonfinite else ("dim" if r.all_zero else None)
+        table.add_row(*c, style=style)
+    if rows:
+        con.print(table)
+    else:
+        con.print("[dim]no floating-point tensors selected[/dim]")
+    if report.omitted:
+        con.print(f"[dim]… {report.omitted:,} more rows not shown (--top)[/dim]")
+    con.print()
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for label, value in summary(report):
+        style = None
+        if label == "clipped" and value == "yes":
+            style = "yellow"
+        if label == "non-finite" or (label in ("clip coef", "norm after clip") and not math.isfinite(report.clip.coef)):
+            style = "bold red"
+        grid.add_row(label, Text(value, style=style or ""))
+    con.print(grid)
+    if report.total.nonfinite:
+        bad = [r.name for r in report.tensors if r.nonfinite]
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        con.print(Text(f"\nWARNING: NaN/Inf gradients in {names}", style="bold red"))

@@ -1,0 +1,661 @@
+"""Paths to streams of named tensors.
+
+This module owns every file format gradinspect reads and every refusal.  It
+parses headers itself (safetensors JSON headers, zip directories, ``.npy``
+headers) so that tensor data can be read chunk by chunk into reused,
+page-aligned buffers: never a whole file, never a whole large tensor.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import math
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .norms import CHUNK, is_float_dtype
+
+__all__ = [
+    "TensorEntry",
+    "Source",
+    "ChunkBuffer",
+    "resolve_paths",
+    "open_source",
+    "open_paths",
+    "array_source",
+    "SUFFIXES",
+]
+
+SUFFIXES = (".safetensors", ".npz", ".npy")
+INDEX_SUFFIX = ".index.json"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+_MAX_ST_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's limit
+_MAX_NPY_HEADER = 1 << 16
+_INFLATE_IN = 1 << 20
+
+try:
+    import ml_dtypes as _mld
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _mld = None
+
+# safetensors dtype -> numpy dtype (None: known to the format but not readable here)
+_ST_DTYPES: dict[str, tuple[str, np.dtype | None]] = {
+    "F64": ("float64", np.dtype("<f8")),
+    "F32": ("float32", np.dtype("<f4")),
+    "F16": ("float16", np.dtype("<f2")),
+    "BF16": ("bfloat16", None),
+    "F8_E4M3": ("float8_e4m3fn", None),
+    "F8_E5M2": ("float8_e5m2", None),
+    "F8_E8M0": ("float8_e8m0fnu", None),
+    "I64": ("int64", np.dtype("<i8")),
+    "I32": ("int32", np.dtype("<i4")),
+    "I16": ("int16", np.dtype("<i2")),
+    "I8": ("int8", np.dtype("i1")),
+    "U64": ("uint64", np.dtype("<u8")),
+    "U32": ("uint32", np.dtype("<u4")),
+    "U16": ("uint16", np.dtype("<u2")),
+    "U8": ("uint8", np.dtype("u1")),
+    "BOOL": ("bool", np.dtype("?")),
+    "C64": ("complex64", np.dtype("<c8")),
+}
+if _mld is not None:
+    for _st, (_name, _dt) in list(_ST_DTYPES.items()):
+        if _dt is None and hasattr(_mld, _name):
+            _ST_DTYPES[_st] = (_name, np.dtype(getattr(_mld, _name)))
+# Sub-byte float formats: bits per element; their norms are not computed.
+_ST_PACKED = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """A dtype as numpy spells it (``float32``, ``bfloat16``), whatever its byte order."""
+    return dtype.newbyteorder("=").name if dtype.byteorder not in ("=", "|") else dtype.name
+
+
+def _skip_reason(dtype_name: str, np_dtype: np.dtype | None) -> str | None:
+    if np_dtype is not None and is_float_dtype(np_dtype.newbyteorder("=")):
+        return None
+    if np_dtype is None:
+        return f"unsupported dtype {dtype_name}"
+    if np_dtype.kind == "c":
+        return f"complex dtype ({dtype_name}) is not supported"
+    return f"not a floating-point dtype ({dtype_name})"
+
+
+@dataclass(frozen=True, eq=False)
+class TensorEntry:
+    """One named tensor in a source, located but not read."""
+
+    name: str
+    source: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+    skip_reason: str | None = None
+    # How to read it (private to the loader that made it):
+    _np_dtype: np.dtype | None = field(default=None, repr=False)
+    _offset: int = field(default=0, repr=False)
+    _method: str = field(default="raw", repr=False)  # raw | deflate | array
+    _stored_size: int = field(default=0, repr=False)  # deflate: compressed bytes
+    _skip: int = field(default=0, repr=False)  # deflate: .npy header bytes to drop
+    _crc: int = field(default=0, repr=False)
+    _array: Any = field(default=None, repr=False)
+
+    @property
+    def is_float(self) -> bool:
+        return self.skip_reason is None
+
+
+class ChunkBuffer:
+    """A page-aligned, reused read buffer of ``chunk`` elements of up to 8 bytes.
+
+    Memory from ``mmap`` is page-aligned; numpy's own large allocations sit a
+    few bytes past a page boundary, which halves the speed of reading into them.
+    """
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self.chunk = chunk
+        self.size = chunk * 8
+        self._map = mmap.mmap(-1, self.size)
+        self.view = memoryview(self._map)
+
+    def array(self, dtype: np.dtype, count: int) -> np.ndarray:
+        return np.frombuffer(self._map, dtype=dtype, count=count)
+
+
+@dataclass(eq=False)
+class Source:
+    """A file (or an in-memory mapping) and the tensors in it, in file order."""
+
+    path: str
+    kind: str
+    tensors: list[TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+    _fd: int | None = field(default=None, repr=False)
+
+    def __enter__(self) -> Source:
+        if self.kind != "memory" and self._fd is None:
+            self._fd = _open_fd(self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def chunks(self, entry: TensorEntry, buf: ChunkBuffer) -> Iterator[np.ndarray]:
+        """The tensor's elements, in chunks of at most ``buf.chunk``, as 1-d native arrays.
+
+        Each chunk is a view into ``buf``: use it before asking for the next.
+        The source must be open (``with source:``) for file-backed tensors.
+        """
+        dtype = entry._np_dtype
+        assert dtype is not None and entry.is_float, entry
+        if entry._method == "array":
+            flat = entry._array
+            for i in range(0, flat.size, buf.chunk):
+                yield flat[i : i + buf.chunk]
+            return
+        if self._fd is None:
+            raise RuntimeError("source is not open")
+        itemsize = dtype.itemsize
+        pieces = self._raw_pieces(entry, buf) if entry._method == "raw" else self._inflate_pieces(entry, buf)
+        for nbytes in pieces:
+            arr = buf.array(dtype, nbytes // itemsize)
+            if not dtype.isnative:  # big-endian .npy: swap in our own buffer
+                arr = arr.byteswap(inplace=True).view(dtype.newbyteorder("="))
+            yield arr
+
+    # Each generator below fills ``buf`` from its start and yields the byte count.
+
+    def _raw_pieces(self, entry: TensorEntry, buf: ChunkBuffer) -> Iterator[int]:
+        step = buf.chunk * entry._np_dtype.itemsize  # type: ignore[union-attr]
+        pos, end = entry._offset, entry._offset + entry.nbytes
+        while pos < end:
+            k = min(step, end - pos)
+            _pread_into(self._fd, buf.view[:k], pos, self.path)  # type: ignore[arg-type]
+            yield k
+            pos += k
+
+    def _inflate_pieces(self, entry: TensorEntry, buf: ChunkBuffer) -> Iterator[int]:
+        """Stream a deflated .npy member: skip its header, yield element-aligned fills."""
+        itemsize = entry._np_dtype.itemsize  # type: ignore[union-attr]
+        step = buf.chunk * itemsize
+        skip = entry._skip
+        want = entry.nbytes
+        crc = 0
+        fill = 0
+        for out in _inflate(self._fd, entry, self.path):  # type: ignore[arg-type]
+            crc = zlib.crc32(out, crc)
+            view = memoryview(out)
+            if skip:
+                cut = min(skip, len(view))
+                view, skip = view[cut:], skip - cut
+            while len(view) and want:
+                k = min(step - fill, len(view), want)
+                buf.view[fill : fill + k] = view[:k]
+                view, fill, want = view[k:], fill + k, want - k
+                if fill == step or not want:
+                    yield fill
+                    fill = 0
+        if want:
+            raise InputError(self.path, f"member {entry.name}.npy: compressed data ends early")
+        if crc != entry._crc:
+            raise InputError(self.path, f"member {entry.name}.npy: CRC-32 mismatch (the data is corrupt)")
+
+
+def _inflate(fd: int, entry: TensorEntry, path: str) -> Iterator[bytes]:
+    """The decompressed bytes of a deflated zip member, a block at a time."""
+    d = zlib.decompressobj(-15)
+    pos, remaining = entry._offset, entry._stored_size
+    tail = b""
+    while not d.eof:
+        if not tail:
+            if not remaining:
+                break
+            n = min(_INFLATE_IN, remaining)
+            tail = _pread(fd, n, pos, path)
+            pos, remaining = pos + n, remaining - n
+        try:
+            out = d.decompress(tail, _INFLATE_IN * 4)
+        except zlib.error as e:
+            raise InputError(path, f"member {entry.name}.npy: corrupt compressed data ({e})") from None
+        tail = d.unconsumed_tail
+        if out:
+            yield out
+
+
+def _open_fd(path: str) -> int:
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        raise InputError(path, _os_problem(e)) from None
+
+
+def _os_problem(e: OSError) -> str:
+    return (e.strerror or str(e)).lower() if e.strerror else str(e)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill ``view`` from ``offset`` or fail with a truncation error."""
+    done = 0
+    n = len(view)
+    while done < n:
+        try:
+            if hasattr(os, "preadv"):
+                got = os.preadv(fd, [view[done:]], offset + done)
+            else:  # pragma: no cover - Windows
+                os.lseek(fd, offset + done, os.SEEK_SET)
+                got = os.readv(fd, [view[done:]])
+        except OSError as e:
+            raise InputError(path, f"read failed: {_os_problem(e)}") from None
+        if got == 0:
+            raise InputError(path, f"unexpected end of file at byte {offset + done}")
+        done += got
+
+
+def _pread(fd: int, n: int, offset: int, path: str) -> bytes:
+    b = bytearray(n)
+    _pread_into(fd, memoryview(b), offset, path)
+    return bytes(b)
+
+
+# --- safetensors -----------------------------------------------------------
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _read_safetensors(path: str, fd: int, size: int) -> Source:
+    if size < 8:
+        raise InputError(path, f"file is too short to be safetensors ({size} bytes)")
+    (n,) = struct.unpack("<Q", _pread(fd, 8, 0, path))
+    if n > size - 8:
+        raise InputError(path, f"header length {n} runs past the end of the file ({size} bytes): truncated or not safetensors")
+    if n > _MAX_ST_HEADER:
+        raise InputError(path, f"header length {n} exceeds the {_MAX_ST_HEADER}-byte limit")
+    raw = _pread(fd, n, 8, path)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise InputError(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(path, "__metadata__ is not an object of strings")
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise InputError(path, f"tensor {name!r}: header entry is not an object")
+        st_dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(st_dtype, str):
+            raise InputError(path, f"tensor {name!r}: missing or invalid dtype")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise InputError(path, f"tensor {name!r}: invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise InputError(path, f"tensor {name!r}: invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        numel = math.prod(shape)
+        dtype_name, np_dtype = _ST_DTYPES.get(st_dtype, (st_dtype, None))
+        if np_dtype is not None:
+            expected = numel * np_dtype.itemsize
+        elif st_dtype in _ST_PACKED:
+            expected = -(-numel * _ST_PACKED[st_dtype] // 8)
+        else:
+            expected = end - begin  # an unknown dtype: trust the offsets, skip the tensor
+        if end - begin != expected:
+            raise InputError(path, f"tensor {name!r}: shape {shape} of {st_dtype} needs {expected} bytes, but data_offsets span {end - begin}")
+        if end > data_size:
+            raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end} of the data, past the end of the file (the data holds {data_size} bytes): truncated?")
+        tensors.append(
+            TensorEntry(
+                name, path, dtype_name, tuple(shape), numel, end - begin,
+                _skip_reason(dtype_name, np_dtype), np_dtype, data_start + begin,
+            )
+        )
+    tensors.sort(key=lambda t: (t._offset, t._offset + t.nbytes))
+    prev: TensorEntry | None = None
+    for t in tensors:
+        if not t.nbytes:
+            continue
+        if prev is not None and t._offset < prev._offset + prev.nbytes:
+            raise InputError(path, f"tensors {prev.name!r} and {t.name!r} overlap in the data")
+        prev = t
+    return Source(path, "safetensors", tensors, dict(meta), size)
+
+
+# --- .npy and .npz ---------------------------------------------------------
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, header length) of an .npy stream starting with ``head``.
+
+    The header is a Python literal read with ``ast.literal_eval``, which
+    evaluates no code; object dtypes, whose data would need unpickling, are refused.
+    """
+    if not head.startswith(_NPY_MAGIC) or len(head) < 10:
+        raise InputError(path, f"{where}is not an .npy array (bad magic)")
+    major = head[6]
+    if major == 1:
+        (hlen,) = struct.unpack("<H", head[8:10])
+        start = 10
+    elif major in (2, 3):
+        if len(head) < 12:
+            raise InputError(path, f"{where}truncated .npy header")
+        (hlen,) = struct.unpack("<I", head[8:12])
+        start = 12
+    else:
+        raise InputError(path, f"{where}unsupported .npy format version {major}")
+    if hlen > _MAX_NPY_HEADER:
+        raise InputError(path, f"{where}.npy header of {hlen} bytes is too large")
+    if len(head) < start + hlen:
+        raise InputError(path, f"{where}truncated .npy header")
+    text = head[start : start + hlen].decode("utf-8" if major == 3 else "latin1")
+    try:
+        d = ast.literal_eval(text)
+        if not isinstance(d, dict):
+            raise ValueError("not a dict")
+        descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
+        if not isinstance(shape, tuple) or not all(_is_int(s) for s in shape) or not isinstance(fortran, bool):
+            raise ValueError("bad shape or fortran_order")
+        dtype = np.lib.format.descr_to_dtype(descr)
+    except Exception as e:  # any malformed header is the file's fault
+        raise InputError(path, f"{where}corrupt .npy header ({e})") from None
+    if dtype.hasobject:
+        raise InputError(path, f"{where}holds Python objects (dtype {dtype}); refusing to unpickle")
+    # Fortran order does not matter: every statistic is order-independent.
+    return dtype, shape, start + hlen
+
+
+def _npy_entry(name: str, path: str, dtype: np.dtype, shape: tuple[int, ...], **loc: Any) -> TensorEntry:
+    numel = math.prod(shape)
+    name_ = _dtype_name(dtype) if dtype.fields is None else "structured"
+    reason = _skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient"
+    return TensorEntry(name, path, name_, tuple(shape), numel, numel * dtype.itemsize, reason, dtype, **loc)
+
+
+def _read_npy(path: str, fd: int, size: int) -> Source:
+    head = _pread(fd, min(size, 12 + _MAX_NPY_HEADER), 0, path)
+    dtype, shape, hlen = _parse_npy_header(head, "", path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    entry = _npy_entry(name, path, dtype, shape, _offset=hlen)
+    if hlen + entry.nbytes > size:
+        raise InputError(path, f"array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes of data, the file has {size - hlen}: truncated")
+    return Source(path, "npy", [entry], {}, size)
+
+
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOC = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CDIR = struct.Struct("<4s6H3L5H2L")
+_LOCAL = struct.Struct("<4s5H3L2H")
+
+
+def _zip_directory(path: str, fd: int, size: int) -> list[tuple[str, int, int, int, int, int, int]]:
+    """(name, flags, method, crc, csize, usize, local header offset) of each member."""
+    tail_len = min(size, _EOCD.size + 0xFFFF)
+    tail = _pread(fd, tail_len, size - tail_len, path)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > len(tail):
+        raise InputError(path, "not a zip file (no end-of-central-directory record): corrupt or truncated")
+    _, _, _, _, count, cd_size, cd_off, _ = _EOCD.unpack_from(tail, at)
+    eocd_pos = size - tail_len + at
+    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:
+        loc_pos = eocd_pos - _EOCD64_LOC.size
+        if loc_pos < 0:
+            raise InputError(path, "corrupt zip64 directory")
+        sig, _, eocd64_pos, _ = _EOCD64_LOC.unpack(_pread(fd, _EOCD64_LOC.size, loc_pos, path))
+        if sig != b"PK\x06\x07" or eocd64_pos + _EOCD64.size > size:
+            raise InputError(path, "corrupt zip64 directory")
+        rec = _EOCD64.unpack(_pread(fd, _EOCD64.size, eocd64_pos, path))
+        if rec[0] != b"PK\x06\x06":
+            raise InputError(path, "corrupt zip64 directory")
+        count, cd_size, cd_off = rec[6], rec[7], rec[8]
+    if cd_off + cd_size > size:
+        raise InputError(path, "zip central directory runs past the end of the file: truncated")
+    cd = _pread(fd, cd_size, cd_off, path)
+    members = []
+    pos = 0
+    for _ in range(count):
+        if pos + _CDIR.size > len(cd) or cd[pos : pos + 4] != b"PK\x01\x02":
+            raise InputError(path, "corrupt zip central directory")
+        f = _CDIR.unpack_from(cd, pos)
+        flags, method, crc, csize, usize = f[3], f[4], f[7], f[8], f[9]
+        nlen, elen, clen, off = f[10], f[11], f[12], f[16]
+        name = cd[pos + _CDIR.size : pos + _CDIR.size + nlen].decode("utf-8" if flags & 0x800 else "cp437")
+        extra = cd[pos + _CDIR.size + nlen : pos + _CDIR.size + nlen + elen]
+        if 0xFFFFFFFF in (csize, usize, off):
+            usize, csize, off = _zip64_extra(extra, usize, csize, off, path)
+        members.append((name, flags, method, crc, csize, usize, off))
+        pos += _CDIR.size + nlen + elen + clen
+    return members
+
+
+def _zip64_extra(extra: bytes, usize: int, csize: int, off: int, path: str) -> tuple[int, int, int]:
+    i = 0
+    while i + 4 <= len(extra):
+        tag, ln = struct.unpack_from("<HH", extra, i)
+        if tag == 1:
+            vals = list(struct.unpack_from(f"<{ln // 8}Q", extra, i + 4))
+            if usize == 0xFFFFFFFF:
+                usize = vals.pop(0)
+            if csize == 0xFFFFFFFF:
+                csize = vals.pop(0)
+            if off == 0xFFFFFFFF:
+                off = vals.pop(0)
+            return usize, csize, off
+        i += 4 + ln
+    raise InputError(path, "corrupt zip64 extra field")
+
+
+def _read_npz(path: str, fd: int, size: int) -> Source:
+    tensors = []
+    seen: set[str] = set()
+    for name, flags, method, crc, csize, usize, off in _zip_directory(path, fd, size):
+        if name.endswith("/"):
+            continue
+        tname = name[:-4] if name.endswith(".npy") else name
+        where = f"member {name}: "
+        if tname in seen:
+            raise InputError(path, f"{where}appears twice in the archive")
+        seen.add(tname)
+        if flags & 1:
+            raise InputError(path, f"{where}is encrypted")
+        if method not in (0, 8):
+            raise InputError(path, f"{where}unsupported zip compression method {method}")
+        if off + _LOCAL.size > size:
+            raise InputError(path, f"{where}local header past the end of the file: truncated")
+        local = _LOCAL.unpack(_pread(fd, _LOCAL.size, off, path))
+        if local[0] != b"PK\x03\x04":
+            raise InputError(path, f"{where}corrupt zip local header")
+        data = off + _LOCAL.size + local[9] + local[10]
+        if data + csize > size:
+            raise InputError(path, f"{where}data runs past the end of the file: truncated")
+        if not name.endswith(".npy"):
+            tensors.append(TensorEntry(tname, path, "unknown", (), 0, 0, "not an .npy array"))
+            continue
+        if method == 0:
+            head = _pread(fd, min(csize, 12 + _MAX_NPY_HEADER), data, path)
+        else:
+            head = _inflate_head(fd, data, csize, path, where)
+        dtype, shape, hlen = _parse_npy_header(head, where, path)
+        if method == 0:
+            entry = _npy_entry(tname, path, dtype, shape, _offset=data + hlen)
+            have = csize - hlen
+        else:
+            entry = _npy_entry(tname, path, dtype, shape, _offset=data, _method="deflate",
+                               _stored_size=csize, _skip=hlen, _crc=crc)
+            have = usize - hlen
+        if entry.nbytes > have:
+            raise InputError(path, f"{where}array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes, the member holds {have}: truncated")
+        tensors.append(entry)
+    return Source(path, "npz", tensors, {}, size)
+
+
+def _inflate_head(fd: int, pos: int, csize: int, path: str, where: str) -> bytes:
+    d = zlib.decompressobj(-15)
+    try:
+        return d.decompress(_pread(fd, min(csize, 1 << 16), pos, path), 12 + _MAX_NPY_HEADER)
+    except zlib.error as e:
+        raise InputError(path, f"{where}corrupt compressed data ({e})") from None
+
+
+# --- paths -----------------------------------------------------------------
+
+_READERS = {".safetensors": _read_safetensors, ".npz": _read_npz, ".npy": _read_npy}
+
+
+def _suffix(path: str) -> str:
+    low = path.lower()
+    if low.endswith(INDEX_SUFFIX):
+        return INDEX_SUFFIX
+    return os.path.splitext(low)[1]
+
+
+def _index_shards(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise InputError(path, _os_problem(e)) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(path, f"not valid JSON ({e})") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise InputError(path, "no \"weight_map\" object of tensor names to shard files")
+    if not wm:
+        raise InputError(path, "weight_map is empty")
+    base = os.path.dirname(path)
+    return sorted({os.path.join(base, v) for v in wm.values()})
+
+
+def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The files that ``paths`` name, in order: directories list their supported
+    files sorted by name, index files their shards, quoted globs their matches."""
+    out: list[str] = []
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.exists(p) and glob.has_magic(p):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise InputError(p, "no file matches this pattern")
+            out.extend(resolve_paths(matches))
+        elif os.path.isdir(p):
+            found = sorted(
+                os.path.join(p, n) for n in os.listdir(p)
+                if _suffix(n) in _READERS and os.path.isfile(os.path.join(p, n))
+            )
+            if not found:
+                raise InputError(p, "directory holds no .safetensors, .npz or .npy file")
+            out.extend(found)
+        elif _suffix(p) == INDEX_SUFFIX:
+            out.extend(_index_shards(p))
+        else:
+            out.append(p)
+    return out
+
+
+def open_source(path: str) -> Source:
+    """Read and validate one file's header; the data is not read."""
+    suffix = _suffix(path)
+    if suffix not in _READERS:
+        if suffix in _PICKLE_SUFFIXES:
+            raise InputError(path, "pickle-based files are never loaded (they can run code); save gradients with safetensors")
+        raise InputError(path, "unsupported file type (expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
+    fd = _open_fd(path)
+    try:
+        size = os.fstat(fd).st_size
+        if os.path.isdir(path):
+            raise InputError(path, "is a directory")
+        if size == 0:
+            raise InputError(path, "empty file")
+        return _READERS[suffix](path, fd, size)
+    finally:
+        os.close(fd)
+
+
+def open_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Source]:
+    """Sources for ``paths``, refusing a tensor name that appears in two files."""
+    if not paths:
+        raise ValueError("no paths given")
+    files = resolve_paths(paths)
+    sources = [open_source(f) for f in files]
+    owner: dict[str, str] = {}
+    for src in sources:
+        for t in src.tensors:
+            if t.name in owner:
+                raise InputError(src.path, f"tensor {t.name!r} is also in {owner[t.name]} (the same name in two files)")
+            owner[t.name] = src.path
+    _check_index_names(paths, sources)
+    return sources
+
+
+def _check_index_names(paths: Sequence[str | os.PathLike[str]], sources: list[Source]) -> None:
+    """Every tensor an index's weight_map names must be in the shard it names."""
+    where = {(s.path, t.name) for s in sources for t in s.tensors}
+    for p in paths:
+        p = os.fspath(p)
+        if _suffix(p) != INDEX_SUFFIX or not os.path.isfile(p):
+            continue
+        with open(p, "rb") as f:
+            wm = json.loads(f.read().decode("utf-8"))["weight_map"]
+        base = os.path.dirname(p)
+        for name, shard in wm.items():
+            if (os.path.join(base, shard), name) not in where:
+                raise InputError(p, f"weight_map puts tensor {name!r} in {shard}, which does not hold it")
+
+
+def array_source(mapping: Mapping[str, Any], path: str = "<memory>") -> Source:
+    """A source over in-memory arrays (anything ``np.asarray`` accepts)."""
+    tensors = []
+    for name, value in mapping.items():
+        arr = _as_numpy(value)
+        reason = _skip_reason(_dtype_name(arr.dtype), arr.dtype)
+        if arr.dtype.fields is not None:
+            reason = "structured dtype is not a gradient"
+        flat = arr.reshape(-1)
+        if reason is None and not arr.dtype.isnative:
+            flat = flat.astype(arr.dtype.newbyteorder("="))
+        tensors.append(TensorEntry(
+            str(name), path, _dtype_name(arr.dtype), tuple(arr.shape), arr.size, arr.nbytes,
+            reason, flat.dtype, _method="array", _array=flat,
+        ))
+    return Source(path, "memory", tensors)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    # torch tensors: detach and move to the CPU; numpy has no bfloat16, so view its bits.
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16" and _mld is not None:
+            import torch  # only reachable with a torch tensor in hand
+
+            return value.view(torch.int16).numpy().view(_mld.bfloat16)
+    return np.asarray(value)

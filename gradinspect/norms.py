@@ -1,0 +1,312 @@
+"""Exact norm statistics of gradient tensors, in scaled form.
+
+Pure numpy: no I/O, no click, no rich.
+
+A :class:`Stats` summarises any set of elements: their count, how many are
+NaN or infinite, the largest magnitude, and the sums Σ|x|, Σx² and (for a
+general p) Σ|x|^p.  The sums are kept as a mantissa and a shared power-of-two
+exponent ``exp`` (LAPACK ``dlassq`` keeps a ``scale`` and a ``sumsq`` in the same
+spirit)::
+
+    Σ|x|   = s1 · 2**exp
+    Σx²    = s2 · 4**exp
+    Σ|x|^p = sp · 2**(exp·p)
+
+so no finite input overflows or underflows, whatever its dtype.  Statistics of
+disjoint sets combine exactly with :func:`combine`: that is what lets tensors
+stream chunk by chunk, shards merge and work split across threads.
+
+Accuracy: every element is converted exactly to float64 (all supported
+storage dtypes are subsets of float64); squares of float32 and narrower values
+are exact in float64; chunks of at most ``CHUNK`` elements are summed in
+float64; chunk partials are combined with :func:`math.fsum`, which is
+correctly rounded and independent of order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+__all__ = [
+    "CHUNK",
+    "Stats",
+    "Reducer",
+    "combine",
+    "parse_norm_type",
+    "norm_type_label",
+    "is_float_dtype",
+    "stats_of",
+]
+
+#: Elements reduced per step.  Large enough that numpy's per-call overhead
+#: does not matter, small enough that work buffers stay in the CPU cache.
+CHUNK = 1 << 18
+
+# A float64 chunk whose largest magnitude lies in [2**-_SAFE_EXP, 2**_SAFE_EXP]
+# is summed unscaled: CHUNK squares of such values cannot overflow, and the
+# squares that underflow are below 2**-1022, a relative 2**-200 of the largest.
+_SAFE_EXP = 400
+
+
+def parse_norm_type(value: float | int | str) -> float:
+    """``1``, ``2``, ``"inf"`` or any float > 0, as a float (``math.inf`` for L∞)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("inf", "infinity", "+inf", "linf", "max"):
+            return math.inf
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"norm type must be 1, 2, inf or a number > 0, not {value!r}") from None
+    p = float(value)
+    if not p > 0 or math.isnan(p):
+        raise ValueError(f"norm type must be 1, 2, inf or a number > 0, not {value!r}")
+    return p
+
+
+def norm_type_label(p: float) -> int | float | str:
+    """The JSON spelling of a norm type: ``1``, ``2``, ``"inf"`` or a float."""
+    if math.isinf(p):
+        return "inf"
+    if p in (1.0, 2.0):
+        return int(p)
+    return p
+
+
+def _general_p(p: float) -> bool:
+    return not (p == 1.0 or p == 2.0 or math.isinf(p))
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Norm statistics of a set of elements; see the module docstring."""
+
+    numel: int = 0
+    nan: int = 0
+    inf: int = 0
+    linf: float = 0.0
+    exp: int = 0
+    s1: float = 0.0
+    s2: float = 0.0
+    sp: float = 0.0
+    p: float = 2.0
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan + self.inf
+
+    @property
+    def l1(self) -> float:
+        return _ldexp(self.s1, self.exp)
+
+    @property
+    def l2(self) -> float:
+        return _ldexp(math.sqrt(self.s2), self.exp)
+
+    @property
+    def sq(self) -> float:
+        """Σx²: may overflow to inf for float64 data whose L2 norm passes ~1.3e154."""
+        return _ldexp(self.s2, 2 * self.exp)
+
+    def lp(self, p: float | None = None) -> float:
+        """The p-norm for the ``p`` these statistics were made with (or 1, 2, inf)."""
+        p = self.p if p is None else p
+        if p == 1.0:
+            return self.l1
+        if p == 2.0:
+            return self.l2
+        if math.isinf(p):
+            return self.linf
+        if p != self.p:
+            raise ValueError(f"these statistics were computed for p={self.p}, not p={p}")
+        if not math.isfinite(self.sp):
+            return self.sp
+        return _ldexp(self.sp ** (1.0 / p), self.exp)
+
+    @property
+    def norm(self) -> float:
+        """The norm of the type these statistics were made with."""
+        return self.lp(self.p)
+
+    @property
+    def all_zero(self) -> bool:
+        """True when there is at least one element and every element is 0."""
+        return self.numel > 0 and self.linf == 0.0
+
+    def share_of(self, total: Stats) -> float:
+        """This set's fraction of ``total``'s squared L2 norm, exact even when Σx² overflows."""
+        if not (math.isfinite(total.s2) and math.isfinite(self.s2)):
+            return self.sq / total.sq if total.sq else math.nan
+        if total.s2 == 0.0:
+            return 0.0
+        return _ldexp(self.s2, 2 * (self.exp - total.exp)) / total.s2
+
+
+def _ldexp(x: float, e: int) -> float:
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.inf
+
+
+def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
+    """Statistics of the union of disjoint sets, from the statistics of each.
+
+    Exact up to one rounding per sum, and independent of the order of ``parts``.
+    """
+    parts = list(parts)
+    if p is None:
+        p = parts[0].p if parts else 2.0
+    for s in parts:
+        if s.p != p and _general_p(p):
+            raise ValueError(f"cannot combine statistics for p={s.p} with p={p}")
+    numel = sum(s.numel for s in parts)
+    nan = sum(s.nan for s in parts)
+    inf = sum(s.inf for s in parts)
+    if nan or inf or any(not math.isfinite(s.s2) for s in parts):
+        bad = math.nan if nan or any(math.isnan(s.s2) for s in parts) else math.inf
+        linf = math.nan if nan else max((s.linf for s in parts), default=0.0)
+        return Stats(numel, nan, inf, linf, 0, bad, bad, bad, p)
+    linf = max((s.linf for s in parts), default=0.0)
+    # Shared exponent: that of the largest Σ|x|, so every rescaled sum is <= 1
+    # per part (and Σx² <= (Σ|x|)²); far smaller parts may underflow, harmlessly.
+    exps = [s.exp + math.frexp(s.s1)[1] for s in parts if s.s1 > 0.0]
+    e = max(exps) if exps else 0
+    s1 = math.fsum(math.ldexp(s.s1, s.exp - e) for s in parts)
+    s2 = math.fsum(math.ldexp(s.s2, 2 * (s.exp - e)) for s in parts)
+    sp = 0.0
+    if _general_p(p):
+        sp = math.fsum(s.sp * 2.0 ** ((s.exp - e) * p) for s in parts if s.sp)
+    return Stats(numel, 0, 0, linf, e, s1, s2, sp, p)
+
+
+# --- reducing arrays -------------------------------------------------------
+
+# Storage dtypes whose sign is the top bit of an unsigned integer view and
+# whose non-finite values are exactly the bit patterns >= the +inf pattern.
+_IEEE: dict[np.dtype, tuple[type, int, int]] = {}
+
+
+def _ieee(dtype: np.dtype, uint: type, bits: int, exp_bits: int) -> None:
+    sign = 1 << (bits - 1)
+    inf = ((1 << exp_bits) - 1) << (bits - 1 - exp_bits)
+    _IEEE[np.dtype(dtype)] = (uint, sign - 1, inf)
+
+
+_ieee(np.float64, np.uint64, 64, 11)
+_ieee(np.float32, np.uint32, 32, 8)
+_ieee(np.float16, np.uint16, 16, 5)
+
+_TABLES: dict[np.dtype, np.ndarray] = {}
+
+try:  # bfloat16 and the float8 family come from ml_dtypes
+    import ml_dtypes as _mld
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _mld = None
+else:
+    _ieee(_mld.bfloat16, np.uint16, 16, 8)
+    for _name in (
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3",
+        "float8_e3m4",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e4m3b11fnuz",
+        "float8_e8m0fnu",
+    ):
+        _t = getattr(_mld, _name, None)
+        if _t is not None:
+            # |value| of each of the 256 codes, decoded exactly by ml_dtypes.
+            _codes = np.arange(256, dtype=np.uint8).view(_t)
+            _TABLES[np.dtype(_t)] = np.abs(_codes.astype(np.float64))
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """True for the dtypes whose norms we compute (IEEE floats, bfloat16, float8)."""
+    dtype = np.dtype(dtype)
+    return dtype in _IEEE or dtype in _TABLES or (dtype.kind == "f" and dtype.itemsize <= 8)
+
+
+class Reducer:
+    """Reduces 1-d chunks of at most ``chunk`` elements to :class:`Stats`.
+
+    Holds work buffers that are reused for every chunk, so reducing allocates
+    nothing per chunk.  Not thread-safe: use one per thread.
+    """
+
+    def __init__(self, p: float = 2.0, chunk: int = CHUNK) -> None:
+        self.p = float(p)
+        self.chunk = chunk
+        self._general = _general_p(self.p)
+        self._w = np.empty(chunk, np.float64)
+        self._bits = np.empty(chunk * 8, np.uint8)
+        self._tmp = np.empty(chunk, np.float64) if self._general else None
+
+    def reduce(self, x: np.ndarray) -> Stats:
+        """Statistics of the elements of ``x`` (any shape, up to ``chunk`` elements)."""
+        x = np.asarray(x).reshape(-1)
+        n = x.size
+        if n > self.chunk:
+            raise ValueError(f"chunk of {n} elements exceeds the reducer's {self.chunk}")
+        if n == 0:
+            return Stats(p=self.p)
+        dtype = x.dtype
+        w = self._w[:n]
+        ieee = _IEEE.get(dtype)
+        if ieee is not None:
+            uint, mask, inf_bits = ieee
+            if not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x)
+            # |x| by clearing the sign bit; the integer max of the magnitudes'
+            # bit patterns finds both the largest value and any NaN/Inf.
+            a = self._bits[: n * dtype.itemsize].view(uint)
+            np.bitwise_and(x.view(uint), uint(mask), out=a)
+            top = a.max()
+            np.copyto(w, a.view(dtype), casting="unsafe")
+            if top >= inf_bits:
+                return self._nonfinite(w)
+            m = float(np.asarray(top).view(dtype))
+        elif dtype in _TABLES:
+            np.take(_TABLES[dtype], x.view(np.uint8), out=w, mode="clip")
+            m = float(w.max())
+            if not math.isfinite(m):
+                return self._nonfinite(w)
+        elif dtype.kind == "f":
+            np.abs(x, out=w, casting="unsafe")
+            m = float(w.max())
+            if not math.isfinite(m):
+                return self._nonfinite(w)
+        else:
+            raise TypeError(f"cannot compute norms of dtype {dtype}")
+        e = 0
+        if m > 0.0 and (self._general or not (2.0**-_SAFE_EXP <= m <= 2.0**_SAFE_EXP)):
+            e = math.frexp(m)[1]
+            np.ldexp(w, -e, out=w)
+        s2 = float(np.dot(w, w))
+        s1 = float(np.add.reduce(w))
+        sp = 0.0
+        if self._general:
+            t = self._tmp[:n]
+            np.power(w, self.p, out=t)
+            sp = float(np.add.reduce(t))
+        return Stats(n, 0, 0, m, e, s1, s2, sp, self.p)
+
+    def _nonfinite(self, w: np.ndarray) -> Stats:
+        nan = int(np.count_nonzero(np.isnan(w)))
+        inf = int(np.count_nonzero(np.isinf(w)))
+        bad = math.nan if nan else math.inf
+        return Stats(w.size, nan, inf, bad, 0, bad, bad, bad, self.p)
+
+
+def stats_of(array: object, p: float = 2.0, reducer: Reducer | None = None) -> Stats:
+    """Statistics of an in-memory array (anything ``np.asarray`` accepts)."""
+    x = np.asarray(array)
+    reducer = reducer or Reducer(p)
+    flat = x.reshape(-1)
+    step = reducer.chunk
+    return combine((reducer.reduce(flat[i : i + step]) for i in range(0, max(flat.size, 1), step)), p=reducer.p)

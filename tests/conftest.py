@@ -1,0 +1,130 @@
+"""Shared helpers: an exact oracle independent of gradinspect, and file writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from decimal import Decimal, localcontext
+from fractions import Fraction
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+FLOAT_DTYPES = [
+    np.dtype(np.float64),
+    np.dtype(np.float32),
+    np.dtype(np.float16),
+    np.dtype(ml_dtypes.bfloat16),
+    np.dtype(ml_dtypes.float8_e4m3fn),
+    np.dtype(ml_dtypes.float8_e5m2),
+]
+
+
+# --- exact decoding, from the bits, without numpy casts ----------------------
+
+_LAYOUT = {  # name: (bits, exponent bits, mantissa bits, IEEE-style inf/nan?)
+    "float64": (64, 11, 52, True),
+    "float32": (32, 8, 23, True),
+    "float16": (16, 5, 10, True),
+    "bfloat16": (16, 8, 7, True),
+    "float8_e5m2": (8, 5, 2, True),
+    "float8_e4m3fn": (8, 4, 3, False),  # no inf; only S.1111.111 is NaN
+}
+
+
+def decode(arr: np.ndarray) -> list[Fraction | float]:
+    """The exact value of every element, decoded from its bit pattern:
+    a Fraction, or float nan/inf for non-finite ones."""
+    bits, eb, mb, ieee = _LAYOUT[arr.dtype.name]
+    uint = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[bits]
+    bias = (1 << (eb - 1)) - 1
+    out: list[Fraction | float] = []
+    for u in arr.reshape(-1).view(uint).tolist():
+        sign = -1 if u >> (bits - 1) else 1
+        e = (u >> mb) & ((1 << eb) - 1)
+        m = u & ((1 << mb) - 1)
+        if ieee and e == (1 << eb) - 1:
+            out.append(math.nan if m else sign * math.inf)
+            continue
+        if not ieee and e == (1 << eb) - 1 and m == (1 << mb) - 1:
+            out.append(math.nan)
+            continue
+        if e == 0:
+            v = Fraction(m, 1 << mb) * Fraction(2) ** (1 - bias)
+        else:
+            v = (1 + Fraction(m, 1 << mb)) * Fraction(2) ** (e - bias)
+        out.append(sign * v)
+    return out
+
+
+class Exact:
+    """Exact L1, Σx², L∞ and Σ|x|^p of a list of exact values."""
+
+    def __init__(self, values: list[Fraction | float]) -> None:
+        self.values = values
+        self.nan = sum(1 for v in values if isinstance(v, float) and math.isnan(v))
+        self.inf = sum(1 for v in values if isinstance(v, float) and math.isinf(v))
+        finite = [v for v in values if isinstance(v, Fraction)]
+        self.s1 = sum((abs(v) for v in finite), Fraction(0))
+        self.s2 = sum((v * v for v in finite), Fraction(0))
+        self.linf = max((abs(v) for v in finite), default=Fraction(0))
+
+    @property
+    def nonfinite(self) -> bool:
+        return bool(self.nan or self.inf)
+
+    def lp(self, p: float) -> Decimal:
+        """(Σ|x|^p)^(1/p) with 60 significant digits."""
+        with localcontext() as ctx:
+            ctx.prec = 60
+            dp = Decimal(p)
+            total = sum((_dec(abs(v)) ** dp for v in self.values if v != 0), Decimal(0))
+            return total ** (1 / dp) if total else Decimal(0)
+
+
+def _dec(f: Fraction) -> Decimal:
+    return Decimal(f.numerator) / Decimal(f.denominator)
+
+
+def rel_sqrt(ours: float, exact_square: Fraction) -> float:
+    """Relative error of ``ours`` as the square root of ``exact_square``."""
+    return rel(ours, _sqrt_fraction(exact_square))
+
+
+def _sqrt_fraction(f: Fraction) -> Fraction:
+    with localcontext() as ctx:
+        ctx.prec = 60
+        d = (Decimal(f.numerator) / Decimal(f.denominator)).sqrt()
+    return Fraction(d)
+
+
+_FLOAT_MAX = Fraction(np.finfo(np.float64).max)
+
+
+def rel(ours: float, exact: Fraction | Decimal) -> float:
+    """Relative error of ``ours``; 0 for inf where the exact value is past the float64 range."""
+    ex = Fraction(exact)
+    if ex == 0:
+        return abs(ours)
+    if math.isinf(ours):
+        return 0.0 if abs(ex) > _FLOAT_MAX else math.inf
+    return float(abs(Fraction(ours) - ex) / abs(ex))
+
+
+# --- files ---------------------------------------------------------------------
+
+
+def write_raw_safetensors(path: Path, header: dict, data: bytes, *, header_len: int | None = None) -> Path:
+    """A safetensors file from a header dict and raw bytes (for corrupt inputs)."""
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h) if header_len is None else header_len) + h + data)
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)

@@ -1,0 +1,162 @@
+"""The library API: selection, grouping, sorting, shares and the clip coefficient."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gradinspect
+from gradinspect.clip import clip_coef
+
+
+def _g() -> dict[str, np.ndarray]:
+    return {
+        "model.layers.0.attn.weight": np.full(4, 1.0),  # sq 4
+        "model.layers.0.mlp.weight": np.full(9, 2.0),  # sq 36
+        "model.layers.1.attn.weight": np.full(1, 3.0),  # sq 9
+        "model.layers.1.mlp.weight": np.zeros(5),  # sq 0: dead
+        "lm_head.weight": np.full(2, -1.5),  # sq 4.5
+    }
+
+
+def test_totals_and_shares() -> None:
+    r = gradinspect.compute_norms(_g())
+    assert r.total.sq == 53.5
+    assert r.total.l2 == math.sqrt(53.5)
+    assert r.total.l1 == 4 + 18 + 3 + 0 + 3
+    assert r.total.linf == 3.0
+    assert r.total.numel == 21 and r.total.tensors == 5
+    shares = {t.name: t.share for t in r.tensors}
+    assert shares["model.layers.0.mlp.weight"] == 36 / 53.5
+    assert math.fsum(shares.values()) == pytest.approx(1.0, abs=1e-15)
+    assert [t.name for t in r.tensors][:2] == ["model.layers.0.mlp.weight", "model.layers.1.attn.weight"]
+
+
+def test_share_is_zero_everywhere_when_the_norm_is_zero() -> None:
+    r = gradinspect.compute_norms({"a": np.zeros(3), "b": np.zeros(2)})
+    assert [t.share for t in r.tensors] == [0.0, 0.0]
+    assert r.clip.coef == 1.0 and not r.clip.clipped
+
+
+def test_share_with_nonfinite_tensors() -> None:
+    r = gradinspect.compute_norms({"bad": np.array([np.nan, 1.0]), "a": np.array([3.0]), "b": np.array([4.0])})
+    shares = {t.name: t.share for t in r.tensors}
+    assert math.isnan(shares["bad"])
+    assert shares["a"] == 9 / 25 and shares["b"] == 16 / 25
+    assert r.tensors[0].name == "bad"  # NaN sorts first: it is what the user looks for
+    assert math.isnan(r.total.l2) and math.isnan(r.clip.coef) and not r.clip.clipped
+    assert any("NaN" in w for w in r.warnings())
+
+
+def test_include_exclude() -> None:
+    r = gradinspect.compute_norms(_g(), include=["model.*"], exclude=["*.mlp.*"])
+    assert sorted(t.name for t in r.tensors) == ["model.layers.0.attn.weight", "model.layers.1.attn.weight"]
+    assert r.total.sq == 13.0
+    r = gradinspect.compute_norms(_g(), include=["lm_head.*", "*.1.attn.*"])
+    assert r.total.tensors == 2
+
+
+def test_group_by_merges_exactly() -> None:
+    r = gradinspect.compute_norms(_g(), group_by=3, sort="name")
+    rows = {t.name: t for t in r.tensors}
+    assert list(rows) == ["lm_head.weight", "model.layers.0", "model.layers.1"]
+    assert rows["model.layers.0"].sq == 40.0 and rows["model.layers.0"].members == 2
+    assert rows["model.layers.0"].shape is None and rows["model.layers.0"].numel == 13
+    assert rows["lm_head.weight"].shape == (2,) and rows["lm_head.weight"].members == 1
+    assert r.total.sq == 53.5 and r.total.tensors == 5
+
+
+@pytest.mark.parametrize(
+    "key,expected",
+    [
+        ("share", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
+        ("norm", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
+        ("name", sorted(_g())),
+        ("numel", ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.layers.0.attn.weight", "lm_head.weight", "model.layers.1.attn.weight"]),
+        ("none", list(_g())),
+    ],
+)
+def test_sort(key: str, expected: list[str]) -> None:
+    assert [t.name for t in gradinspect.compute_norms(_g(), sort=key).tensors] == expected
+
+
+def test_sort_by_norm_follows_norm_type() -> None:
+    g = {"spiky": np.array([10.0, 0, 0, 0]), "flat": np.full(100, 1.5)}
+    assert [t.name for t in gradinspect.compute_norms(g, sort="norm", norm_type="inf").tensors] == ["spiky", "flat"]
+    assert [t.name for t in gradinspect.compute_norms(g, sort="norm", norm_type=1).tensors] == ["flat", "spiky"]
+
+
+def test_top_keeps_totals() -> None:
+    r = gradinspect.compute_norms(_g(), top=2)
+    assert len(r.tensors) == 2 and r.omitted == 3
+    assert r.total.tensors == 5 and r.total.sq == 53.5
+
+
+def test_norm_types() -> None:
+    g = {"a": np.array([3.0, -4.0]), "b": np.array([12.0])}
+    assert gradinspect.compute_norms(g, norm_type=1).total.norm == 19.0
+    assert gradinspect.compute_norms(g, norm_type="inf").total.norm == 12.0
+    assert gradinspect.compute_norms(g, norm_type=2).total.norm == 13.0
+    assert gradinspect.compute_norms(g, norm_type=3).total.norm == pytest.approx((27 + 64 + 1728) ** (1 / 3), rel=1e-15)
+
+
+def test_clip_uses_the_selected_norm() -> None:
+    g = {"a": np.array([3.0, -4.0])}
+    r = gradinspect.compute_norms(g, norm_type=1, max_norm=1.0, eps=0.0)
+    assert r.clip.coef == 1 / 7 and r.clip.clipped
+    assert r.clip.norm_after == 7 * (1 / 7)
+
+
+@pytest.mark.parametrize(
+    "total,max_norm,eps,expected",
+    [
+        (5.0, 1.0, 1e-6, 1.0 / (5.0 + 1e-6)),  # torch: max_norm / (total + eps)
+        (0.5, 1.0, 1e-6, 1.0),  # never above 1
+        (1.0, 1.0, 1e-6, 1.0 / (1.0 + 1e-6)),  # torch clips (slightly) even at the threshold
+        (1.0, 1.0, 0.0, 1.0),  # optax: max_norm / max(total, max_norm)
+        (4.0, 2.0, 0.0, 0.5),
+        (0.0, 1.0, 0.0, 1.0),
+        (0.0, 1.0, 1e-6, 1.0),
+        (math.inf, 1.0, 1e-6, 0.0),
+        (math.inf, 1.0, 0.0, 0.0),
+    ],
+)
+def test_clip_coef(total: float, max_norm: float, eps: float, expected: float) -> None:
+    assert clip_coef(total, max_norm, eps) == expected
+
+
+def test_clip_coef_nan() -> None:
+    assert math.isnan(clip_coef(math.nan, 1.0))
+    assert math.isnan(clip_coef(math.nan, 1.0, 0.0))
+
+
+def test_bad_options() -> None:
+    for kwargs in ({"max_norm": 0.0}, {"eps": -1.0}, {"sort": "size"}, {"top": -1}, {"group_by": 0}, {"norm_type": 0}):
+        with pytest.raises(ValueError):
+            gradinspect.compute_norms(_g(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_in_memory_inputs_of_many_kinds() -> None:
+    import ml_dtypes
+
+    r = gradinspect.compute_norms({
+        "list": [[3.0, 4.0]],
+        "f16": np.array([1.0], np.float16),
+        "bf16": np.array([2.0], ml_dtypes.bfloat16),
+        "be": np.array([2.0], ">f8"),
+        "count": np.array([7]),
+    })
+    assert r.total.sq == 25 + 1 + 4 + 4
+    assert [s.name for s in r.skipped] == ["count"]
+
+
+def test_report_to_dict_shape() -> None:
+    d = gradinspect.compute_norms(_g()).to_dict()
+    assert d["schema"] == "gradinspect.norms/1"
+    assert set(d) >= {"schema", "sources", "norm_type", "tensors", "skipped", "total", "clip"}
+    assert set(d["tensors"][0]) >= {"name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite"}
+    assert set(d["total"]) >= {"tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite"}
+    assert set(d["clip"]) == {"max_norm", "eps", "coef", "clipped", "norm_after"}
+    assert d["norm_type"] == 2
