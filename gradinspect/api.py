@@ -13,13 +13,31 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .clip import DEFAULT_EPS, clip_coef
 from .loaders import ChunkBuffer, Source, TensorEntry, array_source, open_paths
 from .norms import Reducer, Stats, combine, parse_norm_type
-from .report import Clip, NormsReport, Skipped, TensorNorms, Totals
+from .report import (
+    CheckReport,
+    Clip,
+    DiffReport,
+    DiffRow,
+    InfoReport,
+    InfoTensor,
+    Mismatch,
+    NormsReport,
+    Skipped,
+    TensorNorms,
+    Tolerances,
+    Totals,
+)
 
-__all__ = ["inspect", "compute_norms", "SORT_KEYS", "tensor_stats", "select"]
+__all__ = ["inspect", "compute_norms", "check", "diff", "info", "SORT_KEYS", "tensor_stats", "select"]
 
 SORT_KEYS = ("share", "norm", "name", "numel", "none")
 
 Progress = Callable[[int], None]
+PathsArg = "str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"
+
+
+def _paths(paths: Any) -> list[str | os.PathLike[str]]:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
 def inspect(
@@ -44,11 +62,9 @@ def inspect(
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
     p = parse_norm_type(norm_type)
     _check_options(max_norm, eps, sort, top, group_by)
-    sources = open_paths(list(paths))
+    sources = open_paths(_paths(paths))
     return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress)
 
 
@@ -214,3 +230,127 @@ def sort_rows(rows: list[TensorNorms], key: str) -> list[TensorNorms]:
     if key == "none":
         return list(rows)
     return sorted(rows, key=_SORTS[key])
+
+
+def check(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    rules: Any = None,
+    *,
+    norm_type: float | int | str = 2,
+    max_norm: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
+    from .check import Rules, evaluate
+
+    report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
+                     exclude=exclude, sort="none", progress=progress)
+    return evaluate(report, rules if rules is not None else Rules())
+
+
+def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InfoReport:
+    """Every tensor's name, dtype, shape and size, from the headers alone."""
+    sources = open_paths(_paths(paths))
+    return InfoReport(
+        sources=tuple(s.path for s in sources),
+        tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes) for s in sources for t in s.tensors),
+        metadata={s.path: s.metadata for s in sources if s.metadata},
+    )
+
+
+def diff(
+    a: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    b: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    min_cosine: float | None = None,
+    allow_missing: bool = False,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    progress: Progress | None = None,
+) -> DiffReport:
+    """Compare two gradient sets tensor by tensor and as a whole, streaming both.
+
+    A tensor fails when ``l2_diff > atol + rtol * max(l2_a, l2_b)`` (when
+    ``rtol`` or ``atol`` is given; the other counts as 0) or when
+    ``cosine < min_cosine``.
+    """
+    from .diff import PairReducer, combine_pairs
+
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if v is not None and not v >= 0:
+            raise ValueError(f"{name} must be >= 0, not {v}")
+    if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
+    tol = Tolerances(rtol, atol, min_cosine, allow_missing)
+    srcs_a, srcs_b = open_paths(_paths(a)), open_paths(_paths(b))
+    chosen = select((), include, exclude)
+    where_b = {t.name: (s, t) for s in srcs_b for t in s.tensors if chosen(t.name)}
+    names_a: set[str] = set()
+    skipped: list[Skipped] = []
+    pairs: list[tuple[Source, TensorEntry, Source, TensorEntry]] = []
+    mismatched: list[Mismatch] = []
+    only_a: list[str] = []
+    for sa in srcs_a:
+        for ta in sa.tensors:
+            if not chosen(ta.name):
+                continue
+            names_a.add(ta.name)
+            hit = where_b.get(ta.name)
+            if hit is None:
+                only_a.append(ta.name)
+                continue
+            sb, tb = hit
+            if ta.shape != tb.shape:
+                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype))
+            elif not (ta.is_float and tb.is_float):
+                bad = ta if not ta.is_float else tb
+                skipped.append(Skipped(bad.name, bad.source, bad.dtype, bad.skip_reason or ""))
+            else:
+                pairs.append((sa, ta, sb, tb))
+    only_b = [n for n in where_b if n not in names_a]
+    reducer = PairReducer()
+    buf_a, buf_b = ChunkBuffer(reducer.chunk), ChunkBuffer(reducer.chunk)
+    rows: list[DiffRow] = []
+    stats = []
+    for sa, ta, sb, tb in pairs:
+        with sa, sb:
+            parts = []
+            for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)):
+                parts.append(reducer.reduce(ca, cb))
+                if progress is not None:
+                    progress(ca.nbytes + cb.nbytes)
+        ps = combine_pairs(parts)
+        stats.append(ps)
+        rows.append(_diff_row(ta.name, ta.shape, ta.dtype, tb.dtype, ps, tol))
+    total = combine_pairs(stats)
+    rows.sort(key=lambda r: _desc(r.rel))
+    return DiffReport(
+        a=tuple(s.path for s in srcs_a),
+        b=tuple(s.path for s in srcs_b),
+        tensors=tuple(rows),
+        only_a=tuple(only_a),
+        only_b=tuple(only_b),
+        mismatched=tuple(mismatched),
+        total=_diff_row(None, None, None, None, total, Tolerances()),
+        tolerances=tol,
+        skipped=tuple(skipped),
+    )
+
+
+def _diff_row(name: str | None, shape: tuple[int, ...] | None, dtype_a: str | None, dtype_b: str | None,
+              ps: Any, tol: Tolerances) -> DiffRow:
+    l2_a, l2_b, l2_d, rel, cos = ps.a.l2, ps.b.l2, ps.d.l2, ps.rel, ps.cosine
+    ok: bool | None = None
+    if tol.any:
+        ok = True
+        if tol.rtol is not None or tol.atol is not None:
+            # not (x <= limit): NaN fails
+            ok = bool(l2_d <= (tol.atol or 0.0) + (tol.rtol or 0.0) * max(l2_a, l2_b))
+        if tol.min_cosine is not None:
+            ok = ok and bool(cos >= tol.min_cosine)
+    return DiffRow(name, shape, dtype_a, dtype_b, ps.a.numel, l2_a, l2_b, l2_d, rel, cos, ps.d.linf, ok)

@@ -1,7 +1,8 @@
 """The command line: parse, call the library, pick a format, map errors to exit codes.
 
-Exit codes: 0 success; 2 unreadable input or a usage error (one ``Error:`` line
-on stderr, nothing on stdout).
+Exit codes: 0 success; 1 a check finding or a diff outside tolerance; 2
+unreadable input or a usage error (one ``Error:`` line on stderr, nothing on
+stdout).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import __version__
 from . import formats
 
 EXIT_OK = 0
+EXIT_FINDINGS = 1
 EXIT_INPUT = 2
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -72,6 +74,11 @@ def cli() -> None:
       gradinspect norms grads.safetensors
       gradinspect norms ckpt/ --group-by 3 --top 10
       gradinspect norms grads.npz --max-norm 1.0 --format json | jq .clip
+      gradinspect check grads.safetensors --max-total 10 --format github
+      gradinspect diff run1/grads.safetensors run2/grads.safetensors --rtol 1e-6
+      gradinspect info big.safetensors
+
+    Run `gradinspect COMMAND --help` for a command's options.
     """
 
 
@@ -104,22 +111,43 @@ def _warn(lines: list[str]) -> None:
         click.echo(f"Warning: {line}", err=True)
 
 
+def _paths_argument(f: Any) -> Any:
+    return click.argument("paths", nargs=-1, required=True, metavar="PATH...")(f)
+
+
+def _norm_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--norm-type", "-p", type=NormType(), default="2", show_default=True,
+                     help="The norm: 1, 2, inf, or any number > 0."),
+        click.option("--max-norm", "-c", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+                     help="The clip threshold, as clip_grad_norm_(max_norm)."),
+        click.option("--eps", type=click.FloatRange(0), default=1e-6, show_default=True,
+                     help="Added to the norm as torch does; 0 gives optax's formula."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _selection_options(f: Any) -> Any:
+    f = click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")(f)
+    return click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")(f)
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter("must be finite", param_hint=name)
+
+
 @cli.command(context_settings=_CONTEXT)
-@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--norm-type", "-p", type=NormType(), default="2", show_default=True,
-              help="The norm: 1, 2, inf, or any number > 0.")
-@click.option("--max-norm", "-c", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
-              help="The clip threshold, as clip_grad_norm_(max_norm).")
-@click.option("--eps", type=click.FloatRange(0), default=1e-6, show_default=True,
-              help="Added to the norm as torch does; 0 gives optax's formula.")
+@_paths_argument
+@_norm_options
 @_format_option("norms")
 @click.option("--json", "as_json", is_flag=True, help="Short for --format json.")
 @click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
               show_default=True, help="Row order; none keeps file order.")
 @click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
               help="Show only N rows (totals still cover every selected tensor).")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")
+@_selection_options
 @click.option("--group-by", type=click.IntRange(min=1), default=None, metavar="N",
               help="One row per group of tensors sharing the first N dot-separated name parts.")
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
@@ -146,16 +174,145 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
     if as_json:
         fmt = "json"
-    if not math.isfinite(max_norm):
-        raise click.BadParameter("must be finite", param_hint="--max-norm")
-    if not math.isfinite(eps):
-        raise click.BadParameter("must be finite", param_hint="--eps")
+    _finite("--max-norm", max_norm)
+    _finite("--eps", eps)
     report = inspect(
         list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
         group_by=group_by, sort=sort, top=top,
     )
     _warn(report.warnings())
     _emit(fmt, "norms", report)
+
+
+_CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
+                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "fmt")
+
+
+@cli.command(context_settings=_CONTEXT)
+@_paths_argument
+@_norm_options
+@_selection_options
+@click.option("--allow-nonfinite", is_flag=True, help="Turn off the nonfinite rule (NaN/Inf in a tensor).")
+@click.option("--max-total", type=float, default=None, metavar="X", help="Fail when the global norm > X.")
+@click.option("--min-total", type=float, default=None, metavar="X",
+              help="Fail when the global norm < X (vanishing gradients, a detached loss).")
+@click.option("--fail-on-clip", is_flag=True, help="Fail when clipping at --max-norm would scale the gradients.")
+@click.option("--max-share", type=click.FloatRange(0, 1), default=None, metavar="F",
+              help="Fail when a tensor holds more than F (0..1) of the squared L2 norm.")
+@click.option("--fail-on-zero", is_flag=True, help="Fail when a tensor's gradient is all zeros (frozen or disconnected).")
+@click.option("--max-tensor-norm", type=float, default=None, metavar="X", help="Fail when a tensor's norm > X.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
+@_format_option("check")
+def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
+    """Gate gradients in CI: exit 1 when any rule fails.
+
+    Computes what `norms` does and evaluates the rules turned on below (only
+    `nonfinite` is on by default).  Thresholds can also come from a
+    [tool.gradinspect.check] table in the nearest pyproject.toml (from the
+    working directory upward) or in --config FILE; keys are the long option
+    names with underscores (max_total = 10.0, fail_on_clip = true).
+    Command-line options win.
+
+    \b
+    Examples:
+      gradinspect check grads.safetensors
+      gradinspect check grads.safetensors --max-total 10 --fail-on-zero
+      gradinspect check ckpt/ --max-share 0.5 --format github
+      gradinspect check grads.safetensors --format junit > gradinspect.xml
+
+    Exit status: 0 every rule holds, 1 at least one finding, 2 unreadable
+    input or bad usage (a broken file is never a mere finding).
+    """
+    from click.core import ParameterSource
+
+    from .api import check as run_check
+    from .check import rules_from
+    from .config import ConfigError, find_config, load_check_config
+
+    ctx = click.get_current_context()
+    path = config_file or find_config()
+    settings = load_check_config(path, required=bool(config_file)) if path else {}
+    if "format" in settings:
+        if settings["format"] not in formats.names("check"):
+            raise ConfigError(path, f"[tool.gradinspect.check] format must be one of {', '.join(formats.names('check'))}")
+        settings["fmt"] = settings.pop("format")
+    for name in _CHECK_OPTIONS:
+        if name in settings and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            options[name] = settings[name]
+    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm"):
+        _finite("--" + name.replace("_", "-"), options[name])
+    try:
+        rules = rules_from(options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
+                       eps=options["eps"], include=options["include"], exclude=options["exclude"])
+    _warn([w for w in result.report.warnings() if w.startswith("skipped")])
+    _emit(options["fmt"], "check", result)
+    sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.option("--rtol", type=click.FloatRange(0), default=None, metavar="R",
+              help="A tensor fails when l2_diff > atol + R * max(l2_a, l2_b).")
+@click.option("--atol", type=click.FloatRange(0), default=None, metavar="A", help="See --rtol.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, metavar="C",
+              help="A tensor fails when its cosine similarity < C.")
+@click.option("--allow-missing", is_flag=True,
+              help="Different tensor sets or shapes do not fail the comparison.")
+@_selection_options
+@_format_option("diff")
+def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
+         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str) -> None:
+    """Compare two gradient dumps tensor by tensor and as a whole.
+
+    A and B are each a file, a directory or an index.json (each side may be
+    sharded).  For every tensor in both with the same shape: the L2 norms of
+    A, B and A − B, the relative difference ‖A−B‖ / max(‖A‖, ‖B‖), the cosine
+    similarity and max |A − B|; globally, the same over all compared tensors
+    as one vector.  Tensors only on one side, or whose shapes differ, are
+    listed.  Different dtypes of the same shape are compared.
+
+    \b
+    Examples:
+      gradinspect diff run1/grads.safetensors run2/grads.safetensors
+      gradinspect diff rank0.safetensors rank1.safetensors --rtol 1e-6
+      gradinspect diff grads_fp32.safetensors grads_bf16.safetensors --min-cosine 0.999
+      gradinspect diff golden/ current/ --rtol 1e-5 --format json
+
+    Exit status: without a tolerance, 0 (diff only reports).  With --rtol,
+    --atol or --min-cosine: 1 when a tensor fails or the tensor sets or shapes
+    differ (unless --allow-missing), else 0.  2 on unreadable input or bad usage.
+    """
+    from .api import diff as run_diff
+
+    report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
+                      include=include, exclude=exclude)
+    _warn([f"skipped {s.name} ({s.source}): {s.reason}" for s in report.skipped])
+    _emit(fmt, "diff", report)
+    sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
+
+
+@cli.command(context_settings=_CONTEXT)
+@_paths_argument
+@_format_option("info")
+def info(paths: tuple[str, ...], fmt: str) -> None:
+    """List tensors from the file headers alone: instant on a file of any size.
+
+    Name, dtype, shape, element count, bytes and source of every tensor,
+    totals per dtype, and each file's safetensors metadata.
+
+    \b
+    Examples:
+      gradinspect info grads.safetensors
+      gradinspect info model.safetensors.index.json --format json | jq .total.by_dtype
+    """
+    from .api import info as run_info
+
+    _emit(fmt, "info", run_info(list(paths)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "norm_type_label",
     "is_float_dtype",
     "stats_of",
+    "to_float64",
 ]
 
 #: Elements reduced per step.  Large enough that numpy's per-call overhead
@@ -201,7 +202,8 @@ _ieee(np.float64, np.uint64, 64, 11)
 _ieee(np.float32, np.uint32, 32, 8)
 _ieee(np.float16, np.uint16, 16, 5)
 
-_TABLES: dict[np.dtype, np.ndarray] = {}
+_TABLES: dict[np.dtype, np.ndarray] = {}  # |value| of each 1-byte code
+_SIGNED: dict[np.dtype, np.ndarray] = {}  # value of each 1-byte code
 
 try:  # bfloat16 and the float8 family come from ml_dtypes
     import ml_dtypes as _mld
@@ -223,7 +225,9 @@ else:
         if _t is not None:
             # |value| of each of the 256 codes, decoded exactly by ml_dtypes.
             _codes = np.arange(256, dtype=np.uint8).view(_t)
-            _TABLES[np.dtype(_t)] = np.abs(_codes.astype(np.float64))
+            with np.errstate(invalid="ignore"):
+                _SIGNED[np.dtype(_t)] = _codes.astype(np.float64)
+            _TABLES[np.dtype(_t)] = np.abs(_SIGNED[np.dtype(_t)])
 
 
 def is_float_dtype(dtype: np.dtype) -> bool:
@@ -301,6 +305,17 @@ class Reducer:
         inf = int(np.count_nonzero(np.isinf(w)))
         bad = math.nan if nan else math.inf
         return Stats(w.size, nan, inf, bad, 0, bad, bad, bad, self.p)
+
+
+def to_float64(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Every element of the 1-d chunk ``x`` as float64, exactly, in ``out[:x.size]``."""
+    out = out[: x.size]
+    table = _SIGNED.get(x.dtype)
+    if table is not None:
+        np.take(table, x.view(np.uint8), out=out, mode="clip")
+    else:
+        np.copyto(out, x, casting="unsafe")
+    return out
 
 
 def stats_of(array: object, p: float = 2.0, reducer: Reducer | None = None) -> Stats:

@@ -14,7 +14,11 @@ from typing import Any, Mapping
 
 from .norms import norm_type_label
 
-__all__ = ["TensorNorms", "Skipped", "Totals", "Clip", "NormsReport", "NORMS_SCHEMA"]
+__all__ = [
+    "TensorNorms", "Skipped", "Totals", "Clip", "NormsReport", "NORMS_SCHEMA",
+    "Finding", "CheckReport", "CHECK_SCHEMA", "DiffRow", "Mismatch", "Tolerances", "DiffReport", "DIFF_SCHEMA",
+    "InfoTensor", "InfoReport", "INFO_SCHEMA",
+]
 
 NORMS_SCHEMA = "gradinspect.norms/1"
 
@@ -185,3 +189,201 @@ def _fmt(x: float) -> str:
     if math.isnan(x):
         return "NaN"
     return f"{x:.6g}"
+
+
+# --- gradinspect check ---------------------------------------------------------
+
+CHECK_SCHEMA = "gradinspect.check/1"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One failed rule: globally (``tensor`` None) or for one tensor."""
+
+    rule: str
+    tensor: str | None
+    value: float
+    limit: float
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "tensor": self.tensor, "value": self.value, "limit": self.limit, "message": self.message}
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The result of ``gradinspect check``: ``ok`` exactly when there is no finding."""
+
+    rules: tuple[str, ...]
+    findings: tuple[Finding, ...]
+    report: NormsReport
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def failed_rules(self) -> list[str]:
+        return list(dict.fromkeys(f.rule for f in self.findings))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": CHECK_SCHEMA,
+            "ok": self.ok,
+            "rules": list(self.rules),
+            "findings": [f.to_dict() for f in self.findings],
+            "report": self.report.to_dict(),
+        }
+
+
+# --- gradinspect diff ----------------------------------------------------------
+
+DIFF_SCHEMA = "gradinspect.diff/1"
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    """A tensor present in both sets with the same shape, or the global total (``name`` None)."""
+
+    name: str | None
+    shape: tuple[int, ...] | None
+    dtype_a: str | None
+    dtype_b: str | None
+    numel: int
+    l2_a: float
+    l2_b: float
+    l2_diff: float
+    rel: float
+    cosine: float
+    linf_diff: float
+    ok: bool | None = None  # None: no tolerance was given
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.name is not None:
+            d.update(name=self.name, shape=list(self.shape or ()), dtype_a=self.dtype_a, dtype_b=self.dtype_b)
+        d.update(numel=self.numel, l2_a=self.l2_a, l2_b=self.l2_b, l2_diff=self.l2_diff, rel=self.rel,
+                 cosine=self.cosine, linf_diff=self.linf_diff)
+        if self.name is not None:
+            d["ok"] = self.ok
+        return d
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    name: str
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    dtype_a: str
+    dtype_b: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape_a": list(self.shape_a), "shape_b": list(self.shape_b),
+                "dtype_a": self.dtype_a, "dtype_b": self.dtype_b}
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    rtol: float | None = None
+    atol: float | None = None
+    min_cosine: float | None = None
+    allow_missing: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.rtol is not None or self.atol is not None or self.min_cosine is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rtol": self.rtol, "atol": self.atol, "min_cosine": self.min_cosine, "allow_missing": self.allow_missing}
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """The result of ``gradinspect diff A B``; rows sorted by ``rel``, worst first."""
+
+    a: tuple[str, ...]
+    b: tuple[str, ...]
+    tensors: tuple[DiffRow, ...]
+    only_a: tuple[str, ...]
+    only_b: tuple[str, ...]
+    mismatched: tuple[Mismatch, ...]
+    total: DiffRow
+    tolerances: Tolerances
+    skipped: tuple[Skipped, ...] = ()
+
+    @property
+    def failed(self) -> tuple[DiffRow, ...]:
+        return tuple(t for t in self.tensors if t.ok is False)
+
+    @property
+    def ok(self) -> bool:
+        """True exactly when ``gradinspect diff`` exits 0."""
+        if not self.tolerances.any:
+            return True
+        sets_differ = bool(self.only_a or self.only_b or self.mismatched)
+        return not self.failed and (self.tolerances.allow_missing or not sets_differ)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": DIFF_SCHEMA,
+            "ok": self.ok,
+            "a": list(self.a),
+            "b": list(self.b),
+            "tolerances": self.tolerances.to_dict(),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "only_a": list(self.only_a),
+            "only_b": list(self.only_b),
+            "mismatched": [m.to_dict() for m in self.mismatched],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "total": self.total.to_dict(),
+        }
+
+
+# --- gradinspect info ----------------------------------------------------------
+
+INFO_SCHEMA = "gradinspect.info/1"
+
+
+@dataclass(frozen=True)
+class InfoTensor:
+    name: str
+    source: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "dtype": self.dtype, "shape": list(self.shape),
+                "numel": self.numel, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class InfoReport:
+    """A header-only listing of every tensor in the sources, in file order."""
+
+    sources: tuple[str, ...]
+    tensors: tuple[InfoTensor, ...]
+    metadata: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def by_dtype(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for t in self.tensors:
+            d = out.setdefault(t.dtype, {"tensors": 0, "numel": 0, "bytes": 0})
+            d["tensors"] += 1
+            d["numel"] += t.numel
+            d["bytes"] += t.bytes
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": INFO_SCHEMA,
+            "sources": list(self.sources),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "metadata": {k: dict(v) for k, v in self.metadata.items()},
+            "total": {
+                "tensors": len(self.tensors),
+                "numel": sum(t.numel for t in self.tensors),
+                "bytes": sum(t.bytes for t in self.tensors),
+                "by_dtype": self.by_dtype(),
+            },
+        }

@@ -1,7 +1,7 @@
 """Output formats behind one registry.
 
 Each format is a module with one ``render_<kind>(report, out, options)``
-function per kind of report it can write (``norms`` today).  The CLI builds
+function per kind of report it can write (``norms``, ``check``, ``diff``, ``info``).  The CLI builds
 ``--format`` from :func:`names`; adding a format is adding a module and a line
 to ``_FORMATS``.  Modules are imported only when used, so ``--help`` stays fast.
 """
@@ -35,10 +35,13 @@ class RenderOptions:
 _FORMATS = {
     f.name: f
     for f in (
-        FormatSpec("table", "table", ("norms",), False, "a table for the terminal (default)"),
-        FormatSpec("json", "json", ("norms",), True, "strict JSON with a schema version, for scripts"),
-        FormatSpec("csv", "csv", ("norms",), True, "one row per tensor"),
-        FormatSpec("markdown", "markdown", ("norms",), False, "GitHub-flavoured Markdown, e.g. for $GITHUB_STEP_SUMMARY"),
+        FormatSpec("table", "table", ("norms", "diff", "info"), False, "a table for the terminal"),
+        FormatSpec("text", "text", ("check",), False, "one line per finding and a verdict"),
+        FormatSpec("json", "json", ("norms", "check", "diff", "info"), True, "strict JSON with a schema version, for scripts"),
+        FormatSpec("csv", "csv", ("norms", "diff", "info"), True, "one row per tensor"),
+        FormatSpec("markdown", "markdown", ("norms", "diff"), False, "GitHub-flavoured Markdown, e.g. for $GITHUB_STEP_SUMMARY"),
+        FormatSpec("github", "github", ("check",), True, "GitHub Actions ::error workflow commands, shown as annotations"),
+        FormatSpec("junit", "junit", ("check",), True, "JUnit XML, one testcase per rule, for CI dashboards"),
     )
 }
 

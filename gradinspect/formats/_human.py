@@ -102,3 +102,55 @@ def summary(report: Any) -> list[tuple[str, str]]:
         ("norm after clip", num(c.norm_after, 8)),
     ]
     return lines
+
+
+def size(nbytes: int) -> str:
+    """Bytes in binary units: ``512 B``, ``1.5 KiB``, ``28.0 GiB``."""
+    x = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{nbytes} B" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    raise AssertionError  # unreachable
+
+
+def dtypes(a: str | None, b: str | None) -> str:
+    return a or "" if a == b else f"{a}/{b}"
+
+
+def diff_summary(report: Any) -> list[tuple[str, str]]:
+    t, tol = report.total, report.tolerances
+    lines = [
+        ("compared", f"{len(report.tensors):,} tensors, {t.numel:,} elements"),
+        ("global L2 A / B", f"{num(t.l2_a, 8)} / {num(t.l2_b, 8)}"),
+        ("global L2 of A−B", num(t.l2_diff, 8)),
+        ("relative diff", num(t.rel, 6)),
+        ("cosine", num(t.cosine, 10)),
+        ("max |A−B|", num(t.linf_diff, 6)),
+    ]
+    if report.only_a:
+        lines.append(("only in A", _names(report.only_a)))
+    if report.only_b:
+        lines.append(("only in B", _names(report.only_b)))
+    for m in report.mismatched:
+        lines.append(("shape differs", f"{m.name}: {shape(m.shape_a)} vs {shape(m.shape_b)}"))
+    if tol.any:
+        parts = []
+        if tol.rtol is not None or tol.atol is not None:
+            parts.append(f"l2_diff <= {num(tol.atol or 0.0)} + {num(tol.rtol or 0.0)}·max(l2_a, l2_b)")
+        if tol.min_cosine is not None:
+            parts.append(f"cosine >= {num(tol.min_cosine, 8)}")
+        lines.append(("tolerance", " and ".join(parts)))
+        n = len(report.failed)
+        verdict = "ok" if report.ok else f"FAIL: {n} tensor{'s' if n != 1 else ''} outside tolerance"
+        if not report.ok and not report.failed:
+            verdict = "FAIL: the tensor sets or shapes differ"
+        elif not report.ok and (report.only_a or report.only_b or report.mismatched) and not tol.allow_missing:
+            verdict += "; the tensor sets or shapes differ"
+        lines.append(("verdict", verdict))
+    return lines
+
+
+def _names(names: tuple[str, ...], most: int = 6) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")

@@ -15,12 +15,31 @@ def _cell(value: Any) -> Any:
         return "x".join(map(str, value))
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return "" if value is None else value
 
 
-def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
+DIFF_COLUMNS = ("name", "shape", "dtype_a", "dtype_b", "numel", "l2_a", "l2_b", "l2_diff", "rel", "cosine", "linf_diff", "ok")
+INFO_COLUMNS = ("name", "source", "dtype", "shape", "numel", "bytes")
+
+
+def _rows(rows: Any, columns: tuple[str, ...], out: TextIO) -> None:
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(NORMS_COLUMNS)
-    for row in report.tensors:
+    w.writerow(columns)
+    for row in rows:
         d = row.to_dict()
-        w.writerow([_cell(d[c]) for c in NORMS_COLUMNS])
+        w.writerow([_cell(d[c]) for c in columns])
+
+
+def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
+    _rows(report.tensors, NORMS_COLUMNS, out)
+
+
+def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
+    """Compared tensors only; the sets that differ are in the JSON."""
+    _rows(report.tensors, DIFF_COLUMNS, out)
+
+
+def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
+    _rows(report.tensors, INFO_COLUMNS, out)

@@ -28,5 +28,8 @@ def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(strict(doc), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
 
 
-def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
+def _render(report: Any, out: TextIO, options: RenderOptions) -> None:
     out.write(dumps(report.to_dict()))
+
+
+render_norms = render_check = render_diff = render_info = _render

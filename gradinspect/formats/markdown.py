@@ -5,25 +5,47 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from . import RenderOptions
-from ._human import bar, nonfinite, norm_label, num, percent, shape, summary
+from ._human import bar, diff_summary, dtypes, nonfinite, norm_label, num, percent, shape, summary
 
 
 def _esc(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
 
 
+def _table(head: list[str], numeric: set[str], rows: list[list[str]], out: TextIO) -> None:
+    out.write("| " + " | ".join(head) + " |\n")
+    out.write("|" + "|".join("---:" if h in numeric else "---" for h in head) + "|\n")
+    for cells in rows:
+        out.write("| " + " | ".join(cells) + " |\n")
+
+
+def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
+    tol = report.tolerances.any
+    head = ["#", "tensor", "shape", "dtype", "L2 A", "L2 B", "L2 A−B", "rel", "cosine", "max abs diff"] + (["ok"] if tol else [])
+    rows = []
+    for i, r in enumerate(report.tensors, 1):
+        cells = [str(i), f"`{_esc(r.name)}`", shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a, 4), num(r.l2_b, 4),
+                 num(r.l2_diff, 4), num(r.rel, 4), num(r.cosine, 6), num(r.linf_diff, 4)]
+        if tol:
+            cells.append("✅" if r.ok else "❌")
+        rows.append(cells)
+    _table(head, {"#", "L2 A", "L2 B", "L2 A−B", "rel", "cosine", "max abs diff"}, rows, out)
+    out.write("\n")
+    for label, value in diff_summary(report):
+        out.write(f"- **{label}**: {_esc(value)}\n")
+
+
 def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
     lp = report.norm_type not in (1.0, 2.0) and report.norm_type != float("inf")
     head = ["#", "tensor", "shape", "dtype", "L2", "L1", "L∞"] + ([norm_label(report.norm_type)] if lp else []) + ["share", "NaN/inf"]
-    out.write("| " + " | ".join(head) + " |\n")
-    numeric = {"#", "L2", "L1", "L∞", "share", norm_label(report.norm_type)}
-    out.write("|" + "|".join("---:" if h in numeric else "---" for h in head) + "|\n")
+    rows = []
     for i, r in enumerate(report.tensors, 1):
         cells = [str(i), f"`{_esc(r.name)}`", shape(r.shape), r.dtype, num(r.l2, 4), num(r.l1, 4), num(r.linf, 4)]
         if lp:
             cells.append(num(r.norm, 4))
         cells += [f"{bar(r.share, 5).rstrip()} {percent(r.share)}".strip(), ("⚠️ " + nonfinite(r)) if r.nonfinite else ""]
-        out.write("| " + " | ".join(cells) + " |\n")
+        rows.append(cells)
+    _table(head, {"#", "L2", "L1", "L∞", "share", norm_label(report.norm_type)}, rows, out)
     if report.omitted:
         out.write(f"\n… and {report.omitted:,} more rows (--top).\n")
     out.write("\n")

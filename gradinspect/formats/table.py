@@ -8,6 +8,7 @@ is set or the output is not a terminal (rich's own detection).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -15,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import RenderOptions
-from ._human import bar, middle_elide, nonfinite, norm_label, num, percent, shape, summary
+from ._human import bar, diff_summary, dtypes, middle_elide, nonfinite, norm_label, num, percent, shape, size, summary
 
 _BAR = 6
 _MIN_NAME = 12
@@ -109,3 +110,96 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
         bad = [r.name for r in report.tensors if r.nonfinite]
         names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         con.print(Text(f"\nWARNING: NaN/Inf gradients in {names}", style="bold red"))
+
+
+def _simple_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str]], styles: list[str | None],
+                  droppable: tuple[int, ...] = ()) -> None:
+    """A table whose column 1 holds names, elided in the middle to fit the console.
+
+    Columns in ``droppable`` are left out, in that order, while the names would not fit.
+    """
+    keep = list(range(len(cols)))
+    for j in (None, *droppable):
+        if j is not None:
+            keep.remove(j)
+        kc = [cols[k] for k in keep]
+        kr = [[r[k] for k in keep] for r in rows]
+        fit = _layout(kc, kr, con.width)
+        if fit:
+            break
+    if fit is None:
+        widths = [max([len(h)] + [len(c[j]) for c in kr]) for j, (h, _) in enumerate(kc)]
+        gap = 1
+        widths[1] = max(_MIN_NAME, con.width - sum(w for j, w in enumerate(widths) if j != 1) - (len(kc) - 1))
+    else:
+        widths, gap = fit
+    table = Table(box=None, pad_edge=False, header_style="bold underline", padding=(0, 0, 0, gap))
+    for j, (h, just) in enumerate(kc):
+        table.add_column(h, justify=just, no_wrap=True, width=widths[j], overflow="crop")
+    for c, style in zip(kr, styles):
+        c[1] = middle_elide(c[1], widths[1])
+        table.add_row(*c, style=style)
+    con.print(table)
+
+
+def _grid(con: Console, lines: list[tuple[str, str]], red: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for label, value in lines:
+        grid.add_row(label, Text(value, style="bold red" if label in red else ""))
+    con.print(grid)
+
+
+def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
+    con = console_for(out, options)
+    tol = report.tolerances.any
+    cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("L2 A", "right"),
+            ("L2 B", "right"), ("L2 A−B", "right"), ("rel", "right"), ("cosine", "right"), ("max|A−B|", "right")]
+    if tol:
+        cols.append(("", "left"))
+    rows, styles = [], []
+    for i, r in enumerate(report.tensors, 1):
+        c = [str(i), r.name, shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a), num(r.l2_b),
+             num(r.l2_diff), num(r.rel), num(r.cosine, 6), num(r.linf_diff)]
+        if tol:
+            c.append("ok" if r.ok else "FAIL")
+        rows.append(c)
+        styles.append("red" if r.ok is False else None)
+    if rows:
+        _simple_table(con, cols, rows, styles, droppable=(3, 2, 9))  # dtype, shape, max|A−B|
+    else:
+        con.print("[dim]no tensor is in both sets with the same shape[/dim]")
+    con.print()
+    red = set() if report.ok else {"verdict"}
+    _grid(con, diff_summary(report), red | ({"only in A", "only in B", "shape differs"} if tol and not report.tolerances.allow_missing else set()))
+
+
+def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
+    con = console_for(out, options)
+    many = len(report.sources) > 1
+    cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("numel", "right"), ("bytes", "right")]
+    if many:
+        cols.append(("source", "left"))
+    rows = []
+    for i, t in enumerate(report.tensors, 1):
+        c = [str(i), t.name, shape(t.shape), t.dtype, f"{t.numel:,}", size(t.bytes)]
+        if many:
+            c.append(os.path.basename(t.source))
+        rows.append(c)
+    if rows:
+        _simple_table(con, cols, rows, [None] * len(rows), droppable=(6,) if many else ())
+    else:
+        con.print("[dim]no tensors[/dim]")
+    con.print()
+    d = report.to_dict()["total"]
+    lines = [("files", str(len(report.sources))), ("tensors", f"{d['tensors']:,}"), ("elements", f"{d['numel']:,}"),
+             ("bytes", f"{d['bytes']:,} ({size(d['bytes'])})")]
+    for dt, v in d["by_dtype"].items():
+        lines.append((dt, f"{v['tensors']:,} tensors, {v['numel']:,} elements, {size(v['bytes'])}"))
+    metas = {src: ", ".join(f"{k}={v}" for k, v in meta.items()) for src, meta in report.metadata.items()}
+    if len(set(metas.values())) == 1 and len(metas) == len(report.sources):
+        lines.append(("metadata", next(iter(metas.values()))))
+    else:
+        lines += [(f"metadata {os.path.basename(src)}", text) for src, text in metas.items()]
+    _grid(con, lines)

@@ -1,0 +1,157 @@
+"""``[tool.gradinspect.check]`` settings from pyproject.toml or ``--config FILE``.
+
+Keys are the long option names with underscores.  An unknown key or a value of
+the wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import GradInspectError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "find_config", "load_check_config", "CHECK_KEYS"]
+
+TABLE = ("tool", "gradinspect", "check")
+
+
+class ConfigError(GradInspectError):
+    """A config file that cannot be used: ``str()`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        raise TypeError("a number")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("true or false")
+    return v
+
+
+def _globs(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise TypeError("a string or a list of strings")
+
+
+def _norm_type(v: Any) -> float:
+    from .norms import parse_norm_type
+
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError('1, 2, "inf" or a number > 0')
+    try:
+        return parse_norm_type(v)
+    except ValueError:
+        raise TypeError('1, 2, "inf" or a number > 0') from None
+
+
+def _share(v: Any) -> float:
+    x = _number(v)
+    if not 0.0 <= x <= 1.0:
+        raise TypeError("a number from 0 to 1")
+    return x
+
+
+def _positive(v: Any) -> float:
+    x = _number(v)
+    if not 0.0 < x < math.inf:
+        raise TypeError("a finite number > 0")
+    return x
+
+
+def _non_negative(v: Any) -> float:
+    x = _number(v)
+    if not 0.0 <= x < math.inf:
+        raise TypeError("a finite number >= 0")
+    return x
+
+
+def _format(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("a format name")
+    return v
+
+
+CHECK_KEYS: dict[str, Callable[[Any], Any]] = {
+    "norm_type": _norm_type,
+    "max_norm": _positive,
+    "eps": _non_negative,
+    "include": _globs,
+    "exclude": _globs,
+    "allow_nonfinite": _bool,
+    "max_total": _number,
+    "min_total": _number,
+    "fail_on_clip": _bool,
+    "max_share": _share,
+    "fail_on_zero": _bool,
+    "max_tensor_norm": _number,
+    "format": _format,
+}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, (e.strerror or str(e)).lower()) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, f"not valid TOML ({e})") from None
+
+
+def _table(doc: dict[str, Any]) -> Any:
+    node: Any = doc
+    for key in TABLE:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def find_config(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The nearest pyproject.toml, from ``start`` (default: the working directory)
+    upward, that holds a ``[tool.gradinspect.check]`` table."""
+    here = Path(start or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        candidate = d / "pyproject.toml"
+        if candidate.is_file() and _table(_read(candidate)) is not None:
+            return candidate
+    return None
+
+
+def load_check_config(path: str | os.PathLike[str], *, required: bool = True) -> dict[str, Any]:
+    """The validated ``[tool.gradinspect.check]`` settings of ``path``."""
+    path = Path(path)
+    table = _table(_read(path))
+    if table is None:
+        if required:
+            raise ConfigError(path, "no [tool.gradinspect.check] table")
+        return {}
+    if not isinstance(table, dict):
+        raise ConfigError(path, "tool.gradinspect.check is not a table")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in CHECK_KEYS:
+            raise ConfigError(path, f"unknown key {key!r} in [tool.gradinspect.check] (known: {', '.join(CHECK_KEYS)})")
+        try:
+            out[key] = CHECK_KEYS[key](value)
+        except TypeError as e:
+            raise ConfigError(path, f"[tool.gradinspect.check] {key} must be {e}, not {value!r}") from None
+    return out

@@ -1,0 +1,31 @@
+"""GitHub Actions workflow commands: each finding an ``::error`` annotation.
+
+Escaping follows the runner's rules: in the message ``%``, CR and LF are
+percent-encoded; in property values ``:`` and ``,`` are too.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, TextIO
+
+from . import RenderOptions
+from .text import render_check as _verdict
+
+
+def escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(text: str) -> str:
+    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
+    for f in report.findings:
+        title = f"gradinspect {f.rule}" + (f" {f.tensor}" if f.tensor else "")
+        out.write(f"::error title={escape_property(title)}::{escape_data(f.message)}\n")
+    # The verdict as a plain log line: the findings are the annotations.
+    buf = io.StringIO()
+    _verdict(report, buf, options)
+    out.write(buf.getvalue().splitlines()[-1] + "\n")
