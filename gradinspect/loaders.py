@@ -15,6 +15,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ def _skip_reason(dtype_name: str, np_dtype: np.dtype | None) -> str | None:
         return f"unsupported dtype {dtype_name}"
     if np_dtype.kind == "c":
         return f"complex dtype ({dtype_name}) is not supported"
+    if np_dtype.kind == "V":
+        return f"raw bytes ({dtype_name}): np.save loses bfloat16/float8 dtypes; save those with safetensors"
     return f"not a floating-point dtype ({dtype_name})"
 
 
@@ -108,7 +111,8 @@ class TensorEntry:
     _method: str = field(default="raw", repr=False)  # raw | deflate | array
     _stored_size: int = field(default=0, repr=False)  # deflate: compressed bytes
     _skip: int = field(default=0, repr=False)  # deflate: .npy header bytes to drop
-    _crc: int = field(default=0, repr=False)
+    _crc: int | None = field(default=None, repr=False)  # zip CRC-32 of the whole member, to verify
+    _crc_head: int = field(default=0, repr=False)  # stored member: CRC-32 of its .npy header
     _array: Any = field(default=None, repr=False)
 
     @property
@@ -182,11 +186,16 @@ class Source:
     def _raw_pieces(self, entry: TensorEntry, buf: ChunkBuffer) -> Iterator[int]:
         step = buf.chunk * entry._np_dtype.itemsize  # type: ignore[union-attr]
         pos, end = entry._offset, entry._offset + entry.nbytes
+        crc = entry._crc_head
         while pos < end:
             k = min(step, end - pos)
             _pread_into(self._fd, buf.view[:k], pos, self.path)  # type: ignore[arg-type]
+            if entry._crc is not None:
+                crc = zlib.crc32(buf.view[:k], crc)
             yield k
             pos += k
+        if entry._crc is not None and crc != entry._crc:
+            raise InputError(self.path, f"member {entry.name + '.npy'!r}: CRC-32 mismatch (the data is corrupt)")
 
     def _inflate_pieces(self, entry: TensorEntry, buf: ChunkBuffer) -> Iterator[int]:
         """Stream a deflated .npy member: skip its header, yield element-aligned fills."""
@@ -210,9 +219,9 @@ class Source:
                     yield fill
                     fill = 0
         if want:
-            raise InputError(self.path, f"member {entry.name}.npy: compressed data ends early")
+            raise InputError(self.path, f"member {entry.name + '.npy'!r}: compressed data ends early")
         if crc != entry._crc:
-            raise InputError(self.path, f"member {entry.name}.npy: CRC-32 mismatch (the data is corrupt)")
+            raise InputError(self.path, f"member {entry.name + '.npy'!r}: CRC-32 mismatch (the data is corrupt)")
 
 
 def _inflate(fd: int, entry: TensorEntry, path: str) -> Iterator[bytes]:
@@ -230,18 +239,18 @@ def _inflate(fd: int, entry: TensorEntry, path: str) -> Iterator[bytes]:
         try:
             out = d.decompress(tail, _INFLATE_IN * 4)
         except zlib.error as e:
-            raise InputError(path, f"member {entry.name}.npy: corrupt compressed data ({e})") from None
+            raise InputError(path, f"member {entry.name + '.npy'!r}: corrupt compressed data ({e})") from None
         tail = d.unconsumed_tail
         if out:
             yield out
 
 
 def _open_fd(path: str) -> int:
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         return os.open(path, flags)
-    except OSError as e:
-        raise InputError(path, _os_problem(e)) from None
+    except (OSError, ValueError) as e:
+        raise InputError(path, _os_problem(e) if isinstance(e, OSError) else str(e)) from None
 
 
 def _os_problem(e: OSError) -> str:
@@ -301,9 +310,12 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(path, f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(path, "header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise InputError(path, "header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise InputError(path, "__metadata__ is not an object of strings")
     data_start = 8 + n
@@ -462,8 +474,11 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, off: int, path: str) -> t
     i = 0
     while i + 4 <= len(extra):
         tag, ln = struct.unpack_from("<HH", extra, i)
-        if tag == 1:
+        if tag == 1 and i + 4 + ln <= len(extra):
             vals = list(struct.unpack_from(f"<{ln // 8}Q", extra, i + 4))
+            need = [usize, csize, off].count(0xFFFFFFFF)
+            if len(vals) < need:
+                break
             if usize == 0xFFFFFFFF:
                 usize = vals.pop(0)
             if csize == 0xFFFFFFFF:
@@ -482,7 +497,7 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
         if name.endswith("/"):
             continue
         tname = name[:-4] if name.endswith(".npy") else name
-        where = f"member {name}: "
+        where = f"member {name!r}: "
         if tname in seen:
             raise InputError(path, f"{where}appears twice in the archive")
         seen.add(tname)
@@ -507,8 +522,11 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
             head = _inflate_head(fd, data, csize, path, where)
         dtype, shape, hlen = _parse_npy_header(head, where, path)
         if method == 0:
-            entry = _npy_entry(tname, path, dtype, shape, _offset=data + hlen)
+            entry = _npy_entry(tname, path, dtype, shape, _offset=data + hlen, _crc=crc,
+                               _crc_head=zlib.crc32(head[:hlen]))
             have = csize - hlen
+            if have > entry.nbytes:
+                raise InputError(path, f"{where}{have - entry.nbytes} unexpected bytes after the array")
         else:
             entry = _npy_entry(tname, path, dtype, shape, _offset=data, _method="deflate",
                                _stored_size=csize, _skip=hlen, _crc=crc)
@@ -540,6 +558,12 @@ def _suffix(path: str) -> str:
 
 
 def _index_shards(path: str) -> list[str]:
+    wm = _weight_map(path)
+    return sorted({_shard_path(path, v) for v in wm.values()})
+
+
+def _weight_map(path: str) -> dict[str, str]:
+    _regular_file(path)
     try:
         with open(path, "rb") as f:
             doc = json.loads(f.read().decode("utf-8"))
@@ -547,13 +571,34 @@ def _index_shards(path: str) -> list[str]:
         raise InputError(path, _os_problem(e)) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(path, f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(path, "not valid JSON (nested too deeply)") from None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise InputError(path, "no \"weight_map\" object of tensor names to shard files")
     if not wm:
         raise InputError(path, "weight_map is empty")
-    base = os.path.dirname(path)
-    return sorted({os.path.join(base, v) for v in wm.values()})
+    for v in wm.values():
+        if "\0" in v or not v:
+            raise InputError(path, f"weight_map names an invalid shard file {v!r}")
+    return wm
+
+
+def _shard_path(index: str, shard: str) -> str:
+    return os.path.normpath(os.path.join(os.path.dirname(index), shard))
+
+
+def _regular_file(path: str) -> os.stat_result:
+    """stat() a path that must be a regular file (a FIFO would block a read forever)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as e:
+        raise InputError(path, _os_problem(e) if isinstance(e, OSError) else str(e)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(path, "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(path, "not a regular file")
+    return st
 
 
 def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -568,8 +613,12 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
                 raise InputError(p, "no file matches this pattern")
             out.extend(resolve_paths(matches))
         elif os.path.isdir(p):
+            try:
+                names = os.listdir(p)
+            except OSError as e:
+                raise InputError(p, _os_problem(e)) from None
             found = sorted(
-                os.path.join(p, n) for n in os.listdir(p)
+                os.path.join(p, n) for n in names
                 if _suffix(n) in _READERS and os.path.isfile(os.path.join(p, n))
             )
             if not found:
@@ -589,13 +638,11 @@ def open_source(path: str) -> Source:
         if suffix in _PICKLE_SUFFIXES:
             raise InputError(path, "pickle-based files are never loaded (they can run code); save gradients with safetensors")
         raise InputError(path, "unsupported file type (expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
+    size = _regular_file(path).st_size
+    if size == 0:
+        raise InputError(path, "empty file")
     fd = _open_fd(path)
     try:
-        size = os.fstat(fd).st_size
-        if os.path.isdir(path):
-            raise InputError(path, "is a directory")
-        if size == 0:
-            raise InputError(path, "empty file")
         return _READERS[suffix](path, fd, size)
     finally:
         os.close(fd)
@@ -606,6 +653,13 @@ def open_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Source]:
     if not paths:
         raise ValueError("no paths given")
     files = resolve_paths(paths)
+    seen: dict[tuple[int, int], str] = {}
+    for f in files:
+        st = _regular_file(f)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise InputError(f, f"the same file is given twice (also as {seen[key]})")
+        seen[key] = f
     sources = [open_source(f) for f in files]
     owner: dict[str, str] = {}
     for src in sources:
@@ -624,11 +678,8 @@ def _check_index_names(paths: Sequence[str | os.PathLike[str]], sources: list[So
         p = os.fspath(p)
         if _suffix(p) != INDEX_SUFFIX or not os.path.isfile(p):
             continue
-        with open(p, "rb") as f:
-            wm = json.loads(f.read().decode("utf-8"))["weight_map"]
-        base = os.path.dirname(p)
-        for name, shard in wm.items():
-            if (os.path.join(base, shard), name) not in where:
+        for name, shard in _weight_map(p).items():
+            if (_shard_path(p, shard), name) not in where:
                 raise InputError(p, f"weight_map puts tensor {name!r} in {shard}, which does not hold it")
 
 

@@ -10,9 +10,14 @@ spirit)::
 
     Σ|x|   = s1 · 2**exp
     Σx²    = s2 · 4**exp
-    Σ|x|^p = sp · 2**(exp·p)
 
-so no finite input overflows or underflows, whatever its dtype.  Statistics of
+and, for a general p, relative to the largest magnitude::
+
+    Σ|x|^p = sp · linf**p      (1 <= sp <= count, for any p > 0)
+
+so no finite input overflows or underflows, whatever its dtype or p.  (The
+ratios |x|/linf are rounded once; raising them to the p-th power multiplies
+that rounding by p, and the p-th root divides it by p again.)  Statistics of
 disjoint sets combine exactly with :func:`combine`: that is what lets tensors
 stream chunk by chunk, shards merge and work split across threads.
 
@@ -124,9 +129,9 @@ class Stats:
             return self.linf
         if p != self.p:
             raise ValueError(f"these statistics were computed for p={self.p}, not p={p}")
-        if not math.isfinite(self.sp):
+        if not math.isfinite(self.sp) or self.sp == 0.0:
             return self.sp
-        return _ldexp(self.sp ** (1.0 / p), self.exp)
+        return _scaled_root(self.linf, self.sp, p)
 
     @property
     def norm(self) -> float:
@@ -145,6 +150,25 @@ class Stats:
         if total.s2 == 0.0:
             return 0.0
         return _ldexp(self.s2, 2 * (self.exp - total.exp)) / total.s2
+
+
+def _scaled_root(m: float, s: float, p: float) -> float:
+    """m · s**(1/p) for m >= 0 and s >= 1, without intermediate overflow."""
+    try:
+        r = s ** (1.0 / p)
+    except OverflowError:
+        r = math.inf
+    if math.isfinite(r):
+        v = m * r
+        if math.isfinite(v) or m == 0.0:
+            return v
+    # m · 2**(log2(s)/p), with the integer part of the exponent applied exactly.
+    fm, em = math.frexp(m)
+    y = math.log2(s) / p
+    k = math.floor(y)
+    if k > 2200:
+        return math.inf
+    return _ldexp(fm * 2.0 ** (y - k), em + k)
 
 
 def _ldexp(x: float, e: int) -> float:
@@ -180,8 +204,9 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     s1 = math.fsum(math.ldexp(s.s1, s.exp - e) for s in parts)
     s2 = math.fsum(math.ldexp(s.s2, 2 * (s.exp - e)) for s in parts)
     sp = 0.0
-    if _general_p(p):
-        sp = math.fsum(s.sp * 2.0 ** ((s.exp - e) * p) for s in parts if s.sp)
+    if _general_p(p) and linf > 0.0:
+        # Σ|x|^p relative to the largest magnitude: the largest part's term is >= 1.
+        sp = math.fsum(s.sp * (s.linf / linf) ** p for s in parts if s.sp)
     return Stats(numel, 0, 0, linf, e, s1, s2, sp, p)
 
 
@@ -287,17 +312,18 @@ class Reducer:
                 return self._nonfinite(w)
         else:
             raise TypeError(f"cannot compute norms of dtype {dtype}")
+        sp = 0.0
+        if self._general and m > 0.0:
+            t = self._tmp[:n]
+            np.divide(w, m, out=t)
+            np.power(t, self.p, out=t)
+            sp = float(np.add.reduce(t))
         e = 0
-        if m > 0.0 and (self._general or not (2.0**-_SAFE_EXP <= m <= 2.0**_SAFE_EXP)):
+        if m > 0.0 and not (2.0**-_SAFE_EXP <= m <= 2.0**_SAFE_EXP):
             e = math.frexp(m)[1]
             np.ldexp(w, -e, out=w)
         s2 = float(np.dot(w, w))
         s1 = float(np.add.reduce(w))
-        sp = 0.0
-        if self._general:
-            t = self._tmp[:n]
-            np.power(w, self.p, out=t)
-            sp = float(np.add.reduce(t))
         return Stats(n, 0, 0, m, e, s1, s2, sp, self.p)
 
     def _nonfinite(self, w: np.ndarray) -> Stats:

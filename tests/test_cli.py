@@ -56,9 +56,12 @@ def test_table_default(grads: Path) -> None:
     r = run("norms", grads)
     assert r.exit_code == 0, r.stderr
     out = r.stdout
-    assert "model.layers.1.mlp.weight" in out and "75.0%" in out and "25.0%" in out
-    assert "global L2" in out and "4" in out
-    assert "clipped" in out and "yes" in out
+    lines = out.splitlines()
+    assert lines[1].split()[:2] == ["1", "model.layers.1.mlp.weight"] and lines[1].endswith("75.0%")
+    assert lines[2].split()[:2] == ["2", "model.layers.0.mlp.weight"] and lines[2].endswith("25.0%")
+    assert "global L2        4" in lines
+    assert "clipped          yes" in lines
+    assert "norm after clip  " + format(4 / (4 + 1e-6) , ".8g") in lines
     assert "\x1b[" not in out  # no colour when not a terminal
     assert r.stderr == f"Warning: skipped step ({grads}): not a floating-point dtype (int64)\n"
     assert max(len(line) for line in out.splitlines()) <= 80
@@ -166,7 +169,7 @@ def test_nan_table_marks_tensor_and_warns(nan_grads: Path) -> None:
     assert "NaN" in r.stderr
 
 
-def test_colour_when_forced_and_no_color_respected(nan_grads: Path) -> None:
+def test_colour_can_be_forced_in_the_renderer() -> None:
     from gradinspect import formats
     from gradinspect.api import compute_norms
 
@@ -174,8 +177,51 @@ def test_colour_when_forced_and_no_color_respected(nan_grads: Path) -> None:
     buf = io.StringIO()
     formats.render("table", "norms", report, buf, formats.RenderOptions(width=80, color=True))
     assert "\x1b[" in buf.getvalue()
-    r = run("norms", nan_grads, env={"NO_COLOR": "1", "FORCE_COLOR": "1"})
-    assert "\x1b[" not in r.stdout
+    buf = io.StringIO()
+    formats.render("table", "norms", report, buf, formats.RenderOptions(width=80, color=False))
+    assert "\x1b[" not in buf.getvalue()
+
+
+def _in_a_terminal(args: list[str], env: dict[str, str]) -> str:
+    """stdout of ``gradinspect ARGS`` run in a pseudo-terminal."""
+    import os
+    import subprocess
+    import sys
+
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
+    full_env.update({"TERM": "xterm-256color", "COLUMNS": "100"}, **env)
+    proc = subprocess.Popen([sys.executable, "-m", "gradinspect", *args], stdout=slave, stderr=subprocess.DEVNULL,
+                            env=full_env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO once the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    return b"".join(chunks).decode()
+
+
+def test_colour_in_a_terminal_and_no_color(nan_grads: Path) -> None:
+    coloured = _in_a_terminal(["norms", str(nan_grads)], {})
+    assert "\x1b[" in coloured and "WARNING" in coloured
+    plain = _in_a_terminal(["norms", str(nan_grads)], {"NO_COLOR": "1"})
+    assert "\x1b[" not in plain and "WARNING" in plain
+
+
+def test_tensor_names_are_not_markup(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"x[/]": np.ones(2, np.float32), "enc[red]w": np.ones(2, np.float32)}, str(path))
+    for fmt in ("table", "markdown"):
+        r = run("norms", path, "-f", fmt)
+        assert r.exit_code == 0 and "x[/]" in r.stdout and "enc[red]w" in r.stdout.replace("\\", "")
 
 
 @pytest.mark.parametrize(

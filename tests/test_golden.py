@@ -58,3 +58,19 @@ def test_table_nan_lp_groups() -> None:
 
 def test_markdown() -> None:
     _check("norms.md", _render("markdown", compute_norms(_grads(), top=5), 80))
+
+
+@pytest.mark.parametrize(
+    "name,width,expected",
+    [
+        ("model.layers.12.self_attn.q_proj.weight", 30, "model.layers.12….q_proj.weight"),
+        ("model.decoder.layers.0.some_extra_long_name", 26, "mod…0.some_extra_long_name"),
+        ("short", 10, "short"),
+        ("abcdefghij", 5, "ab…ij"),
+    ],
+)
+def test_middle_elision_keeps_digits(name: str, width: int, expected: str) -> None:
+    from gradinspect.formats._human import middle_elide
+
+    out = middle_elide(name, width)
+    assert out == expected and len(out) <= width

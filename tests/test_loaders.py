@@ -256,3 +256,82 @@ def test_unknown_and_packed_dtypes_are_skipped(tmp_path: Path) -> None:
 def test_open_paths_requires_paths() -> None:
     with pytest.raises(ValueError):
         open_paths([])
+
+
+def test_npz_stored_member_crc_is_verified(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "s.npz"
+    np.savez(path, w=rng.standard_normal(5000))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("w.npy")
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 500] ^= 0x01
+    path.write_bytes(bytes(data))
+    _refused(path, "CRC-32 mismatch")
+
+
+def test_deeply_nested_json_is_refused(tmp_path: Path) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(len(deep).to_bytes(8, "little") + deep)
+    _refused(path, "nested too deeply")
+    idx = tmp_path / "m.safetensors.index.json"
+    idx.write_bytes(deep)
+    _refused(idx, "nested too deeply")
+
+
+def test_bad_shard_names_and_normalised_shard_paths(tmp_path: Path) -> None:
+    idx = tmp_path / "m.safetensors.index.json"
+    idx.write_text(json.dumps({"weight_map": {"a": "s\u0000.safetensors"}}))
+    _refused(idx, "invalid shard file")
+    save_file({"a": np.ones(2), "b": np.ones(3)}, str(tmp_path / "s1.safetensors"))
+    idx.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "./s1.safetensors"}}))
+    assert gradinspect.inspect(idx).total.numel == 5
+
+
+def test_the_same_file_twice_is_an_error(tmp_path: Path) -> None:
+    save_file({"a": np.ones(2)}, str(tmp_path / "s.safetensors"))
+    with pytest.raises(InputError) as err:
+        gradinspect.inspect([tmp_path, tmp_path / "s.safetensors"])
+    assert "the same file is given twice" in str(err.value)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    os.mkfifo(tmp_path / "f.npy")
+    _refused(tmp_path / "f.npy", "not a regular file")
+
+
+@pytest.mark.parametrize("meta", [False, [], 0, "", {"a": 1}])
+def test_metadata_must_be_an_object_of_strings(tmp_path: Path, meta: object) -> None:
+    hdr = {"__metadata__": meta, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    _refused(write_raw_safetensors(tmp_path / "m.safetensors", hdr, b"\0" * 4), "__metadata__")
+
+
+def test_member_names_with_newlines_stay_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "n.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a\nb.npy", b"not an npy file")
+    err = _refused(path, "bad magic")
+    assert "\n" not in str(err)
+
+
+def test_corrupt_zip64_extra_field(tmp_path: Path, rng: np.random.Generator) -> None:
+    """A central directory entry that points to a zip64 extra field that is not there."""
+    path = tmp_path / "z.npz"
+    np.savez(path, w=rng.standard_normal(10))
+    data = bytearray(path.read_bytes())
+    cd = data.rfind(b"PK\x01\x02")
+    data[cd + 20 : cd + 24] = b"\xff\xff\xff\xff"  # compressed size: "see the zip64 extra field"
+    data[cd + 30 : cd + 32] = b"\x00\x00"  # ... which has length 0
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError):
+        gradinspect.inspect(path)
+
+
+def test_bfloat16_through_np_save_explains_itself(tmp_path: Path) -> None:
+    np.savez(tmp_path / "b.npz", w=np.ones(3, ml_dtypes.bfloat16), v=np.ones(2, np.float32))
+    r = gradinspect.inspect(tmp_path / "b.npz")
+    assert [s.name for s in r.skipped] == ["w"] and "save those with safetensors" in r.skipped[0].reason

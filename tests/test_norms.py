@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 from fractions import Fraction
 
 import ml_dtypes
@@ -212,3 +213,38 @@ def test_parse_norm_type(text: str, expected: float) -> None:
 def test_parse_norm_type_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_norm_type(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 1.5, 7.0, 50.0, 64.0, 1100.0, 1e6])
+@pytest.mark.parametrize("n", [1, 2, 1_000, (1 << 20) + 7])
+def test_extreme_p_on_many_elements(p: float, n: int) -> None:
+    """Σ|x|^p must neither underflow (large p, many elements) nor overflow (small p)."""
+    x = np.full(n, 0.75)
+    x[n // 2] = 1.0
+    x[-1] = 0.5
+    s = stats_of(x, p)
+    values, counts = np.unique(x, return_counts=True)
+    with localcontext() as ctx:
+        ctx.prec = 80
+        dp = Decimal(p)
+        total = sum(int(c) * Decimal(float(v)) ** dp for v, c in zip(values, counts))
+        exact = total ** (1 / dp)
+    assert rel(s.norm, exact) <= TOL
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 3.0, 40.0])
+def test_general_p_across_tensors_of_different_magnitudes(p: float, rng: np.random.Generator) -> None:
+    parts = [rng.standard_normal(300) * 10.0 ** k for k in (-200, -3, 0, 5, 150)]
+    s = combine([stats_of(x, p) for x in parts], p)
+    ex = Exact([v for x in parts for v in decode(x)])
+    assert rel(s.norm, ex.lp(p)) <= TOL
+
+
+def test_small_p_with_a_finite_answer_past_the_float_range_of_the_ratio() -> None:
+    """(10000 · (2^-1000)^0.01)^100 = 2^-1000 · 10^400 ≈ 9.3e98: finite, though 10000^100 is not."""
+    s = stats_of(np.full(10000, 2.0**-1000), 0.01)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        exact = Decimal(2) ** -1000 * Decimal(10000) ** 100
+    assert rel(s.norm, exact) <= TOL
+    assert stats_of(np.full(10000, 1e300), 0.01).norm == math.inf  # 1e300 · 10^400 overflows

@@ -54,13 +54,22 @@ def nonfinite(row: Any) -> str:
 
 
 def middle_elide(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, an ellipsis standing for the cut.
+
+    The cut is near the middle but avoids digits where it can, so
+    ``model.layers.12.self_attn.q_proj.weight`` keeps its layer number.
+    """
     if len(text) <= width:
         return text
-    if width <= 1:
-        return "…"[:width]
-    keep = width - 1
-    head = keep // 2
-    return text[:head] + "…" + text[len(text) - (keep - head):]
+    if width <= 2:
+        return text[:width - 1] + "…" if width == 2 else "…"[:width]
+    cut = len(text) - (width - 1)
+    digits = [0]
+    for ch in text:
+        digits.append(digits[-1] + ch.isdigit())
+    middle = len(text) / 2
+    start = min(range(1, len(text) - cut), key=lambda i: (digits[i + cut] - digits[i], abs(i + cut / 2 - middle)))
+    return text[:start] + "…" + text[start + cut:]
 
 
 def norm_label(p: float) -> str:

@@ -7,9 +7,11 @@ is set or the output is not a terminal (rich's own detection).
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from typing import Any, TextIO
+from contextlib import contextmanager
+from typing import Any, Iterator, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -23,13 +25,24 @@ _MIN_NAME = 12
 
 
 def console_for(out: TextIO, options: RenderOptions) -> Console:
-    kwargs: dict[str, Any] = {"file": out, "highlight": False, "emoji": False}
+    kwargs: dict[str, Any] = {"file": out, "highlight": False, "emoji": False, "markup": False}
     if options.width is not None:
         kwargs["width"] = options.width
     if options.color is not None:
         kwargs["no_color"] = not options.color
         kwargs["force_terminal"] = options.color
     return Console(**kwargs)
+
+
+@contextmanager
+def _console(out: TextIO, options: RenderOptions) -> Iterator[Console]:
+    """A console whose output reaches ``out`` with trailing blanks removed."""
+    buf = io.StringIO()
+    if options.width is None or options.color is None:  # detect on the real stream
+        probe = console_for(out, options)
+        options = RenderOptions(width=probe.width, color=probe.is_terminal and not probe.no_color)
+    yield console_for(buf, options)
+    out.write("\n".join(line.rstrip(" ") for line in buf.getvalue().split("\n")))
 
 
 def _layout(cols: list[tuple[str, str]], rows: list[list[str]], width: int) -> tuple[list[int], int] | None:
@@ -45,7 +58,11 @@ def _layout(cols: list[tuple[str, str]], rows: list[list[str]], width: int) -> t
 
 
 def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
-    con = console_for(out, options)
+    with _console(out, options) as con:
+        _norms(con, report)
+
+
+def _norms(con: Console, report: Any) -> None:
     p = report.norm_type
     lp = not (p in (1.0, 2.0) or math.isinf(p))
     any_bad = any(r.nonfinite for r in report.tensors)
@@ -87,13 +104,13 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
     for r, c in zip(report.tensors, rows):
         c[1] = middle_elide(c[1], widths[1])
         style = "red" if r.nonfinite else ("dim" if r.all_zero else None)
-        table.add_row(*c, style=style)
+        table.add_row(*map(Text, c), style=style)
     if rows:
         con.print(table)
     else:
-        con.print("[dim]no floating-point tensors selected[/dim]")
+        con.print(Text("no floating-point tensors selected", style="dim"))
     if report.omitted:
-        con.print(f"[dim]… {report.omitted:,} more rows not shown (--top)[/dim]")
+        con.print(Text(f"… {report.omitted:,} more rows not shown (--top)", style="dim"))
     con.print()
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -104,7 +121,7 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
             style = "yellow"
         if label == "non-finite" or (label in ("clip coef", "norm after clip") and not math.isfinite(report.clip.coef)):
             style = "bold red"
-        grid.add_row(label, Text(value, style=style or ""))
+        grid.add_row(Text(label), Text(value, style=style or ""))
     con.print(grid)
     if report.total.nonfinite:
         bad = [r.name for r in report.tensors if r.nonfinite]
@@ -138,7 +155,7 @@ def _simple_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str
         table.add_column(h, justify=just, no_wrap=True, width=widths[j], overflow="crop")
     for c, style in zip(kr, styles):
         c[1] = middle_elide(c[1], widths[1])
-        table.add_row(*c, style=style)
+        table.add_row(*map(Text, c), style=style)
     con.print(table)
 
 
@@ -147,12 +164,16 @@ def _grid(con: Console, lines: list[tuple[str, str]], red: set[str] = frozenset(
     grid.add_column(style="bold")
     grid.add_column()
     for label, value in lines:
-        grid.add_row(label, Text(value, style="bold red" if label in red else ""))
+        grid.add_row(Text(label), Text(value, style="bold red" if label in red else ""))
     con.print(grid)
 
 
 def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
-    con = console_for(out, options)
+    with _console(out, options) as con:
+        _diff(con, report)
+
+
+def _diff(con: Console, report: Any) -> None:
     tol = report.tolerances.any
     cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("L2 A", "right"),
             ("L2 B", "right"), ("L2 A−B", "right"), ("rel", "right"), ("cosine", "right"), ("max|A−B|", "right")]
@@ -169,14 +190,18 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
     if rows:
         _simple_table(con, cols, rows, styles, droppable=(3, 2, 9))  # dtype, shape, max|A−B|
     else:
-        con.print("[dim]no tensor is in both sets with the same shape[/dim]")
+        con.print(Text("no tensor is in both sets with the same shape", style="dim"))
     con.print()
     red = set() if report.ok else {"verdict"}
     _grid(con, diff_summary(report), red | ({"only in A", "only in B", "shape differs"} if tol and not report.tolerances.allow_missing else set()))
 
 
 def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
-    con = console_for(out, options)
+    with _console(out, options) as con:
+        _info(con, report)
+
+
+def _info(con: Console, report: Any) -> None:
     many = len(report.sources) > 1
     cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("numel", "right"), ("bytes", "right")]
     if many:
@@ -190,7 +215,7 @@ def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
     if rows:
         _simple_table(con, cols, rows, [None] * len(rows), droppable=(6,) if many else ())
     else:
-        con.print("[dim]no tensors[/dim]")
+        con.print(Text("no tensors", style="dim"))
     con.print()
     d = report.to_dict()["total"]
     lines = [("files", str(len(report.sources))), ("tensors", f"{d['tensors']:,}"), ("elements", f"{d['numel']:,}"),
