@@ -52,11 +52,13 @@ def inspect(
     sort: str = "share",
     top: int | None = None,
     progress: Progress | None = None,
+    jobs: int | None = None,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
     ``paths`` are files (.safetensors, .npz, .npy), directories, ``*.index.json``
-    files or quoted globs.  Raises :class:`~gradinspect.errors.InputError` for
+    files or quoted globs.  ``jobs`` threads share the work (default: one per
+    core); results are identical for every value.  Raises :class:`~gradinspect.errors.InputError` for
     input that cannot be read.
 
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
@@ -65,7 +67,7 @@ def inspect(
     p = parse_norm_type(norm_type)
     _check_options(max_norm, eps, sort, top, group_by)
     sources = open_paths(_paths(paths))
-    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress)
+    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs)
 
 
 def compute_norms(
@@ -84,7 +86,7 @@ def compute_norms(
     is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
     p = parse_norm_type(norm_type)
     _check_options(max_norm, eps, sort, top, group_by)
-    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None)
+    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1)
 
 
 def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | None) -> None:
@@ -118,13 +120,19 @@ def tensor_stats(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     progress: Progress | None = None,
+    jobs: int | None = None,
 ) -> tuple[list[tuple[TensorEntry, Stats]], list[Skipped]]:
-    """Stream every selected floating tensor through a reducer, in file order."""
+    """Stream every selected floating tensor through reducers, source by source.
+
+    ``jobs`` threads (default: one per core) share the work; the results do not
+    depend on ``jobs``.
+    """
+    from .engine import default_jobs, reduce_entries
+
+    jobs = default_jobs() if jobs is None else jobs
     chosen = select((), include, exclude)
     results: list[tuple[TensorEntry, Stats]] = []
     skipped: list[Skipped] = []
-    reducer = Reducer(p)
-    buf = ChunkBuffer(reducer.chunk)
     for src in sources:
         entries = [t for t in src.tensors if chosen(t.name)]
         skipped.extend(Skipped(t.name, t.source, t.dtype, t.skip_reason or "") for t in entries if not t.is_float)
@@ -132,13 +140,7 @@ def tensor_stats(
         if not floats:
             continue
         with src:
-            for t in floats:
-                parts = []
-                for chunk in src.chunks(t, buf):
-                    parts.append(reducer.reduce(chunk))
-                    if progress is not None:
-                        progress(chunk.nbytes)
-                results.append((t, combine(parts, p)))
+            results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress)))
     return results, skipped
 
 
@@ -153,8 +155,9 @@ def _report(
     sort: str,
     top: int | None,
     progress: Progress | None,
+    jobs: int | None,
 ) -> NormsReport:
-    results, skipped = tensor_stats(sources, p, include, exclude, progress)
+    results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
     total = combine((s for _, s in results), p)
     # Shares are fractions of the global Σx²; when NaN/Inf make that undefined,
     # finite tensors get their fraction of the finite tensors' Σx² instead.
@@ -242,12 +245,13 @@ def check(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     progress: Progress | None = None,
+    jobs: int | None = None,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
-                     exclude=exclude, sort="none", progress=progress)
+                     exclude=exclude, sort="none", progress=progress, jobs=jobs)
     return evaluate(report, rules if rules is not None else Rules())
 
 

@@ -77,6 +77,11 @@ if _mld is not None:
 _ST_PACKED = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
+def _reasons() -> dict[str, str]:
+    """The skip reason ("" for none) of every known safetensors dtype, computed once."""
+    return {st: _skip_reason(name, dt) or "" for st, (name, dt) in _ST_DTYPES.items()}
+
+
 def _dtype_name(dtype: np.dtype) -> str:
     """A dtype as numpy spells it (``float32``, ``bfloat16``), whatever its byte order."""
     return dtype.newbyteorder("=").name if dtype.byteorder not in ("=", "|") else dtype.name
@@ -94,7 +99,10 @@ def _skip_reason(dtype_name: str, np_dtype: np.dtype | None) -> str | None:
     return f"not a floating-point dtype ({dtype_name})"
 
 
-@dataclass(frozen=True, eq=False)
+_REASONS = _reasons()
+
+
+@dataclass(eq=False, slots=True)
 class TensorEntry:
     """One named tensor in a source, located but not read."""
 
@@ -285,16 +293,16 @@ def _pread(fd: int, n: int, offset: int, path: str) -> bytes:
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r}")
     return out
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return type(v) is int and v >= 0  # not bool, which is an int subclass
 
 
 def _read_safetensors(path: str, fd: int, size: int) -> Source:
@@ -327,9 +335,10 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
         st_dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(st_dtype, str):
             raise InputError(path, f"tensor {name!r}: missing or invalid dtype")
-        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise InputError(path, f"tensor {name!r}: invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets) and offsets[0] <= offsets[1]):
+        if not (type(offsets) is list and len(offsets) == 2 and _is_int(offsets[0]) and _is_int(offsets[1])
+                and offsets[0] <= offsets[1]):
             raise InputError(path, f"tensor {name!r}: invalid data_offsets {offsets!r}")
         begin, end = offsets
         numel = math.prod(shape)
@@ -344,12 +353,9 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
             raise InputError(path, f"tensor {name!r}: shape {shape} of {st_dtype} needs {expected} bytes, but data_offsets span {end - begin}")
         if end > data_size:
             raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end} of the data, past the end of the file (the data holds {data_size} bytes): truncated?")
-        tensors.append(
-            TensorEntry(
-                name, path, dtype_name, tuple(shape), numel, end - begin,
-                _skip_reason(dtype_name, np_dtype), np_dtype, data_start + begin,
-            )
-        )
+        reason = _REASONS.get(st_dtype) or _skip_reason(dtype_name, np_dtype)
+        tensors.append(TensorEntry(name, path, dtype_name, tuple(shape), numel, end - begin,
+                                   reason or None, np_dtype, data_start + begin))
     tensors.sort(key=lambda t: (t._offset, t._offset + t.nbytes))
     prev: TensorEntry | None = None
     for t in tensors:
@@ -389,7 +395,11 @@ def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tup
         raise InputError(path, f"{where}.npy header of {hlen} bytes is too large")
     if len(head) < start + hlen:
         raise InputError(path, f"{where}truncated .npy header")
-    text = head[start : start + hlen].decode("utf-8" if major == 3 else "latin1")
+    raw = head[: start + hlen]
+    hit = _NPY_CACHE.get(raw)
+    if hit is not None:  # the members of an npz often share one header
+        return hit
+    text = raw[start:].decode("utf-8" if major == 3 else "latin1")
     try:
         d = ast.literal_eval(text)
         if not isinstance(d, dict):
@@ -403,7 +413,29 @@ def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tup
     if dtype.hasobject:
         raise InputError(path, f"{where}holds Python objects (dtype {dtype}); refusing to unpickle")
     # Fortran order does not matter: every statistic is order-independent.
+    if len(_NPY_CACHE) < 4096:
+        _NPY_CACHE[raw] = (dtype, shape, start + hlen)
     return dtype, shape, start + hlen
+
+
+_NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+class _Window:
+    """Small reads near each other (zip local headers, .npy headers) from one larger pread."""
+
+    SIZE = 1 << 18
+
+    def __init__(self, fd: int, size: int, path: str) -> None:
+        self.fd, self.size, self.path = fd, size, path
+        self.base, self.data = 0, b""
+
+    def read(self, offset: int, n: int) -> bytes:
+        if not (self.base <= offset and offset + n <= self.base + len(self.data)):
+            self.base = offset
+            self.data = _pread(self.fd, min(max(n, self.SIZE), self.size - offset), offset, self.path)
+        at = offset - self.base
+        return self.data[at : at + n]
 
 
 def _npy_entry(name: str, path: str, dtype: np.dtype, shape: tuple[int, ...], **loc: Any) -> TensorEntry:
@@ -491,6 +523,7 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, off: int, path: str) -> t
 
 
 def _read_npz(path: str, fd: int, size: int) -> Source:
+    window = _Window(fd, size, path)
     tensors = []
     seen: set[str] = set()
     for name, flags, method, crc, csize, usize, off in _zip_directory(path, fd, size):
@@ -507,7 +540,7 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
             raise InputError(path, f"{where}unsupported zip compression method {method}")
         if off + _LOCAL.size > size:
             raise InputError(path, f"{where}local header past the end of the file: truncated")
-        local = _LOCAL.unpack(_pread(fd, _LOCAL.size, off, path))
+        local = _LOCAL.unpack(window.read(off, _LOCAL.size))
         if local[0] != b"PK\x03\x04":
             raise InputError(path, f"{where}corrupt zip local header")
         data = off + _LOCAL.size + local[9] + local[10]
@@ -517,7 +550,7 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
             tensors.append(TensorEntry(tname, path, "unknown", (), 0, 0, "not an .npy array"))
             continue
         if method == 0:
-            head = _pread(fd, min(csize, 12 + _MAX_NPY_HEADER), data, path)
+            head = window.read(data, min(csize, 12 + _MAX_NPY_HEADER))
         else:
             head = _inflate_head(fd, data, csize, path, where)
         dtype, shape, hlen = _parse_npy_header(head, where, path)

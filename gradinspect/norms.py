@@ -24,8 +24,9 @@ stream chunk by chunk, shards merge and work split across threads.
 Accuracy: every element is converted exactly to float64 (all supported
 storage dtypes are subsets of float64); squares of float32 and narrower values
 are exact in float64; chunks of at most ``CHUNK`` elements are summed in
-float64; chunk partials are combined with :func:`math.fsum`, which is
-correctly rounded and independent of order.
+float64 with numpy's pairwise summation (error O(log n) ulps, in an order
+that does not depend on the machine or its BLAS); chunk partials are combined
+with :func:`math.fsum`, which is correctly rounded and independent of order.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "CHUNK",
+    "SMALL",
     "Stats",
     "Reducer",
     "combine",
@@ -50,12 +52,17 @@ __all__ = [
 
 #: Elements reduced per step.  Large enough that numpy's per-call overhead
 #: does not matter, small enough that work buffers stay in the CPU cache.
-CHUNK = 1 << 18
+CHUNK = 1 << 17
+
+#: Tensors of at most this many elements are reduced many at a time
+#: (:meth:`Reducer.reduce_segments`); larger ones chunk by chunk.
+SMALL = 4096
 
 # A float64 chunk whose largest magnitude lies in [2**-_SAFE_EXP, 2**_SAFE_EXP]
 # is summed unscaled: CHUNK squares of such values cannot overflow, and the
 # squares that underflow are below 2**-1022, a relative 2**-200 of the largest.
 _SAFE_EXP = 400
+_SAFE_LO, _SAFE_HI = 2.0**-_SAFE_EXP, 2.0**_SAFE_EXP
 
 
 def parse_norm_type(value: float | int | str) -> float:
@@ -186,6 +193,8 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     parts = list(parts)
     if p is None:
         p = parts[0].p if parts else 2.0
+    if len(parts) == 1 and (parts[0].p == p or not _general_p(p)):
+        return parts[0]
     for s in parts:
         if s.p != p and _general_p(p):
             raise ValueError(f"cannot combine statistics for p={s.p} with p={p}")
@@ -276,42 +285,51 @@ class Reducer:
         self._bits = np.empty(chunk * 8, np.uint8)
         self._tmp = np.empty(chunk, np.float64) if self._general else None
 
-    def reduce(self, x: np.ndarray) -> Stats:
-        """Statistics of the elements of ``x`` (any shape, up to ``chunk`` elements)."""
-        x = np.asarray(x).reshape(-1)
+    def magnitudes(self, x: np.ndarray, scratch: bool = False) -> tuple[np.ndarray, float]:
+        """(|x| as float64 in a work buffer, max |x|) for a 1-d chunk; the max is
+        NaN or inf when the chunk holds NaN or inf.  ``scratch``: ``x`` may be overwritten."""
+        n = x.size
+        w = self._w[:n]
+        dtype = x.dtype
+        if dtype.kind == "f" and dtype.isnative:  # float16/32/64: SIMD abs and max
+            a = x if scratch else self._bits[: n * dtype.itemsize].view(dtype)
+            np.abs(x, out=a)
+            m = float(a.max())
+            np.copyto(w, a)
+            return w, m
+        ieee = _IEEE.get(dtype)
+        if ieee is not None:  # bfloat16: clear the sign bit; the integer max finds NaN/inf too
+            uint, mask, inf_bits = ieee
+            a = self._bits[: n * dtype.itemsize].view(uint)
+            np.bitwise_and(x.view(uint), uint(mask), out=a)
+            top = a.max()
+            np.copyto(w, a.view(dtype), casting="unsafe")
+            return w, (math.nan if top >= inf_bits else float(np.asarray(top).view(dtype)))
+        table = _TABLES.get(dtype)
+        if table is not None:  # 1-byte floats: a lookup table of magnitudes
+            np.take(table, x.view(np.uint8), out=w, mode="clip")
+            return w, float(w.max())
+        if dtype.kind == "f":
+            np.abs(x, out=w, casting="unsafe")
+            return w, float(w.max())
+        raise TypeError(f"cannot compute norms of dtype {dtype}")
+
+    def reduce(self, x: np.ndarray, scratch: bool = False) -> Stats:
+        """Statistics of the elements of ``x`` (any shape, up to ``chunk`` elements).
+
+        ``scratch``: ``x`` is a buffer of the caller's that may be overwritten."""
+        if x.ndim != 1:
+            x = x.reshape(-1)
         n = x.size
         if n > self.chunk:
             raise ValueError(f"chunk of {n} elements exceeds the reducer's {self.chunk}")
         if n == 0:
             return Stats(p=self.p)
-        dtype = x.dtype
-        w = self._w[:n]
-        ieee = _IEEE.get(dtype)
-        if ieee is not None:
-            uint, mask, inf_bits = ieee
-            if not x.flags.c_contiguous:
-                x = np.ascontiguousarray(x)
-            # |x| by clearing the sign bit; the integer max of the magnitudes'
-            # bit patterns finds both the largest value and any NaN/Inf.
-            a = self._bits[: n * dtype.itemsize].view(uint)
-            np.bitwise_and(x.view(uint), uint(mask), out=a)
-            top = a.max()
-            np.copyto(w, a.view(dtype), casting="unsafe")
-            if top >= inf_bits:
-                return self._nonfinite(w)
-            m = float(np.asarray(top).view(dtype))
-        elif dtype in _TABLES:
-            np.take(_TABLES[dtype], x.view(np.uint8), out=w, mode="clip")
-            m = float(w.max())
-            if not math.isfinite(m):
-                return self._nonfinite(w)
-        elif dtype.kind == "f":
-            np.abs(x, out=w, casting="unsafe")
-            m = float(w.max())
-            if not math.isfinite(m):
-                return self._nonfinite(w)
-        else:
-            raise TypeError(f"cannot compute norms of dtype {dtype}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        w, m = self.magnitudes(x, scratch)
+        if not m < math.inf:  # NaN or inf somewhere in the chunk
+            return self._nonfinite(w)
         sp = 0.0
         if self._general and m > 0.0:
             t = self._tmp[:n]
@@ -319,12 +337,54 @@ class Reducer:
             np.power(t, self.p, out=t)
             sp = float(np.add.reduce(t))
         e = 0
-        if m > 0.0 and not (2.0**-_SAFE_EXP <= m <= 2.0**_SAFE_EXP):
+        if m > 0.0 and not (_SAFE_LO <= m <= _SAFE_HI):
             e = math.frexp(m)[1]
             np.ldexp(w, -e, out=w)
-        s2 = float(np.dot(w, w))
+        # numpy's pairwise summation, not a BLAS dot: its order is fixed, whatever
+        # the machine's BLAS threads, so results are the same everywhere.
         s1 = float(np.add.reduce(w))
+        s2 = float(np.add.reduce(np.square(w, out=w)))
         return Stats(n, 0, 0, m, e, s1, s2, sp, self.p)
+
+    def reduce_segments(self, x: np.ndarray, lengths: list[int], scratch: bool = False) -> list[Stats]:
+        """Statistics of consecutive segments of the 1-d chunk ``x`` (many small tensors at once).
+
+        Sums run sequentially within each segment (at most ``SMALL`` elements
+        each, so within n·u of exact), independently of the other segments.
+        """
+        n = x.size
+        if sum(lengths) != n or n > self.chunk:
+            raise ValueError("segments must cover the chunk")
+        out: list[Stats | None] = [None] * len(lengths)
+        nonempty = [i for i, k in enumerate(lengths) if k]
+        if not nonempty:
+            return [Stats(p=self.p) for _ in lengths]
+        lens = np.array([lengths[i] for i in nonempty], dtype=np.intp)
+        starts = np.zeros(len(lens), dtype=np.intp)
+        np.cumsum(lens[:-1], out=starts[1:])
+        w, _ = self.magnitudes(x, scratch)
+        # Segments that overflow or hold NaN/inf are redone below: no warnings here.
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            mx = np.maximum.reduceat(w, starts)
+            s1 = np.add.reduceat(w, starts)
+            sp = None
+            if self._general:
+                t = self._tmp[:n]
+                np.divide(w, np.repeat(np.where(mx > 0.0, mx, 1.0), lens), out=t)
+                np.power(t, self.p, out=t)
+                sp = np.add.reduceat(t, starts).tolist()
+            s2 = np.add.reduceat(np.square(w, out=w), starts).tolist()
+        mxl, s1l = mx.tolist(), s1.tolist()
+        redo = []
+        for j, i in enumerate(nonempty):
+            m = mxl[j]
+            if m < math.inf and (m == 0.0 or _SAFE_LO <= m <= _SAFE_HI):
+                out[i] = Stats(lengths[i], 0, 0, m, 0, s1l[j], s2[j], sp[j] if sp else 0.0, self.p)
+            else:  # NaN/inf or extreme float64: the careful path, one segment at a time
+                redo.append((i, int(starts[j])))
+        for i, a in redo:
+            out[i] = self.reduce(x[a : a + lengths[i]])
+        return [s if s is not None else Stats(p=self.p) for s in out]
 
     def _nonfinite(self, w: np.ndarray) -> Stats:
         nan = int(np.count_nonzero(np.isnan(w)))

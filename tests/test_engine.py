@@ -1,0 +1,141 @@
+"""The parallel engine: the same bits for every --jobs, batches of small tensors, CRC combining."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import gradinspect
+from gradinspect.engine import crc32_combine
+from gradinspect.norms import CHUNK, SMALL, Reducer, stats_of
+from conftest import Exact, decode, rel, rel_sqrt
+
+
+_ORACLE: dict[tuple[str, bytes], Exact] = {}
+
+
+class _FsumOracle:
+    """For large float32/float16 arrays: squares are exact in float64, fsum rounds once."""
+
+    nan = inf = 0
+
+    def __init__(self, x: np.ndarray) -> None:
+        x64 = x.astype(np.float64)
+        self.s2 = Fraction(math.fsum((x64 * x64).tolist()))
+        self.s1 = Fraction(math.fsum(np.abs(x64).tolist()))
+
+
+def oracle(name: str, x: np.ndarray) -> Exact | _FsumOracle:
+    key = (name, x.tobytes()[:64] + str(x.size).encode())
+    if key not in _ORACLE:
+        small_float = x.dtype in (np.float32, np.float16) and np.isfinite(x).all()
+        _ORACLE[key] = _FsumOracle(x) if x.size > SMALL and small_float else Exact(decode(x))  # type: ignore[assignment]
+    return _ORACLE[key]
+
+
+def _mixed(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Small and large tensors, several dtypes, NaN and extreme values in small ones."""
+    g: dict[str, np.ndarray] = {}
+    for i in range(300):
+        g[f"small.{i}"] = rng.standard_normal(rng.integers(0, 50)).astype(np.float32)
+    g["small.nan"] = np.array([1.0, np.nan, 3.0], np.float32)
+    g["small.inf"] = np.array([np.inf, 2.0], np.float32)
+    g["small.huge64"] = np.array([1e300, -1e300])
+    g["small.tiny64"] = np.array([1e-300, 3e-310])
+    g["small.bf16"] = rng.standard_normal(100).astype(ml_dtypes.bfloat16)
+    g["edge.small"] = rng.standard_normal(SMALL).astype(np.float32)
+    g["edge.big"] = rng.standard_normal(SMALL + 1).astype(np.float32)
+    g["big.f32"] = rng.standard_normal(3 * CHUNK + 17).astype(np.float32)
+    g["big.f64"] = rng.standard_normal(20_000)
+    g["big.f16"] = rng.standard_normal(CHUNK + 3).astype(np.float16)
+    return g
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "npz_compressed"])
+def test_every_jobs_value_gives_the_same_bits(tmp_path: Path, rng: np.random.Generator, fmt: str) -> None:
+    g = _mixed(rng)
+    path = tmp_path / ("g.safetensors" if fmt == "safetensors" else "g.npz")
+    if fmt == "safetensors":
+        save_file(g, str(path))
+    elif fmt == "npz":
+        np.savez(path, **g)
+    else:
+        np.savez_compressed(path, **g)
+    runs = [gradinspect.inspect(path, sort="none", jobs=j) for j in (1, 2, 3, 8)]
+    first = runs[0]
+    for r in runs[1:]:
+        assert repr(r.tensors) == repr(first.tensors) and repr(r.total) == repr(first.total)  # NaN-safe, bit-exact
+    # ... and the numbers are right: per tensor against the exact oracle
+    rows = {t.name: t for t in first.tensors}
+    assert set(rows) == set(g) - ({"small.bf16"} if fmt != "safetensors" else set())  # npz cannot keep bfloat16
+    for name, x in g.items():
+        if name not in rows:
+            continue
+        ex = oracle(name, x)
+        if ex.nan:
+            assert math.isnan(rows[name].l2) and rows[name].nan == ex.nan
+        elif ex.inf:
+            assert rows[name].l2 == math.inf and rows[name].inf == ex.inf
+        else:
+            assert rel_sqrt(rows[name].l2, ex.s2) <= 1e-12, name
+            assert rel(rows[name].l1, ex.s1) <= 1e-12, name
+
+
+def test_in_memory_small_and_large_match_the_oracle(rng: np.random.Generator) -> None:
+    g = {k: v for k, v in _mixed(rng).items() if "nan" not in k and "inf" not in k}
+    r = gradinspect.compute_norms(g, norm_type=3)
+    rows = {t.name: t for t in r.tensors}
+    for name, x in g.items():
+        ex = oracle(name, x)
+        assert rel_sqrt(rows[name].l2, ex.s2) <= 1e-12, name
+        if x.size <= SMALL:  # Decimal powers are slow: the large ones are covered in test_norms
+            assert rel(rows[name].norm, ex.lp(3.0)) <= 1e-12, name
+
+
+def test_segments_equal_one_at_a_time(rng: np.random.Generator) -> None:
+    r = Reducer(2.5)
+    xs = [rng.standard_normal(k) for k in (5, 0, 17, 1, 300)]
+    batched = r.reduce_segments(np.concatenate(xs), [x.size for x in xs])
+    for x, s in zip(xs, batched):
+        alone = r.reduce_segments(x.copy(), [x.size])[0]
+        assert s == alone
+        ref = stats_of(x, 2.5)
+        assert s.numel == ref.numel and s.linf == ref.linf
+        assert s.l2 == pytest.approx(ref.l2, rel=1e-14) and s.norm == pytest.approx(ref.norm, rel=1e-14)
+
+
+def test_corrupt_small_member_detected_with_any_jobs(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "s.npz"
+    g = {f"t{i}": rng.standard_normal(10) for i in range(20)}
+    np.savez(path, **g)
+    data = bytearray(path.read_bytes())
+    at = data.find(g["t7"].tobytes())
+    assert at > 0
+    data[at + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    for jobs in (1, 2):
+        with pytest.raises(gradinspect.InputError, match="t7.npy.*CRC-32 mismatch"):
+            gradinspect.inspect(path, jobs=jobs)
+
+
+@pytest.mark.parametrize("split", [0, 1, 7, 1000, 4095])
+def test_crc32_combine(split: int) -> None:
+    data = np.random.default_rng(split).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    a, b = data[:split], data[split:]
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
+
+
+def test_errors_in_worker_threads_reach_the_caller(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "g.safetensors"
+    save_file({"w": rng.standard_normal(4 * CHUNK)}, str(path))
+    with open(path, "r+b") as f:  # truncate the data after the header was written
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(gradinspect.InputError):
+        gradinspect.inspect(path, jobs=2)
