@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .clip import DEFAULT_EPS, clip_coef
+from .errors import InputError
 from .loaders import ChunkBuffer, Source, TensorEntry, array_source, open_paths
 from .norms import Reducer, Stats, combine, parse_norm_type
 from .report import (
@@ -32,8 +34,9 @@ __all__ = ["inspect", "compute_norms", "check", "diff", "info", "SORT_KEYS", "te
 
 SORT_KEYS = ("share", "norm", "name", "numel", "none")
 
+#: Called with the bytes each piece of work covered (from worker threads); an
+#: object with a ``set_total(bytes)`` method is told the total first.
 Progress = Callable[[int], None]
-PathsArg = "str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"
 
 
 def _paths(paths: Any) -> list[str | os.PathLike[str]]:
@@ -53,12 +56,19 @@ def inspect(
     top: int | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
+    shards: str | None = None,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
     ``paths`` are files (.safetensors, .npz, .npy), directories, ``*.index.json``
     files or quoted globs.  ``jobs`` threads share the work (default: one per
-    core); results are identical for every value.  Raises :class:`~gradinspect.errors.InputError` for
+    core); results are identical for every value.
+
+    The same tensor name in several files is an error unless ``shards`` says
+    what it means: ``"slices"``, disjoint pieces of one tensor (ZeRO/FSDP
+    shards, tensor-parallel splits), merged exactly; ``"replicas"``, copies
+    of one tensor (data-parallel ranks), counted once, with the largest
+    difference between the copies in ``replica_max_diff``.  Raises :class:`~gradinspect.errors.InputError` for
     input that cannot be read.
 
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
@@ -66,8 +76,10 @@ def inspect(
     """
     p = parse_norm_type(norm_type)
     _check_options(max_norm, eps, sort, top, group_by)
-    sources = open_paths(_paths(paths))
-    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs)
+    if shards not in (None, *SHARDS):
+        raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
+    sources = open_paths(_paths(paths), allow_repeats=shards is not None)
+    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards)
 
 
 def compute_norms(
@@ -133,6 +145,8 @@ def tensor_stats(
     chosen = select((), include, exclude)
     results: list[tuple[TensorEntry, Stats]] = []
     skipped: list[Skipped] = []
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(sum(t.nbytes for s in sources for t in s.tensors if t.is_float and chosen(t.name)))
     for src in sources:
         entries = [t for t in src.tensors if chosen(t.name)]
         skipped.extend(Skipped(t.name, t.source, t.dtype, t.skip_reason or "") for t in entries if not t.is_float)
@@ -142,6 +156,63 @@ def tensor_stats(
         with src:
             results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress)))
     return results, skipped
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A tensor after --shards merging: one file's tensor, or the pieces/copies of one name."""
+
+    name: str
+    source: str | None
+    shape: tuple[int, ...] | None
+    dtype: str
+    stats: Stats
+    members: int = 1
+    tensors: int = 1  # tensors this record counts in the totals
+    replica_diff: float | None = None
+
+
+SHARDS = ("slices", "replicas")
+
+
+def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
+           sources: Sequence[Source], p: float) -> tuple[list[_Record], list[str]]:
+    """Records for the rows, and warnings; see ``--shards``."""
+    by_name: dict[str, list[tuple[TensorEntry, Stats]]] = {}
+    for t, st in results:
+        by_name.setdefault(t.name, []).append((t, st))
+    records: list[_Record] = []
+    warnings: list[str] = []
+    for name, copies in by_name.items():
+        t0, s0 = copies[0]
+        if len(copies) == 1:
+            records.append(_Record(name, t0.source, t0.shape, t0.dtype, s0))
+            continue
+        dtypes = {t.dtype for t, _ in copies}
+        dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
+        if shards == "slices":
+            stats = combine((st for _, st in copies), p)
+            records.append(_Record(name, None, None, dtype, stats, len(copies)))
+            continue
+        for t, _ in copies[1:]:
+            if t.shape != t0.shape:
+                raise InputError(t.source, f"replica of {name!r} has shape {list(t.shape)}, but {list(t0.shape)} in {t0.source}")
+        src_of = {s.path: s for s in sources}
+        worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t).d.linf for t, _ in copies[1:])
+        if not worst == 0.0:
+            warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
+        records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), 1, worst))
+    return records, warnings
+
+
+def _pair_stats(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, reducer: Any = None) -> Any:
+    """PairStats of two tensors of the same shape, streamed chunk by chunk."""
+    from .diff import PairReducer, combine_pairs
+
+    reducer = reducer or PairReducer()
+    buf_a, buf_b = ChunkBuffer(reducer.chunk), ChunkBuffer(reducer.chunk)
+    with sa, sb:
+        return combine_pairs(reducer.reduce(ca, cb) for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)))
 
 
 def _report(
@@ -156,16 +227,20 @@ def _report(
     top: int | None,
     progress: Progress | None,
     jobs: int | None,
+    shards: str | None = None,
 ) -> NormsReport:
     results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
-    total = combine((s for _, s in results), p)
+    records, warnings = _merge(results, shards, sources, p)
+    if shards:
+        skipped = list({sk.name: sk for sk in skipped}.values())
+    total = combine((r.stats for r in records), p)
     # Shares are fractions of the global Σx²; when NaN/Inf make that undefined,
     # finite tensors get their fraction of the finite tensors' Σx² instead.
-    base = combine((s for _, s in results if not s.nonfinite), p) if total.nonfinite else total
+    base = combine((r.stats for r in records if not r.stats.nonfinite), p) if total.nonfinite else total
     if group_by:
-        rows = _group_rows(results, base, group_by)
+        rows = _group_rows(records, base, group_by)
     else:
-        rows = [_row(t.name, t.source, t.shape, t.dtype, s, base) for t, s in results]
+        rows = [_row(r, base) for r in records]
     rows = sort_rows(rows, sort)
     omitted = 0
     if top is not None and len(rows) > top:
@@ -177,17 +252,22 @@ def _report(
         norm_type=p,
         tensors=tuple(rows),
         skipped=tuple(skipped),
-        total=Totals(len(results), total.numel, total.l1, total.l2, total.linf, norm, total.sq, total.nan, total.inf),
+        total=Totals(sum(r.tensors for r in records), total.numel, total.l1, total.l2, total.linf, norm, total.sq,
+                     total.nan, total.inf),
         clip=Clip(max_norm, eps, coef, coef < 1.0, norm * coef),
         metadata={s.path: s.metadata for s in sources if s.metadata},
         omitted=omitted,
         group_by=group_by,
+        shards=shards,
+        notes=tuple(warnings),
     )
 
 
-def _row(name: str, source: str | None, shape: tuple[int, ...] | None, dtype: str, s: Stats, base: Stats, members: int = 1) -> TensorNorms:
+def _row(r: _Record, base: Stats, name: str | None = None) -> TensorNorms:
+    s = r.stats
     share = math.nan if s.nonfinite else s.share_of(base)
-    return TensorNorms(name, source, shape, dtype, s.numel, s.l1, s.l2, s.linf, s.norm, s.sq, share, s.nan, s.inf, members)
+    return TensorNorms(name or r.name, r.source, r.shape, r.dtype, s.numel, s.l1, s.l2, s.linf, s.norm, s.sq, share,
+                       s.nan, s.inf, r.members, r.replica_diff)
 
 
 def group_name(name: str, depth: int) -> str:
@@ -195,23 +275,21 @@ def group_name(name: str, depth: int) -> str:
     return ".".join(name.split(".")[:depth])
 
 
-def _group_rows(results: list[tuple[TensorEntry, Stats]], base: Stats, depth: int) -> list[TensorNorms]:
-    groups: dict[str, list[tuple[TensorEntry, Stats]]] = {}
-    for t, s in results:
-        groups.setdefault(group_name(t.name, depth), []).append((t, s))
+def _group_rows(records: list[_Record], base: Stats, depth: int) -> list[TensorNorms]:
+    groups: dict[str, list[_Record]] = {}
+    for r in records:
+        groups.setdefault(group_name(r.name, depth), []).append(r)
     rows = []
     for key, members in groups.items():
         if len(members) == 1:
-            t, s = members[0]
-            rows.append(_row(key, t.source, t.shape, t.dtype, s, base))
+            rows.append(_row(members[0], base, key))
             continue
-        sources = {t.source for t, _ in members}
-        dtypes = {t.dtype for t, _ in members}
-        stats = combine((s for _, s in members), base.p)
-        rows.append(_row(
-            key, sources.pop() if len(sources) == 1 else None, None,
-            dtypes.pop() if len(dtypes) == 1 else "mixed", stats, base, len(members),
-        ))
+        sources = {r.source for r in members}
+        dtypes = {r.dtype for r in members}
+        merged = _Record(key, sources.pop() if len(sources) == 1 else None, None,
+                         dtypes.pop() if len(dtypes) == 1 else "mixed",
+                         combine((r.stats for r in members), base.p), len(members))
+        rows.append(_row(merged, base))
     return rows
 
 
@@ -246,12 +324,13 @@ def check(
     exclude: Iterable[str] = (),
     progress: Progress | None = None,
     jobs: int | None = None,
+    shards: str | None = None,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
-                     exclude=exclude, sort="none", progress=progress, jobs=jobs)
+                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards)
     return evaluate(report, rules if rules is not None else Rules())
 
 
@@ -318,17 +397,12 @@ def diff(
                 pairs.append((sa, ta, sb, tb))
     only_b = [n for n in where_b if n not in names_a]
     reducer = PairReducer()
-    buf_a, buf_b = ChunkBuffer(reducer.chunk), ChunkBuffer(reducer.chunk)
     rows: list[DiffRow] = []
     stats = []
     for sa, ta, sb, tb in pairs:
-        with sa, sb:
-            parts = []
-            for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)):
-                parts.append(reducer.reduce(ca, cb))
-                if progress is not None:
-                    progress(ca.nbytes + cb.nbytes)
-        ps = combine_pairs(parts)
+        ps = _pair_stats(sa, ta, sb, tb, reducer)
+        if progress is not None:
+            progress(ta.nbytes + tb.nbytes)
         stats.append(ps)
         rows.append(_diff_row(ta.name, ta.shape, ta.dtype, tb.dtype, ps, tol))
     total = combine_pairs(stats)

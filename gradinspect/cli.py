@@ -106,9 +106,74 @@ def _emit(fmt: str, kind: str, report: Any) -> None:
     click.echo(buf.getvalue(), nl=False)
 
 
-def _warn(lines: list[str]) -> None:
+def _warn(lines: list[str], quiet: bool = False) -> None:
+    if quiet:
+        return
     for line in lines:
         click.echo(f"Warning: {line}", err=True)
+
+
+class _ProgressBar:
+    """Bytes done, rate and time left on stderr: only when stderr is a terminal,
+    only once the work has taken about a second, never with --quiet."""
+
+    DELAY = 1.0
+
+    def __init__(self, enabled: bool) -> None:
+        import threading
+        import time
+
+        self._now = time.monotonic
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total: int | None = None
+        self.done = 0
+        self.start = self._now()
+        self._lock = threading.Lock()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def set_total(self, nbytes: int) -> None:
+        self.total = nbytes
+
+    def __call__(self, nbytes: int) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.done += nbytes
+            if self._bar is None:
+                if self._now() - self.start < self.DELAY:
+                    return
+                from rich.console import Console
+                from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                           TransferSpeedColumn)
+
+                self._bar = Progress(TextColumn("reading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                     TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+                self._bar.start()
+                self._task = self._bar.add_task("reading", total=self.total, completed=self.done)
+            else:
+                self._bar.update(self._task, completed=self.done)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _jobs_option(f: Any) -> Any:
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar and no warnings on stderr.")(f)
+    return click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Threads to use (default: one per core). Results are identical for every N.")(f)
+
+
+def _shards_option(f: Any) -> Any:
+    return click.option(
+        "--shards", type=click.Choice(["slices", "replicas"]), default=None,
+        help="What a tensor name in several files means: slices = disjoint pieces of one tensor "
+             "(ZeRO/FSDP, tensor parallel), merged exactly; replicas = copies (data-parallel ranks), "
+             "counted once. Without it, a repeated name is an error.")(f)
 
 
 def _paths_argument(f: Any) -> Any:
@@ -150,9 +215,11 @@ def _finite(name: str, value: float | None) -> None:
 @_selection_options
 @click.option("--group-by", type=click.IntRange(min=1), default=None, metavar="N",
               help="One row per group of tensors sharing the first N dot-separated name parts.")
+@_shards_option
+@_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None) -> None:
+          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -165,6 +232,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
       gradinspect norms model.safetensors.index.json --top 20
       gradinspect norms grads.npz -p inf --max-norm 0.5
       gradinspect norms 'rank*.safetensors' --group-by 3 --sort name
+      gradinspect norms 'fsdp/rank*.safetensors' --shards slices
       gradinspect norms grads.safetensors --include 'layers.*' --exclude '*.bias'
       gradinspect norms grads.safetensors --json | jq '.total.l2'
 
@@ -176,11 +244,12 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         fmt = "json"
     _finite("--max-norm", max_norm)
     _finite("--eps", eps)
-    report = inspect(
-        list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-        group_by=group_by, sort=sort, top=top,
-    )
-    _warn(report.warnings())
+    with _ProgressBar(not quiet) as bar:
+        report = inspect(
+            list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
+            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+        )
+    _warn(report.warnings(), quiet)
     _emit(fmt, "norms", report)
 
 
@@ -204,7 +273,10 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
 @_format_option("check")
-def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
+@_shards_option
+@_jobs_option
+def check(paths: tuple[str, ...], config_file: str | None, shards: str | None, jobs: int | None, quiet: bool,
+          **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
     Computes what `norms` does and evaluates the rules turned on below (only
@@ -246,9 +318,11 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
         rules = rules_from(options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
-                       eps=options["eps"], include=options["include"], exclude=options["exclude"])
-    _warn([w for w in result.report.warnings() if w.startswith("skipped")])
+    with _ProgressBar(not quiet) as bar:
+        result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
+                           eps=options["eps"], include=options["include"], exclude=options["exclude"],
+                           shards=shards, jobs=jobs, progress=bar)
+    _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
 

@@ -681,8 +681,9 @@ def open_source(path: str) -> Source:
         os.close(fd)
 
 
-def open_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Source]:
-    """Sources for ``paths``, refusing a tensor name that appears in two files."""
+def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = False) -> list[Source]:
+    """Sources for ``paths``; a tensor name in two files is refused unless ``allow_repeats``
+    (``--shards slices`` / ``replicas`` say what such names mean)."""
     if not paths:
         raise ValueError("no paths given")
     files = resolve_paths(paths)
@@ -697,9 +698,10 @@ def open_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Source]:
     owner: dict[str, str] = {}
     for src in sources:
         for t in src.tensors:
-            if t.name in owner:
-                raise InputError(src.path, f"tensor {t.name!r} is also in {owner[t.name]} (the same name in two files)")
-            owner[t.name] = src.path
+            if t.name in owner and not allow_repeats:
+                raise InputError(src.path, f"tensor {t.name!r} is also in {owner[t.name]} (the same name in two "
+                                 "files: use --shards slices or --shards replicas to say what that means)")
+            owner.setdefault(t.name, src.path)
     _check_index_names(paths, sources)
     return sources
 

@@ -41,6 +41,7 @@ class TensorNorms:
     nan: int = 0
     inf: int = 0
     members: int = 1
+    replica_max_diff: float | None = None
 
     @property
     def nonfinite(self) -> int:
@@ -67,6 +68,7 @@ class TensorNorms:
             "nan": self.nan,
             "inf": self.inf,
             "members": self.members,
+            "replica_max_diff": self.replica_max_diff,
         }
 
 
@@ -153,14 +155,20 @@ class NormsReport:
     metadata: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     omitted: int = 0
     group_by: int | None = None
+    shards: str | None = None
+    notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
 
     @property
     def nonfinite_rows(self) -> tuple[TensorNorms, ...]:
         return tuple(t for t in self.tensors if t.nonfinite)
 
+    def input_warnings(self) -> list[str]:
+        """Warnings about the input: skipped tensors, replicas that differ."""
+        return [f"skipped {s.name} ({s.source}): {s.reason}" for s in self.skipped] + list(self.notes)
+
     def warnings(self) -> list[str]:
-        """Human-readable warnings: skipped tensors, non-finite values, a non-finite clip."""
-        out = [f"skipped {s.name} ({s.source}): {s.reason}" for s in self.skipped]
+        """Human-readable warnings: :meth:`input_warnings`, non-finite values, a non-finite clip."""
+        out = self.input_warnings()
         t = self.total
         if t.nonfinite:
             out.append(f"{t.nan} NaN and {t.inf} infinite gradient values: the global norm is {_fmt(t.norm)}")
@@ -176,6 +184,7 @@ class NormsReport:
             "sources": list(self.sources),
             "norm_type": norm_type_label(self.norm_type),
             "group_by": self.group_by,
+            "shards": self.shards,
             "tensors": [t.to_dict() for t in self.tensors],
             "omitted": self.omitted,
             "skipped": [s.to_dict() for s in self.skipped],
