@@ -147,6 +147,16 @@ NUMPY_WAY = textwrap.dedent("""
     print(json.dumps({"l2": math.sqrt(sum(n * n for n in norms))}))
 """)
 
+FLOOR_INFLATE = textwrap.dedent("""
+    import sys, zipfile
+    # zipfile inflates each member in blocks and checks its CRC; nothing is kept.
+    with zipfile.ZipFile(sys.argv[1]) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                while f.read(1 << 22):
+                    pass
+""")
+
 FLOOR_MMAP_DOT = textwrap.dedent("""
     import json, struct, sys
     import numpy as np
@@ -208,11 +218,38 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; {', '.join(versions)}"
 
 
+def sparse_file(path: Path, gib: float) -> int:
+    """A float32 safetensors file of ``gib`` GiB, sparse (zeros) but for one 1.0 per GiB."""
+    numel = int(gib * 2**30) // 4
+    header = json.dumps({"g": {"dtype": "F32", "shape": [numel], "data_offsets": [0, 4 * numel]}}).encode()
+    header += b" " * (-len(header) % 8)
+    start = 8 + len(header)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(start + 4 * numel)
+        for k in range(int(gib)):
+            f.seek(start + k * 2**30)
+            f.write(np.float32(1.0).tobytes())
+    return numel
+
+
+def memory_run(data: Path, gib: float, runs: int) -> None:
+    """Peak RSS on a multi-GiB file: constant memory, whatever the size."""
+    path = data / f"sparse_{gib:g}gib.safetensors"
+    if not path.exists():
+        sparse_file(path, gib)
+    m = measure([a.replace("{file}", str(path)) for a in GRADINSPECT], runs)
+    l2 = l2_of(m["stdout"])
+    print(f"\n{gib:g} GiB float32 file (sparse): gradinspect {m['wall']:.2f} s, peak RSS {m['rss']:.0f} MiB, "
+          f"L2 {l2} (exact: {math.sqrt(int(gib)):g}).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=HERE / "data")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", action="append", default=[], help="file name(s) to run, e.g. f32.safetensors")
+    ap.add_argument("--sparse-gib", type=float, default=8.0, help="size of the constant-memory run (0: skip)")
     args = ap.parse_args()
     generate(args.data)
     cache_file = args.data / "reference.json"
@@ -233,6 +270,8 @@ def main() -> None:
         approaches.append(("numpy: load all + np.linalg.norm", [sys.executable, "-c", NUMPY_WAY, str(path)]))
         if name == "f32.safetensors":
             approaches.append(("floor: np.dot over the memory map", [sys.executable, "-c", FLOOR_MMAP_DOT, str(path)]))
+        if name == "f32_compressed.npz":
+            approaches.append(("floor: inflate every member (zlib, one thread)", [sys.executable, "-c", FLOOR_INFLATE, str(path)]))
         approaches.append(("floor: cat FILE > /dev/null", ["sh", "-c", f"cat '{path}' > /dev/null"]))
         ours = None
         for label, cmd in approaches:
@@ -261,6 +300,8 @@ def main() -> None:
     for name, _, m, *_ in small:
         print(f"\n{name}: {m['wall'] / SMALL_TENSORS * 1e6:.1f} µs per tensor, whole process.", end="")
     print()
+    if args.sparse_gib:
+        memory_run(args.data, args.sparse_gib, args.runs)
 
 
 if __name__ == "__main__":

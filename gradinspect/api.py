@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
@@ -158,8 +157,7 @@ def tensor_stats(
     return results, skipped
 
 
-@dataclass(frozen=True)
-class _Record:
+class _Record(NamedTuple):
     """A tensor after --shards merging: one file's tensor, or the pieces/copies of one name."""
 
     name: str
@@ -178,6 +176,8 @@ SHARDS = ("slices", "replicas")
 def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
            sources: Sequence[Source], p: float) -> tuple[list[_Record], list[str]]:
     """Records for the rows, and warnings; see ``--shards``."""
+    if shards is None:  # names are unique (open_paths made sure)
+        return [_Record(t.name, t.source, t.shape, t.dtype, st) for t, st in results], []
     by_name: dict[str, list[tuple[TensorEntry, Stats]]] = {}
     for t, st in results:
         by_name.setdefault(t.name, []).append((t, st))
