@@ -1,0 +1,88 @@
+"""The README's examples are real: every `$ gradinspect ...` block is run and compared.
+
+A line `...` in a block stands for any number of output lines; `| jq .a.b` is
+done in Python (jq need not be installed); `echo $?` prints the previous exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _blocks() -> list[list[str]]:
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").split("\n"):
+        if line.startswith("```"):
+            if current is None:
+                current = []
+            else:
+                if current and current[0].startswith("$ gradinspect"):
+                    blocks.append(current)
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def _run(command: str, last_code: int) -> tuple[str, int]:
+    if command == "echo $?":
+        return f"{last_code}\n", 0
+    jq = None
+    if " | jq " in command:
+        command, jq = command.split(" | jq ", 1)
+        jq = jq.split("#")[0].strip()
+    command = command.split("  #")[0].strip()
+    args = shlex.split(command)
+    assert args[0] == "gradinspect"
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gradinspect", *args[1:]], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    out = proc.stderr + proc.stdout  # warnings are written before the report
+    if jq is not None and proc.returncode == 0:
+        value = json.loads(proc.stdout)
+        for key in jq.strip(".").split("."):
+            value = value[key]
+        out = proc.stderr + json.dumps(value) + "\n"
+    return out, proc.returncode
+
+
+def _matches(expected: list[str], actual: list[str]) -> bool:
+    """``...`` in ``expected`` matches any run of lines."""
+    if not expected:
+        return not actual
+    if expected[0] == "...":
+        return any(_matches(expected[1:], actual[i:]) for i in range(len(actual) + 1))
+    return bool(actual) and expected[0] == actual[0] and _matches(expected[1:], actual[1:])
+
+
+BLOCKS = _blocks()
+
+
+def test_the_readme_has_examples() -> None:
+    assert len(BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b[0][2:60] for b in BLOCKS])
+def test_readme_block(block: list[str]) -> None:
+    code = 0
+    i = 0
+    while i < len(block):
+        command = block[i][2:]
+        j = i + 1
+        while j < len(block) and not block[j].startswith("$ "):
+            j += 1
+        expected = [line.rstrip() for line in block[i + 1 : j]]
+        out, code = _run(command, code)
+        actual = [line.rstrip() for line in out.rstrip("\n").split("\n")] if out.strip() else []
+        assert _matches(expected, actual), f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
+        i = j
