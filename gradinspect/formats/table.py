@@ -90,21 +90,10 @@ def _norms(con: Console, report: Any) -> None:
         fit = _layout(cols, rows, con.width)
         if fit:
             break
-    if fit is None:
-        widths = [max([len(h)] + [len(c[j]) for c in rows]) for j, (h, _) in enumerate(cols)]
-        gap = 1
-        widths[1] = max(_MIN_NAME, con.width - sum(w for j, w in enumerate(widths) if j != 1) - (len(cols) - 1))
-    else:
-        widths, gap = fit
-    table = Table(box=None, pad_edge=False, header_style="bold underline", padding=(0, 0, 0, gap))
-    for j, (h, just) in enumerate(cols):
-        if j == share_col and not bar_w:
-            just = "right"
-        table.add_column(h, justify=just, no_wrap=True, width=widths[j], overflow="crop")
-    for r, c in zip(report.tensors, rows):
-        c[1] = middle_elide(c[1], widths[1])
-        style = "red" if r.nonfinite else ("dim" if r.all_zero else None)
-        table.add_row(*map(Text, c), style=style)
+    if not bar_w:
+        cols[share_col] = ("share", "right")
+    styles = ["red" if r.nonfinite else ("dim" if r.all_zero else None) for r in report.tensors]
+    table = _draw(cols, rows, styles, fit or _squeezed(cols, rows, con.width))
     if rows:
         con.print(table)
     else:
@@ -144,19 +133,27 @@ def _simple_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str
         fit = _layout(kc, kr, con.width)
         if fit:
             break
-    if fit is None:
-        widths = [max([len(h)] + [len(c[j]) for c in kr]) for j, (h, _) in enumerate(kc)]
-        gap = 1
-        widths[1] = max(_MIN_NAME, con.width - sum(w for j, w in enumerate(widths) if j != 1) - (len(kc) - 1))
-    else:
-        widths, gap = fit
+    con.print(_draw(kc, kr, styles, fit or _squeezed(kc, kr, con.width)))
+
+
+def _squeezed(cols: list[tuple[str, str]], rows: list[list[str]], width: int) -> tuple[list[int], int]:
+    """Widths when nothing fits well: one-space gaps, names get what is left (at least a few)."""
+    widths = [max([len(h)] + [len(c[j]) for c in rows]) for j, (h, _) in enumerate(cols)]
+    widths[1] = max(_MIN_NAME, width - sum(w for j, w in enumerate(widths) if j != 1) - (len(cols) - 1))
+    return widths, 1
+
+
+def _draw(cols: list[tuple[str, str]], rows: list[list[str]], styles: list[str | None],
+          layout: tuple[list[int], int]) -> Table:
+    """The table, names (column 1) elided in the middle to their width; cells are never markup."""
+    widths, gap = layout
     table = Table(box=None, pad_edge=False, header_style="bold underline", padding=(0, 0, 0, gap))
-    for j, (h, just) in enumerate(kc):
+    for j, (h, just) in enumerate(cols):
         table.add_column(h, justify=just, no_wrap=True, width=widths[j], overflow="crop")
-    for c, style in zip(kr, styles):
+    for c, style in zip(rows, styles):
         c[1] = middle_elide(c[1], widths[1])
         table.add_row(*map(Text, c), style=style)
-    con.print(table)
+    return table
 
 
 def _grid(con: Console, lines: list[tuple[str, str]], red: set[str] = frozenset()) -> None:  # type: ignore[assignment]
