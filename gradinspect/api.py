@@ -165,7 +165,7 @@ class _Record(NamedTuple):
     shape: tuple[int, ...] | None
     dtype: str
     stats: Stats
-    members: int = 1
+    pieces: int = 1  # files its slices or copies came from
     tensors: int = 1  # tensors this record counts in the totals
     replica_diff: float | None = None
 
@@ -197,12 +197,24 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
         for t, _ in copies[1:]:
             if t.shape != t0.shape:
                 raise InputError(t.source, f"replica of {name!r} has shape {list(t.shape)}, but {list(t0.shape)} in {t0.source}")
-        src_of = {s.path: s for s in sources}
-        worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t).d.linf for t, _ in copies[1:])
-        if not worst == 0.0:
-            warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
+            if t._fortran != t0._fortran:
+                raise InputError(t.source, f"replica of {name!r} is stored in {_order(t)} order, but in {_order(t0)} order in {t0.source}")
+        bad = [st for _, st in copies if st.nonfinite]
+        if bad:  # NaN/inf in any copy must show, whichever copy it is in
+            worst = math.nan
+            warnings.append(f"copies of {name} hold NaN/inf values: their difference is undefined")
+            s0 = bad[0]
+        else:
+            src_of = {s.path: s for s in sources}
+            worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t).d.linf for t, _ in copies[1:])
+            if worst != 0.0:
+                warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
         records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), 1, worst))
     return records, warnings
+
+
+def _order(t: TensorEntry) -> str:
+    return "Fortran (column-major)" if t._fortran else "C (row-major)"
 
 
 def _pair_stats(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, reducer: Any = None) -> Any:
@@ -212,7 +224,13 @@ def _pair_stats(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, reduce
     reducer = reducer or PairReducer()
     buf_a, buf_b = ChunkBuffer(reducer.chunk), ChunkBuffer(reducer.chunk)
     with sa, sb:
-        return combine_pairs(reducer.reduce(ca, cb) for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)))
+        ga, gb = sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)
+        parts = [reducer.reduce(ca, cb) for ca, cb in zip(ga, gb)]
+        # Run both readers to their end, where they check CRCs and lengths.
+        for rest in (ga, gb):
+            for _ in rest:
+                raise InputError(sa.path, f"{ta.name!r} and its counterpart in {sb.path} differ in length")
+        return combine_pairs(parts)
 
 
 def _report(
@@ -263,11 +281,11 @@ def _report(
     )
 
 
-def _row(r: _Record, base: Stats, name: str | None = None) -> TensorNorms:
+def _row(r: _Record, base: Stats, name: str | None = None, members: int = 1) -> TensorNorms:
     s = r.stats
     share = math.nan if s.nonfinite else s.share_of(base)
     return TensorNorms(name or r.name, r.source, r.shape, r.dtype, s.numel, s.l1, s.l2, s.linf, s.norm, s.sq, share,
-                       s.nan, s.inf, r.members, r.replica_diff)
+                       s.nan, s.inf, members, r.replica_diff, r.pieces)
 
 
 def group_name(name: str, depth: int) -> str:
@@ -286,10 +304,12 @@ def _group_rows(records: list[_Record], base: Stats, depth: int) -> list[TensorN
             continue
         sources = {r.source for r in members}
         dtypes = {r.dtype for r in members}
+        diffs = [r.replica_diff for r in members if r.replica_diff is not None]
         merged = _Record(key, sources.pop() if len(sources) == 1 else None, None,
                          dtypes.pop() if len(dtypes) == 1 else "mixed",
-                         combine((r.stats for r in members), base.p), len(members))
-        rows.append(_row(merged, base))
+                         combine((r.stats for r in members), base.p), sum(r.pieces for r in members),
+                         replica_diff=(math.nan if any(math.isnan(d) for d in diffs) else max(diffs)) if diffs else None)
+        rows.append(_row(merged, base, members=len(members)))
     return rows
 
 
@@ -335,8 +355,8 @@ def check(
 
 
 def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InfoReport:
-    """Every tensor's name, dtype, shape and size, from the headers alone."""
-    sources = open_paths(_paths(paths))
+    """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names)."""
+    sources = open_paths(_paths(paths), allow_repeats=True)
     return InfoReport(
         sources=tuple(s.path for s in sources),
         tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes) for s in sources for t in s.tensors),
@@ -365,8 +385,8 @@ def diff(
     from .diff import PairReducer, combine_pairs
 
     for name, v in (("rtol", rtol), ("atol", atol)):
-        if v is not None and not v >= 0:
-            raise ValueError(f"{name} must be >= 0, not {v}")
+        if v is not None and not 0 <= v < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, not {v}")
     if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
@@ -389,10 +409,15 @@ def diff(
                 continue
             sb, tb = hit
             if ta.shape != tb.shape:
-                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype))
-            elif not (ta.is_float and tb.is_float):
-                bad = ta if not ta.is_float else tb
-                skipped.append(Skipped(bad.name, bad.source, bad.dtype, bad.skip_reason or ""))
+                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype, "shapes differ"))
+            elif not ta.is_float and not tb.is_float:  # e.g. a step counter on both sides: not gradients
+                skipped.append(Skipped(ta.name, ta.source, ta.dtype, ta.skip_reason or ""))
+            elif ta.is_float != tb.is_float:
+                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype,
+                                           "one side is not a floating-point tensor"))
+            elif ta._fortran != tb._fortran:
+                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype,
+                                           f"A is in {_order(ta)} order, B in {_order(tb)} order"))
             else:
                 pairs.append((sa, ta, sb, tb))
     only_b = [n for n in where_b if n not in names_a]

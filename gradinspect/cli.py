@@ -254,29 +254,30 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
 
 _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
-                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "fmt")
+                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "fmt", "shards", "jobs", "quiet")
 
 
 @cli.command(context_settings=_CONTEXT)
 @_paths_argument
 @_norm_options
 @_selection_options
-@click.option("--allow-nonfinite", is_flag=True, help="Turn off the nonfinite rule (NaN/Inf in a tensor).")
+@click.option("--allow-nonfinite/--no-allow-nonfinite", default=False, help="Turn off the nonfinite rule (NaN/Inf in a tensor).")
 @click.option("--max-total", type=float, default=None, metavar="X", help="Fail when the global norm > X.")
 @click.option("--min-total", type=float, default=None, metavar="X",
               help="Fail when the global norm < X (vanishing gradients, a detached loss).")
-@click.option("--fail-on-clip", is_flag=True, help="Fail when clipping at --max-norm would scale the gradients.")
+@click.option("--fail-on-clip/--no-fail-on-clip", default=False,
+              help="Fail when clipping at --max-norm would scale the gradients.")
 @click.option("--max-share", type=click.FloatRange(0, 1), default=None, metavar="F",
               help="Fail when a tensor holds more than F (0..1) of the squared L2 norm.")
-@click.option("--fail-on-zero", is_flag=True, help="Fail when a tensor's gradient is all zeros (frozen or disconnected).")
+@click.option("--fail-on-zero/--no-fail-on-zero", default=False,
+              help="Fail when a tensor's gradient is all zeros (frozen or disconnected).")
 @click.option("--max-tensor-norm", type=float, default=None, metavar="X", help="Fail when a tensor's norm > X.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
 @_format_option("check")
 @_shards_option
 @_jobs_option
-def check(paths: tuple[str, ...], config_file: str | None, shards: str | None, jobs: int | None, quiet: bool,
-          **options: Any) -> None:
+def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
     Computes what `norms` does and evaluates the rules turned on below (only
@@ -309,6 +310,8 @@ def check(paths: tuple[str, ...], config_file: str | None, shards: str | None, j
         if settings["format"] not in formats.names("check"):
             raise ConfigError(path, f"[tool.gradinspect.check] format must be one of {', '.join(formats.names('check'))}")
         settings["fmt"] = settings.pop("format")
+    if settings.get("shards") not in (None, "slices", "replicas"):
+        raise ConfigError(path, '[tool.gradinspect.check] shards must be "slices" or "replicas"')
     for name in _CHECK_OPTIONS:
         if name in settings and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
             options[name] = settings[name]
@@ -318,10 +321,11 @@ def check(paths: tuple[str, ...], config_file: str | None, shards: str | None, j
         rules = rules_from(options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    quiet = options["quiet"]
     with _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
-                           shards=shards, jobs=jobs, progress=bar)
+                           shards=options["shards"], jobs=options["jobs"], progress=bar)
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
@@ -363,6 +367,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     """
     from .api import diff as run_diff
 
+    for name, v in (("--rtol", rtol), ("--atol", atol), ("--min-cosine", min_cosine)):
+        _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude)
     _warn([f"skipped {s.name} ({s.source}): {s.reason}" for s in report.skipped])

@@ -32,9 +32,16 @@ class ConfigError(GradInspectError):
 
 
 def _number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        raise TypeError("a number")
-    return float(v)
+    """A finite number (TOML allows inf and nan, and integers past the float range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError("a finite number")
+    try:
+        x = float(v)
+    except OverflowError:
+        raise TypeError("a finite number") from None
+    if not math.isfinite(x):
+        raise TypeError("a finite number")
+    return x
 
 
 def _bool(v: Any) -> bool:
@@ -58,7 +65,7 @@ def _norm_type(v: Any) -> float:
         raise TypeError('1, 2, "inf" or a number > 0')
     try:
         return parse_norm_type(v)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise TypeError('1, 2, "inf" or a number > 0') from None
 
 
@@ -83,9 +90,15 @@ def _non_negative(v: Any) -> float:
     return x
 
 
-def _format(v: Any) -> str:
+def _string(v: Any) -> str:
     if not isinstance(v, str):
-        raise TypeError("a format name")
+        raise TypeError("a string")
+    return v
+
+
+def _jobs(v: Any) -> int:
+    if type(v) is not int or v < 1:
+        raise TypeError("a whole number >= 1")
     return v
 
 
@@ -102,7 +115,10 @@ CHECK_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_share": _share,
     "fail_on_zero": _bool,
     "max_tensor_norm": _number,
-    "format": _format,
+    "format": _string,
+    "shards": _string,
+    "jobs": _jobs,
+    "quiet": _bool,
 }
 
 
@@ -112,7 +128,7 @@ def _read(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except OSError as e:
         raise ConfigError(path, (e.strerror or str(e)).lower()) from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(path, f"not valid TOML ({e})") from None
 
 

@@ -121,6 +121,7 @@ class TensorEntry:
     _skip: int = field(default=0, repr=False)  # deflate: .npy header bytes to drop
     _crc: int | None = field(default=None, repr=False)  # zip CRC-32 of the whole member, to verify
     _crc_head: int = field(default=0, repr=False)  # stored member: CRC-32 of its .npy header
+    _fortran: bool = field(default=False, repr=False)  # .npy data in column-major order
     _array: Any = field(default=None, repr=False)
 
     @property
@@ -301,6 +302,13 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _check_name(name: str, path: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(path, f"tensor name {name!r} is not valid Unicode") from None
+
+
 def _is_int(v: object) -> bool:
     return type(v) is int and v >= 0  # not bool, which is an int subclass
 
@@ -330,6 +338,7 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
     data_size = size - data_start
     tensors = []
     for name, info in header.items():
+        _check_name(name, path)
         if not isinstance(info, dict):
             raise InputError(path, f"tensor {name!r}: header entry is not an object")
         st_dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -372,8 +381,8 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, shape, header length) of an .npy stream starting with ``head``.
+def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tuple[int, ...], int, bool]:
+    """(dtype, shape, header length, Fortran order) of an .npy stream starting with ``head``.
 
     The header is a Python literal read with ``ast.literal_eval``, which
     evaluates no code; object dtypes, whose data would need unpickling, are refused.
@@ -412,13 +421,14 @@ def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tup
         raise InputError(path, f"{where}corrupt .npy header ({e})") from None
     if dtype.hasobject:
         raise InputError(path, f"{where}holds Python objects (dtype {dtype}); refusing to unpickle")
-    # Fortran order does not matter: every statistic is order-independent.
+    # Norms do not depend on the element order; diff needs it (``_fortran``).
+    fortran = fortran and sum(1 for d in shape if d > 1) > 1
     if len(_NPY_CACHE) < 4096:
-        _NPY_CACHE[raw] = (dtype, shape, start + hlen)
-    return dtype, shape, start + hlen
+        _NPY_CACHE[raw] = (dtype, shape, start + hlen, fortran)
+    return dtype, shape, start + hlen, fortran
 
 
-_NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+_NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int, bool]] = {}
 
 
 class _Window:
@@ -430,10 +440,12 @@ class _Window:
         self.fd, self.size, self.path = fd, size, path
         self.base, self.data = 0, b""
 
-    def read(self, offset: int, n: int) -> bytes:
+    def read(self, offset: int, n: int, ahead: bool = True) -> bytes:
+        """``n`` bytes at ``offset``; ``ahead``: also fetch what follows (small members)."""
         if not (self.base <= offset and offset + n <= self.base + len(self.data)):
             self.base = offset
-            self.data = _pread(self.fd, min(max(n, self.SIZE), self.size - offset), offset, self.path)
+            want = max(n, self.SIZE) if ahead else n + 4096
+            self.data = _pread(self.fd, min(want, self.size - offset), offset, self.path)
         at = offset - self.base
         return self.data[at : at + n]
 
@@ -447,9 +459,9 @@ def _npy_entry(name: str, path: str, dtype: np.dtype, shape: tuple[int, ...], **
 
 def _read_npy(path: str, fd: int, size: int) -> Source:
     head = _pread(fd, min(size, 12 + _MAX_NPY_HEADER), 0, path)
-    dtype, shape, hlen = _parse_npy_header(head, "", path)
+    dtype, shape, hlen, fortran = _parse_npy_header(head, "", path)
     name = os.path.splitext(os.path.basename(path))[0]
-    entry = _npy_entry(name, path, dtype, shape, _offset=hlen)
+    entry = _npy_entry(name, path, dtype, shape, _offset=hlen, _fortran=fortran)
     if hlen + entry.nbytes > size:
         raise InputError(path, f"array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes of data, the file has {size - hlen}: truncated")
     return Source(path, "npy", [entry], {}, size)
@@ -493,7 +505,10 @@ def _zip_directory(path: str, fd: int, size: int) -> list[tuple[str, int, int, i
         f = _CDIR.unpack_from(cd, pos)
         flags, method, crc, csize, usize = f[3], f[4], f[7], f[8], f[9]
         nlen, elen, clen, off = f[10], f[11], f[12], f[16]
-        name = cd[pos + _CDIR.size : pos + _CDIR.size + nlen].decode("utf-8" if flags & 0x800 else "cp437")
+        try:
+            name = cd[pos + _CDIR.size : pos + _CDIR.size + nlen].decode("utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            raise InputError(path, "a zip member name is not valid UTF-8") from None
         extra = cd[pos + _CDIR.size + nlen : pos + _CDIR.size + nlen + elen]
         if 0xFFFFFFFF in (csize, usize, off):
             usize, csize, off = _zip64_extra(extra, usize, csize, off, path)
@@ -540,7 +555,7 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
             raise InputError(path, f"{where}unsupported zip compression method {method}")
         if off + _LOCAL.size > size:
             raise InputError(path, f"{where}local header past the end of the file: truncated")
-        local = _LOCAL.unpack(window.read(off, _LOCAL.size))
+        local = _LOCAL.unpack(window.read(off, _LOCAL.size, ahead=csize < _Window.SIZE // 4))
         if local[0] != b"PK\x03\x04":
             raise InputError(path, f"{where}corrupt zip local header")
         data = off + _LOCAL.size + local[9] + local[10]
@@ -550,19 +565,19 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
             tensors.append(TensorEntry(tname, path, "unknown", (), 0, 0, "not an .npy array"))
             continue
         if method == 0:
-            head = window.read(data, min(csize, 12 + _MAX_NPY_HEADER))
+            head = window.read(data, min(csize, 12 + _MAX_NPY_HEADER), ahead=csize < _Window.SIZE // 4)
         else:
             head = _inflate_head(fd, data, csize, path, where)
-        dtype, shape, hlen = _parse_npy_header(head, where, path)
+        dtype, shape, hlen, fortran = _parse_npy_header(head, where, path)
         if method == 0:
             entry = _npy_entry(tname, path, dtype, shape, _offset=data + hlen, _crc=crc,
-                               _crc_head=zlib.crc32(head[:hlen]))
+                               _crc_head=zlib.crc32(head[:hlen]), _fortran=fortran)
             have = csize - hlen
             if have > entry.nbytes:
                 raise InputError(path, f"{where}{have - entry.nbytes} unexpected bytes after the array")
         else:
             entry = _npy_entry(tname, path, dtype, shape, _offset=data, _method="deflate",
-                               _stored_size=csize, _skip=hlen, _crc=crc)
+                               _stored_size=csize, _skip=hlen, _crc=crc, _fortran=fortran)
             have = usize - hlen
         if entry.nbytes > have:
             raise InputError(path, f"{where}array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes, the member holds {have}: truncated")
@@ -571,11 +586,23 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
 
 
 def _inflate_head(fd: int, pos: int, csize: int, path: str, where: str) -> bytes:
-    d = zlib.decompressobj(-15)
-    try:
-        return d.decompress(_pread(fd, min(csize, 1 << 16), pos, path), 12 + _MAX_NPY_HEADER)
-    except zlib.error as e:
-        raise InputError(path, f"{where}corrupt compressed data ({e})") from None
+    """The start of a deflated member: enough to hold its .npy header (a few KiB read)."""
+    for n in (8192, 1 << 16, 1 << 20):
+        d = zlib.decompressobj(-15)
+        try:
+            head = d.decompress(_pread(fd, min(csize, n), pos, path), 12 + _MAX_NPY_HEADER)
+        except zlib.error as e:
+            raise InputError(path, f"{where}corrupt compressed data ({e})") from None
+        if n >= csize or len(head) >= 12 + _MAX_NPY_HEADER or _npy_header_complete(head):
+            return head
+    return head
+
+
+def _npy_header_complete(head: bytes) -> bool:
+    if len(head) < 12 or not head.startswith(_NPY_MAGIC):
+        return len(head) >= 10  # let the parser say what is wrong
+    hlen, start = (struct.unpack("<H", head[8:10])[0], 10) if head[6] == 1 else (struct.unpack("<I", head[8:12])[0], 12)
+    return len(head) >= start + hlen
 
 
 # --- paths -----------------------------------------------------------------

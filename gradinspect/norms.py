@@ -172,9 +172,9 @@ def _scaled_root(m: float, s: float, p: float) -> float:
     # m · 2**(log2(s)/p), with the integer part of the exponent applied exactly.
     fm, em = math.frexp(m)
     y = math.log2(s) / p
-    k = math.floor(y)
-    if k > 2200:
+    if not y < 2200:  # also inf, for p of 1e-310
         return math.inf
+    k = math.floor(y)
     return _ldexp(fm * 2.0 ** (y - k), em + k)
 
 

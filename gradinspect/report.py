@@ -40,8 +40,9 @@ class TensorNorms:
     share: float
     nan: int = 0
     inf: int = 0
-    members: int = 1
-    replica_max_diff: float | None = None
+    members: int = 1  # tensors in a --group-by row
+    replica_max_diff: float | None = None  # --shards replicas: largest |difference| between copies
+    pieces: int = 1  # --shards: the files its slices or copies came from (summed over a group)
 
     @property
     def nonfinite(self) -> int:
@@ -69,6 +70,7 @@ class TensorNorms:
             "inf": self.inf,
             "members": self.members,
             "replica_max_diff": self.replica_max_diff,
+            "pieces": self.pieces,
         }
 
 
@@ -279,15 +281,18 @@ class DiffRow:
 
 @dataclass(frozen=True)
 class Mismatch:
+    """A name in both sets whose tensors cannot be compared element by element."""
+
     name: str
     shape_a: tuple[int, ...]
     shape_b: tuple[int, ...]
     dtype_a: str
     dtype_b: str
+    reason: str = "shapes differ"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape_a": list(self.shape_a), "shape_b": list(self.shape_b),
-                "dtype_a": self.dtype_a, "dtype_b": self.dtype_b}
+                "dtype_a": self.dtype_a, "dtype_b": self.dtype_b, "reason": self.reason}
 
 
 @dataclass(frozen=True)

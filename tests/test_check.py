@@ -200,7 +200,7 @@ def test_config_file_option_and_keys(grads: Path, tmp_path: Path) -> None:
     "body,fragment",
     [
         ("[tool.gradinspect.check]\nmax_totl = 1\n", "unknown key 'max_totl'"),
-        ("[tool.gradinspect.check]\nmax_total = 'ten'\n", "max_total must be a number"),
+        ("[tool.gradinspect.check]\nmax_total = 'ten'\n", "max_total must be a finite number"),
         ("[tool.gradinspect.check]\nfail_on_zero = 1\n", "fail_on_zero must be true or false"),
         ("[tool.gradinspect.check]\nmax_share = 2.0\n", "max_share must be a number from 0 to 1"),
         ("[tool.gradinspect.check]\nnorm_type = 0\n", "norm_type must be"),
@@ -223,3 +223,41 @@ def test_broken_file_is_never_a_finding(tmp_path: Path) -> None:
     for fmt in ("text", "json", "github", "junit"):
         r = run("check", path, "-f", fmt)
         assert r.exit_code == 2 and r.stdout == "" and "not valid JSON" in r.stderr
+
+
+def test_boolean_flags_can_turn_config_off(grads: Path, tmp_path: Path) -> None:
+    _pyproject(tmp_path, "[tool.gradinspect.check]\nfail_on_zero = true\nfail_on_clip = true\nshards = 'slices'\njobs = 1\n")
+    assert run("check", grads, cwd=tmp_path).exit_code == 1
+    assert run("check", grads, "--no-fail-on-zero", "--no-fail-on-clip", cwd=tmp_path).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        ("[tool.gradinspect.check]\nmax_total = inf\n", "max_total must be a finite number"),
+        ("[tool.gradinspect.check]\nmax_total = " + "1" * 400 + "\n", "max_total must be a finite number"),
+        ("[tool.gradinspect.check]\nnorm_type = " + "1" * 400 + "\n", "norm_type must be"),
+        ("[tool.gradinspect.check]\nshards = 'halves'\n", "shards must be"),
+        ("[tool.gradinspect.check]\njobs = 0\n", "jobs must be"),
+    ],
+)
+def test_more_config_errors(grads: Path, tmp_path: Path, body: str, fragment: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(body)
+    r = run("check", grads, "--config", cfg)
+    assert r.exit_code == 2 and fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_pyproject_that_is_not_utf8_is_an_error(grads: Path, tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_bytes(b"[tool.x]\nname = '\xff\xfe'\n")
+    r = run("check", grads, cwd=tmp_path)
+    assert r.exit_code == 2 and "not valid TOML" in r.stderr
+
+
+def test_junit_is_valid_xml_whatever_the_names(tmp_path: Path) -> None:
+    path = tmp_path / "g.safetensors"
+    save_file({"a\x01b\x1bc": np.zeros(3, np.float32)}, str(path))
+    r = run("check", path, "--fail-on-zero", "-f", "junit")
+    assert r.exit_code == 1
+    ET.fromstring(r.stdout)  # parses
+    assert "a\ufffdb\ufffdc" in r.stdout

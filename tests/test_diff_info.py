@@ -213,3 +213,44 @@ def test_info_bad_input(tmp_path: Path) -> None:
     (tmp_path / "x.safetensors").write_bytes(b"\x00" * 4)
     r = run("info", tmp_path / "x.safetensors")
     assert r.exit_code == 2 and r.stdout == "" and "too short" in r.stderr
+
+
+def test_corrupt_b_side_is_an_error(tmp_path: Path, rng: np.random.Generator) -> None:
+    g = {"w": rng.standard_normal(1000), "v": rng.standard_normal(10)}
+    np.savez(tmp_path / "a.npz", **g)
+    np.savez(tmp_path / "b.npz", **g)
+    data = bytearray((tmp_path / "b.npz").read_bytes())
+    at = data.find(g["w"].tobytes())
+    data[at + 100] ^= 0x01
+    (tmp_path / "b.npz").write_bytes(bytes(data))
+    for a, b in (("a.npz", "b.npz"), ("b.npz", "a.npz")):
+        r = run("diff", tmp_path / a, tmp_path / b)
+        assert r.exit_code == 2 and "CRC-32 mismatch" in r.stderr and r.stdout == ""
+
+
+def test_memory_order_and_dtype_class_mismatches_are_listed(tmp_path: Path) -> None:
+    x = np.arange(6.0).reshape(2, 3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.save(tmp_path / "a" / "m.npy", x)
+    np.save(tmp_path / "b" / "m.npy", np.asfortranarray(x))
+    np.save(tmp_path / "a" / "i.npy", np.arange(4))
+    np.save(tmp_path / "b" / "i.npy", np.arange(4.0))
+    np.save(tmp_path / "a" / "c.npy", np.asfortranarray(x))
+    np.save(tmp_path / "b" / "c.npy", np.asfortranarray(x * 2))
+    r = diff(tmp_path / "a", tmp_path / "b", rtol=10.0)
+    assert {m.name: m.reason for m in r.mismatched} == {
+        "m": "A is in C (row-major) order, B in Fortran (column-major) order",
+        "i": "one side is not a floating-point tensor"}
+    assert [t.name for t in r.tensors] == ["c"] and r.tensors[0].cosine == pytest.approx(1.0, abs=1e-15)
+    assert not r.ok  # what could not be compared fails a gate ...
+    assert diff(tmp_path / "a", tmp_path / "b", rtol=10.0, allow_missing=True).ok  # ... unless allowed
+    out = run("diff", tmp_path / "a", tmp_path / "b", "--rtol", "10")
+    assert out.exit_code == 1 and "not compared" in out.stdout
+
+
+@pytest.mark.parametrize("opt", ["--rtol", "--atol", "--min-cosine"])
+def test_nan_tolerances_are_usage_errors(pair: tuple[Path, Path, dict, dict], opt: str) -> None:
+    pa, pb, _, _ = pair
+    r = run("diff", pa, pb, opt, "nan")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr and r.stdout == ""

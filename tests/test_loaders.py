@@ -335,3 +335,16 @@ def test_bfloat16_through_np_save_explains_itself(tmp_path: Path) -> None:
     np.savez(tmp_path / "b.npz", w=np.ones(3, ml_dtypes.bfloat16), v=np.ones(2, np.float32))
     r = gradinspect.inspect(tmp_path / "b.npz")
     assert [s.name for s in r.skipped] == ["w"] and "save those with safetensors" in r.skipped[0].reason
+
+
+def test_tensor_names_must_be_valid_unicode(tmp_path: Path) -> None:
+    header = b'{"ok\\ud800bad":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    _refused(path, "not valid Unicode")
+
+
+def test_tiny_p_gives_inf_not_a_traceback() -> None:
+    r = gradinspect.compute_norms({"w": np.array([1.0, 2.0])}, norm_type=1e-310)
+    assert r.total.norm == math.inf
+    assert gradinspect.compute_norms({"w": np.array([3.0])}, norm_type=1e-310).total.norm == 3.0

@@ -39,7 +39,7 @@ def test_slices_merge_exactly(tmp_path: Path, full: dict[str, np.ndarray]) -> No
     assert r.total.tensors == 2 and r.total.numel == 44
     assert r.total.l2 == pytest.approx(_exact_l2(list(full.values())), rel=1e-15)
     a = r.tensors[0]
-    assert (a.name, a.members, a.numel, a.shape) == ("a.weight", 3, 35, None)
+    assert (a.name, a.pieces, a.members, a.numel, a.shape) == ("a.weight", 3, 1, 35, None)
     assert a.l2 == pytest.approx(_exact_l2([full["a.weight"]]), rel=1e-15)
     assert r.to_dict()["shards"] == "slices"
 
@@ -50,7 +50,7 @@ def test_replicas_counted_once(tmp_path: Path, full: dict[str, np.ndarray]) -> N
     r = gradinspect.inspect(tmp_path, shards="replicas", sort="name")
     assert r.total.tensors == 2 and r.total.numel == 44
     assert r.total.l2 == pytest.approx(_exact_l2(list(full.values())), rel=1e-15)
-    assert [(t.members, t.replica_max_diff, t.shape) for t in r.tensors] == [(4, 0.0, (7, 5)), (4, 0.0, (9,))]
+    assert [(t.pieces, t.replica_max_diff, t.shape) for t in r.tensors] == [(4, 0.0, (7, 5)), (4, 0.0, (9,))]
     assert r.warnings() == []
 
 
@@ -146,3 +146,41 @@ def test_progress_bar_on_a_terminal_stderr_never_in_json(tmp_path: Path, rng: np
     assert json.loads(out)["total"]["tensors"] == 8  # ... and stdout is the document alone
     out, err = _with_terminal_stderr(["norms", str(tmp_path / "g.safetensors"), "--json", "--quiet"])
     assert "reading" not in err and json.loads(out)["total"]["tensors"] == 8
+
+
+def test_replica_with_nan_in_any_copy_fails_the_nonfinite_rule(tmp_path: Path) -> None:
+    for i, v in enumerate(([1.0, 2.0], [1.0, 2.0], [1.0, np.nan])):
+        save_file({"w": np.array(v)}, str(tmp_path / f"r{i}.safetensors"))
+    for order in (["r0", "r1", "r2"], ["r2", "r0", "r1"], ["r0", "r2", "r1"]):
+        r = run("check", *[tmp_path / f"{n}.safetensors" for n in order], "--shards", "replicas", "-f", "json")
+        assert r.exit_code == 1, order
+        assert [f["rule"] for f in json.loads(r.stdout)["findings"]] == ["nonfinite"]
+        assert "hold NaN/inf" in r.stderr
+
+
+def test_shard_columns_in_the_table(tmp_path: Path, full: dict[str, np.ndarray]) -> None:
+    for rank in range(2):
+        save_file(full, str(tmp_path / f"rank{rank}.safetensors"))
+    out = run("norms", tmp_path, "--shards", "replicas").stdout
+    assert out.splitlines()[0].endswith("copies  max Δ")
+    assert out.splitlines()[1].split()[-2:] == ["2", "0"]
+    out = run("norms", tmp_path, "--shards", "slices", "-f", "markdown").stdout
+    assert "| pieces |" in out.splitlines()[0]
+
+
+def test_info_lists_repeated_names(tmp_path: Path, full: dict[str, np.ndarray]) -> None:
+    for rank in range(2):
+        save_file(full, str(tmp_path / f"rank{rank}.safetensors"))
+    r = run("info", str(tmp_path / "rank*.safetensors"), "-f", "json")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["tensors"]) == 4
+
+
+def test_replicas_in_different_memory_order_are_refused(tmp_path: Path) -> None:
+    x = np.arange(6.0).reshape(2, 3)
+    d1, d2 = tmp_path / "r0", tmp_path / "r1"
+    d1.mkdir()
+    d2.mkdir()
+    np.save(d1 / "w.npy", x)
+    np.save(d2 / "w.npy", np.asfortranarray(x))
+    with pytest.raises(InputError, match="order"):
+        gradinspect.inspect([d1, d2], shards="replicas")

@@ -142,7 +142,10 @@ def diff_summary(report: Any) -> list[tuple[str, str]]:
     if report.only_b:
         lines.append(("only in B", _names(report.only_b)))
     for m in report.mismatched:
-        lines.append(("shape differs", f"{m.name}: {shape(m.shape_a)} vs {shape(m.shape_b)}"))
+        if m.shape_a != m.shape_b:
+            lines.append(("shape differs", f"{m.name}: {shape(m.shape_a)} vs {shape(m.shape_b)}"))
+        else:
+            lines.append(("not compared", f"{m.name}: {m.reason} ({m.dtype_a} vs {m.dtype_b})"))
     if tol.any:
         parts = []
         if tol.rtol is not None or tol.atol is not None:
@@ -163,3 +166,13 @@ def diff_summary(report: Any) -> list[tuple[str, str]]:
 def _names(names: tuple[str, ...], most: int = 6) -> str:
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def shard_columns(report: Any) -> list[tuple[str, Any]]:
+    """(header, cell function) of the columns that --shards adds to a norms table."""
+    if report.shards == "slices":
+        return [("pieces", lambda r: str(r.pieces))]
+    if report.shards == "replicas":
+        return [("copies", lambda r: str(r.pieces)),
+                ("max Δ", lambda r: "" if r.replica_max_diff is None else num(r.replica_max_diff))]
+    return []

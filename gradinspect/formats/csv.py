@@ -7,7 +7,8 @@ from typing import Any, TextIO
 
 from . import RenderOptions
 
-NORMS_COLUMNS = ("name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite", "nan", "inf", "members")
+NORMS_COLUMNS = ("name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite", "nan", "inf", "members",
+                 "pieces", "replica_max_diff")
 
 
 def _cell(value: Any) -> Any:

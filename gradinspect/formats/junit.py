@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Any, TextIO
 
 from . import RenderOptions
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _x(text: str) -> str:
+    """``text`` with the characters XML 1.0 cannot hold (control characters, lone surrogates) replaced."""
+    return _NOT_XML.sub("\ufffd", text)
 
 
 def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
@@ -18,13 +27,13 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
     suite = ET.SubElement(suites, "testsuite", name="gradinspect.check", tests=str(len(by_rule)),
                           failures=str(failures), errors="0", skipped="0")
     props = ET.SubElement(suite, "properties")
-    ET.SubElement(props, "property", name="sources", value=sources)
+    ET.SubElement(props, "property", name="sources", value=_x(sources))
     for rule, findings in by_rule.items():
         case = ET.SubElement(suite, "testcase", classname="gradinspect.check", name=rule)
         if findings:
-            fail = ET.SubElement(case, "failure", message=findings[0].message if len(findings) == 1
+            fail = ET.SubElement(case, "failure", message=_x(findings[0].message) if len(findings) == 1
                                  else f"{len(findings)} findings", type=rule)
-            fail.text = "\n".join(f.message for f in findings)
+            fail.text = _x("\n".join(f.message for f in findings))
     ET.indent(suites)
     out.write('<?xml version="1.0" encoding="utf-8"?>\n')
     out.write(ET.tostring(suites, encoding="unicode"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from . import RenderOptions
-from ._human import bar, diff_summary, dtypes, nonfinite, norm_label, num, percent, shape, summary
+from ._human import bar, diff_summary, dtypes, shard_columns, nonfinite, norm_label, num, percent, shape, summary
 
 
 def _esc(text: str) -> str:
@@ -37,13 +37,16 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
     lp = report.norm_type not in (1.0, 2.0) and report.norm_type != float("inf")
-    head = ["#", "tensor", "shape", "dtype", "L2", "L1", "L∞"] + ([norm_label(report.norm_type)] if lp else []) + ["share", "NaN/inf"]
+    extra = shard_columns(report)
+    head = (["#", "tensor", "shape", "dtype", "L2", "L1", "L∞"] + ([norm_label(report.norm_type)] if lp else [])
+            + ["share"] + [h for h, _ in extra] + ["NaN/inf"])
     rows = []
     for i, r in enumerate(report.tensors, 1):
         cells = [str(i), f"`{_esc(r.name)}`", shape(r.shape), r.dtype, num(r.l2, 4), num(r.l1, 4), num(r.linf, 4)]
         if lp:
             cells.append(num(r.norm, 4))
-        cells += [f"{bar(r.share, 5).rstrip()} {percent(r.share)}".strip(), ("⚠️ " + nonfinite(r)) if r.nonfinite else ""]
+        cells += [f"{bar(r.share, 5).rstrip()} {percent(r.share)}".strip(), *(f(r) for _, f in extra),
+                  ("⚠️ " + nonfinite(r)) if r.nonfinite else ""]
         rows.append(cells)
     _table(head, {"#", "L2", "L1", "L∞", "share", norm_label(report.norm_type)}, rows, out)
     if report.omitted:

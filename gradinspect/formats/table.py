@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import RenderOptions
-from ._human import bar, diff_summary, dtypes, middle_elide, nonfinite, norm_label, num, percent, shape, size, summary
+from ._human import bar, diff_summary, shard_columns, dtypes, middle_elide, nonfinite, norm_label, num, percent, shape, size, summary
 
 _BAR = 6
 _MIN_NAME = 12
@@ -71,15 +71,18 @@ def _norms(con: Console, report: Any) -> None:
     if lp:
         cols.append((norm_label(p), "right"))
     cols.append(("share", "left"))
+    share_col = len(cols) - 1
+    extra = shard_columns(report)
+    cols += [(h, "right") for h, _ in extra]
     if any_bad:
         cols.append(("NaN/inf", "right"))
-    share_col = len(cols) - (2 if any_bad else 1)
 
     def cells(r: Any, i: int, bar_w: int) -> list[str]:
         c = [str(i), r.name, shape(r.shape), r.dtype, num(r.l2), num(r.l1), num(r.linf)]
         if lp:
             c.append(num(r.norm))
         c.append(f"{bar(r.share, bar_w)} {percent(r.share):>6}" if bar_w else percent(r.share))
+        c += [f(r) for _, f in extra]
         if any_bad:
             c.append(nonfinite(r))
         return c
@@ -190,7 +193,8 @@ def _diff(con: Console, report: Any) -> None:
         con.print(Text("no tensor is in both sets with the same shape", style="dim"))
     con.print()
     red = set() if report.ok else {"verdict"}
-    _grid(con, diff_summary(report), red | ({"only in A", "only in B", "shape differs"} if tol and not report.tolerances.allow_missing else set()))
+    differ = {"only in A", "only in B", "shape differs", "not compared"}
+    _grid(con, diff_summary(report), red | (differ if tol and not report.tolerances.allow_missing else set()))
 
 
 def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
