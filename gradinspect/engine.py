@@ -17,7 +17,6 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .errors import InputError
 from .loaders import ChunkBuffer, Source, TensorEntry, _pread_into
 import numpy as np
 
@@ -115,9 +114,6 @@ def reduce_entries(
             parts[i].append(None)
     scratch = src.kind != "memory"
 
-    def native(x: Any, dtype: Any) -> Any:
-        return x if dtype.isnative else x.byteswap(inplace=True).view(dtype.newbyteorder("="))
-
     def work(w: _Worker, n: int) -> None:
         it = items[n]
         t = entries[it.entries[0]]
@@ -126,7 +122,7 @@ def reduce_entries(
             view = w.buf.view[: it.size]
             _pread_into(src._fd, view, it.offset, src.path)  # type: ignore[arg-type]
             crc = zlib.crc32(view) if t._crc is not None else None
-            x = native(w.buf.array(dtype, it.size // dtype.itemsize), dtype)
+            x = w.buf.array(dtype, it.size // dtype.itemsize)
             parts[it.entries[0]][it.part] = (w.reducer.reduce(x, scratch), crc)
         elif it.kind == "array":
             x = t._array[it.offset : it.offset + it.size]
@@ -135,7 +131,7 @@ def reduce_entries(
             st = combine((w.reducer.reduce(x, scratch) for x in src.chunks(t, w.buf)), p)
             parts[it.entries[0]][0] = (st, None)
         elif it.kind == "batch":
-            _batch(src, entries, it, w, parts, native)
+            _batch(src, entries, it, w, parts)
         else:  # array-batch
             arrays = [entries[i]._array for i in it.entries]
             x = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
@@ -156,13 +152,11 @@ def reduce_entries(
             step = chunk * t._np_dtype.itemsize  # type: ignore[union-attr]
             for k, c in enumerate(crcs):
                 crc = crc32_combine(crc, c, min(step, t.nbytes - k * step))
-            if crc != t._crc:
-                raise InputError(src.path, f"member {t.name + '.npy'!r}: CRC-32 mismatch (the data is corrupt)")
+            t.verify_crc(crc)
     return out
 
 
-def _batch(src: Source, entries: Sequence[TensorEntry], it: _Item, w: _Worker, parts: list[list[Any]],
-           native: Callable[[Any, Any], Any]) -> None:
+def _batch(src: Source, entries: Sequence[TensorEntry], it: _Item, w: _Worker, parts: list[list[Any]]) -> None:
     """Many small tensors from one read: pack their bytes and reduce them by segment."""
     span = w.buf.view[: it.size]
     _pread_into(src._fd, span, it.offset, src.path)  # type: ignore[arg-type]
@@ -181,10 +175,10 @@ def _batch(src: Source, entries: Sequence[TensorEntry], it: _Item, w: _Worker, p
         data, raw = w.pack, w.pack.view[:total]
     pos = 0
     for t in batch:
-        if t._crc is not None and zlib.crc32(raw[pos : pos + t.nbytes], t._crc_head) != t._crc:
-            raise InputError(src.path, f"member {t.name + '.npy'!r}: CRC-32 mismatch (the data is corrupt)")
+        if t._crc is not None:
+            t.verify_crc(zlib.crc32(raw[pos : pos + t.nbytes], t._crc_head))
         pos += t.nbytes
-    x = native(data.array(dtype, total // dtype.itemsize), dtype)
+    x = data.array(dtype, total // dtype.itemsize)
     for i, st in zip(it.entries, w.reducer.reduce_segments(x, [t.numel for t in batch], scratch=True)):
         parts[i][0] = (st, None)
 

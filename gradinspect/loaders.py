@@ -128,6 +128,11 @@ class TensorEntry:
     def is_float(self) -> bool:
         return self.skip_reason is None
 
+    def verify_crc(self, crc: int) -> None:
+        """Compare the CRC-32 computed over the member with the zip's (if it has one)."""
+        if self._crc is not None and crc != self._crc:
+            raise InputError(self.source, f"member {self.name + '.npy'!r}: CRC-32 mismatch (the data is corrupt)")
+
 
 class ChunkBuffer:
     """A page-aligned, reused read buffer of ``chunk`` elements of up to 8 bytes.
@@ -143,7 +148,11 @@ class ChunkBuffer:
         self.view = memoryview(self._map)
 
     def array(self, dtype: np.dtype, count: int) -> np.ndarray:
-        return np.frombuffer(self._map, dtype=dtype, count=count)
+        """The first ``count`` elements as ``dtype`` in native byte order (swapped in place if need be)."""
+        arr = np.frombuffer(self._map, dtype=dtype, count=count)
+        if not dtype.isnative:  # big-endian .npy
+            arr = arr.byteswap(inplace=True).view(dtype.newbyteorder("="))
+        return arr
 
 
 @dataclass(eq=False)
@@ -182,13 +191,9 @@ class Source:
             return
         if self._fd is None:
             raise RuntimeError("source is not open")
-        itemsize = dtype.itemsize
         pieces = self._raw_pieces(entry, buf) if entry._method == "raw" else self._inflate_pieces(entry, buf)
         for nbytes in pieces:
-            arr = buf.array(dtype, nbytes // itemsize)
-            if not dtype.isnative:  # big-endian .npy: swap in our own buffer
-                arr = arr.byteswap(inplace=True).view(dtype.newbyteorder("="))
-            yield arr
+            yield buf.array(dtype, nbytes // dtype.itemsize)
 
     # Each generator below fills ``buf`` from its start and yields the byte count.
 
@@ -203,8 +208,7 @@ class Source:
                 crc = zlib.crc32(buf.view[:k], crc)
             yield k
             pos += k
-        if entry._crc is not None and crc != entry._crc:
-            raise InputError(self.path, f"member {entry.name + '.npy'!r}: CRC-32 mismatch (the data is corrupt)")
+        entry.verify_crc(crc)
 
     def _inflate_pieces(self, entry: TensorEntry, buf: ChunkBuffer) -> Iterator[int]:
         """Stream a deflated .npy member: skip its header, yield element-aligned fills."""
@@ -229,8 +233,7 @@ class Source:
                     fill = 0
         if want:
             raise InputError(self.path, f"member {entry.name + '.npy'!r}: compressed data ends early")
-        if crc != entry._crc:
-            raise InputError(self.path, f"member {entry.name + '.npy'!r}: CRC-32 mismatch (the data is corrupt)")
+        entry.verify_crc(crc)
 
 
 def _inflate(fd: int, entry: TensorEntry, path: str) -> Iterator[bytes]:
