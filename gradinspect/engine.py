@@ -17,9 +17,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .loaders import ChunkBuffer, Source, TensorEntry, _pread_into
 import numpy as np
 
+from .loaders import ChunkBuffer, Source, TensorEntry, _pread_into
 from .norms import CHUNK, SMALL, Reducer, Stats, combine
 
 __all__ = ["default_jobs", "reduce_entries", "crc32_combine"]
