@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .report import CheckReport, Finding, NormsReport
+from .report import _fmt as _g
+from .report import norm_label as _label
 
 __all__ = ["Rules", "evaluate", "RULE_IDS"]
 
@@ -44,20 +46,6 @@ class Rules:
             "max_tensor_norm": self.max_tensor_norm is not None,
         }
         return tuple(r for r in RULE_IDS if on[r])
-
-
-def _g(x: float) -> str:
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.6g}"
-
-
-def _label(p: float) -> str:
-    if math.isinf(p):
-        return "L∞"
-    return f"L{int(p)}" if p in (1.0, 2.0) else f"L{p:g}"
 
 
 def evaluate(report: NormsReport, rules: Rules) -> CheckReport:

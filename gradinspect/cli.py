@@ -305,7 +305,7 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
 
     ctx = click.get_current_context()
     path = config_file or find_config()
-    settings = load_check_config(path, required=bool(config_file)) if path else {}
+    settings = load_check_config(path) if path else {}
     if "format" in settings:
         if settings["format"] not in formats.names("check"):
             raise ConfigError(path, f"[tool.gradinspect.check] format must be one of {', '.join(formats.names('check'))}")
@@ -371,7 +371,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude)
-    _warn([f"skipped {s.name} ({s.source}): {s.reason}" for s in report.skipped])
+    _warn([s.warning() for s in report.skipped])
     _emit(fmt, "diff", report)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 

@@ -152,14 +152,12 @@ def find_config(start: str | os.PathLike[str] | None = None) -> Path | None:
     return None
 
 
-def load_check_config(path: str | os.PathLike[str], *, required: bool = True) -> dict[str, Any]:
+def load_check_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``[tool.gradinspect.check]`` settings of ``path``."""
     path = Path(path)
     table = _table(_read(path))
     if table is None:
-        if required:
-            raise ConfigError(path, "no [tool.gradinspect.check] table")
-        return {}
+        raise ConfigError(path, "no [tool.gradinspect.check] table")
     if not isinstance(table, dict):
         raise ConfigError(path, "tool.gradinspect.check is not a table")
     out: dict[str, Any] = {}

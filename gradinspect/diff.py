@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .norms import CHUNK, Reducer, Stats, combine, to_float64
+from .norms import CHUNK, Reducer, Stats, _ldexp, combine, to_float64
 
 __all__ = ["Dot", "PairStats", "PairReducer", "combine_pairs"]
 
@@ -38,8 +38,8 @@ def combine_dots(parts: Iterable[Dot]) -> Dot:
 
 
 def _l2_ratio(x: Stats, y: Stats) -> float:
-    """‖x‖₂ / ‖y‖₂ without overflow."""
-    return math.ldexp(math.sqrt(x.s2), x.exp - y.exp) / math.sqrt(y.s2)
+    """‖x‖₂ / ‖y‖₂ without overflow (inf or 0 where the ratio itself leaves the float range)."""
+    return _ldexp(math.sqrt(x.s2), x.exp - y.exp) / math.sqrt(y.s2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +71,7 @@ class PairStats:
         za, zb = self.a.s2 == 0.0, self.b.s2 == 0.0
         if za or zb:
             return 1.0 if za and zb else 0.0
-        num = math.ldexp(self.dot.s, self.dot.exp - self.a.exp - self.b.exp)
+        num = _ldexp(self.dot.s, self.dot.exp - self.a.exp - self.b.exp)
         c = num / math.sqrt(self.a.s2) / math.sqrt(self.b.s2)
         return max(-1.0, min(1.0, c))
 
@@ -123,4 +123,5 @@ class PairReducer:
         eb = math.frexp(sb.linf)[1] if sb.linf else 0
         np.ldexp(x, -ea, out=x)
         np.ldexp(y, -eb, out=y)
-        return PairStats(sa, sb, sd, Dot(ea + eb, float(np.dot(x, y))))
+        # numpy's pairwise sum, not a BLAS dot, as in norms: the same bits on every machine
+        return PairStats(sa, sb, sd, Dot(ea + eb, float(np.add.reduce(np.multiply(x, y, out=x)))))

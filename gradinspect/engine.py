@@ -37,11 +37,12 @@ def default_jobs() -> int:
 
 @dataclass(frozen=True)
 class _Item:
-    kind: str  # raw | array | stream | batch
+    kind: str  # raw | array | stream | batch (small raw tensors) | array-batch (small arrays)
     entries: tuple[int, ...]  # indices into the entries list (several for a batch)
     part: int  # chunk number within the entry
     offset: int  # raw/batch: file offset; array: element offset
-    size: int  # raw/batch: bytes; array: elements
+    size: int  # raw/batch: bytes read; array: elements
+    nbytes: int  # tensor bytes this item covers, for progress
 
 
 class _Worker:
@@ -64,7 +65,8 @@ def _plan(entries: Sequence[TensorEntry], chunk: int) -> list[_Item]:
         if batch:
             first, last = entries[batch[0]], entries[batch[-1]]
             kind = "batch" if first._method == "raw" else "array-batch"
-            items.append(_Item(kind, tuple(batch), 0, first._offset, last._offset + last.nbytes - first._offset))
+            items.append(_Item(kind, tuple(batch), 0, first._offset, last._offset + last.nbytes - first._offset,
+                               sum(entries[i].nbytes for i in batch)))
         batch, batch_elems = [], 0
 
     span_limit = chunk * 8  # a batch's bytes, gaps included, fit one read buffer
@@ -88,12 +90,14 @@ def _plan(entries: Sequence[TensorEntry], chunk: int) -> list[_Item]:
         flush()
         if t._method == "raw":
             step = chunk * t._np_dtype.itemsize  # type: ignore[union-attr]
-            items += [_Item("raw", (i,), k, t._offset + pos, min(step, t.nbytes - pos))
+            items += [_Item("raw", (i,), k, t._offset + pos, min(step, t.nbytes - pos), min(step, t.nbytes - pos))
                       for k, pos in enumerate(range(0, t.nbytes, step))]
         elif t._method == "array":
-            items += [_Item("array", (i,), k, pos, min(chunk, t.numel - pos)) for k, pos in enumerate(range(0, t.numel, chunk))]
+            size = t._np_dtype.itemsize  # type: ignore[union-attr]
+            items += [_Item("array", (i,), k, pos, min(chunk, t.numel - pos), min(chunk, t.numel - pos) * size)
+                      for k, pos in enumerate(range(0, t.numel, chunk))]
         else:  # a compressed stream can only be read in order: one item
-            items.append(_Item("stream", (i,), 0, 0, 0))
+            items.append(_Item("stream", (i,), 0, 0, 0, t.nbytes))
     flush()
     return items
 
@@ -112,7 +116,6 @@ def reduce_entries(
     for it in items:
         for i in it.entries:
             parts[i].append(None)
-    scratch = src.kind != "memory"
 
     def work(w: _Worker, n: int) -> None:
         it = items[n]
@@ -123,12 +126,12 @@ def reduce_entries(
             _pread_into(src._fd, view, it.offset, src.path)  # type: ignore[arg-type]
             crc = zlib.crc32(view) if t._crc is not None else None
             x = w.buf.array(dtype, it.size // dtype.itemsize)
-            parts[it.entries[0]][it.part] = (w.reducer.reduce(x, scratch), crc)
+            parts[it.entries[0]][it.part] = (w.reducer.reduce(x, scratch=True), crc)  # our buffer
         elif it.kind == "array":
             x = t._array[it.offset : it.offset + it.size]
             parts[it.entries[0]][it.part] = (w.reducer.reduce(x), None)
         elif it.kind == "stream":
-            st = combine((w.reducer.reduce(x, scratch) for x in src.chunks(t, w.buf)), p)
+            st = combine((w.reducer.reduce(x, scratch=True) for x in src.chunks(t, w.buf)), p)
             parts[it.entries[0]][0] = (st, None)
         elif it.kind == "batch":
             _batch(src, entries, it, w, parts)
@@ -138,20 +141,21 @@ def reduce_entries(
             for i, st in zip(it.entries, w.reducer.reduce_segments(x, [a.size for a in arrays])):
                 parts[i][0] = (st, None)
         if progress is not None:
-            progress(sum(entries[i].nbytes for i in it.entries) if it.kind != "raw" and it.kind != "array"
-                     else (it.size if it.kind == "raw" else it.size * dtype.itemsize))
+            progress(it.nbytes)
 
     _run(items, work, p, chunk, jobs)
 
     out: list[Stats] = []
-    for t, mine in zip(entries, parts):
-        out.append(combine((s for s, _ in mine), p) if mine else Stats(p=p))
-        crcs = [c for _, c in mine]
-        if t._method == "raw" and t._crc is not None and t.numel > SMALL:
+    chunk_crcs: dict[int, list[tuple[int, int]]] = {}  # entry -> [(crc, bytes)] of its raw chunks
+    for it in items:
+        if it.kind == "raw":
+            chunk_crcs.setdefault(it.entries[0], []).append((parts[it.entries[0]][it.part][1], it.size))
+    for i, (t, mine) in enumerate(zip(entries, parts)):
+        out.append(combine((s for s, _ in mine), p))
+        if t._crc is not None and i in chunk_crcs:  # stored npz member read chunk by chunk
             crc = t._crc_head
-            step = chunk * t._np_dtype.itemsize  # type: ignore[union-attr]
-            for k, c in enumerate(crcs):
-                crc = crc32_combine(crc, c, min(step, t.nbytes - k * step))
+            for c, n in chunk_crcs[i]:
+                crc = crc32_combine(crc, c, n)
             t.verify_crc(crc)
     return out
 

@@ -34,10 +34,8 @@ __all__ = [
     "open_source",
     "open_paths",
     "array_source",
-    "SUFFIXES",
 ]
 
-SUFFIXES = (".safetensors", ".npz", ".npy")
 INDEX_SUFFIX = ".index.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _MAX_ST_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's limit
@@ -266,7 +264,7 @@ def _open_fd(path: str) -> int:
 
 
 def _os_problem(e: OSError) -> str:
-    return (e.strerror or str(e)).lower() if e.strerror else str(e)
+    return e.strerror.lower() if e.strerror else str(e)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
@@ -365,7 +363,7 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
             raise InputError(path, f"tensor {name!r}: shape {shape} of {st_dtype} needs {expected} bytes, but data_offsets span {end - begin}")
         if end > data_size:
             raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end} of the data, past the end of the file (the data holds {data_size} bytes): truncated?")
-        reason = _REASONS.get(st_dtype) or _skip_reason(dtype_name, np_dtype)
+        reason = _REASONS[st_dtype] if st_dtype in _REASONS else _skip_reason(dtype_name, np_dtype)
         tensors.append(TensorEntry(name, path, dtype_name, tuple(shape), numel, end - begin,
                                    reason or None, np_dtype, data_start + begin))
     tensors.sort(key=lambda t: (t._offset, t._offset + t.nbytes))

@@ -90,6 +90,11 @@ def norm_type_label(p: float) -> int | float | str:
     return p
 
 
+def general_p(p: float) -> bool:
+    """True for a p other than 1, 2 and inf, whose p-norm is computed on its own."""
+    return _general_p(p)
+
+
 def _general_p(p: float) -> bool:
     return not (p == 1.0 or p == 2.0 or math.isinf(p))
 
@@ -193,10 +198,10 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     parts = list(parts)
     if p is None:
         p = parts[0].p if parts else 2.0
-    if len(parts) == 1 and (parts[0].p == p or not _general_p(p)):
+    if len(parts) == 1 and parts[0].p == p:
         return parts[0]
     for s in parts:
-        if s.p != p and _general_p(p):
+        if s.p != p and (_general_p(p) or _general_p(s.p)) and s.numel:
             raise ValueError(f"cannot combine statistics for p={s.p} with p={p}")
     numel = sum(s.numel for s in parts)
     nan = sum(s.nan for s in parts)

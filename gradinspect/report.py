@@ -86,6 +86,9 @@ class Skipped:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "dtype": self.dtype, "reason": self.reason}
 
+    def warning(self) -> str:
+        return f"skipped {self.name} ({self.source}): {self.reason}"
+
 
 @dataclass(frozen=True)
 class Totals:
@@ -160,13 +163,9 @@ class NormsReport:
     shards: str | None = None
     notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
 
-    @property
-    def nonfinite_rows(self) -> tuple[TensorNorms, ...]:
-        return tuple(t for t in self.tensors if t.nonfinite)
-
     def input_warnings(self) -> list[str]:
         """Warnings about the input: skipped tensors, replicas that differ."""
-        return [f"skipped {s.name} ({s.source}): {s.reason}" for s in self.skipped] + list(self.notes)
+        return [s.warning() for s in self.skipped] + list(self.notes)
 
     def warnings(self) -> list[str]:
         """Human-readable warnings: :meth:`input_warnings`, non-finite values, a non-finite clip."""
@@ -197,9 +196,19 @@ class NormsReport:
 
 
 def _fmt(x: float) -> str:
+    """A number for a message: six significant digits, ``NaN``, ``inf``."""
     if math.isnan(x):
         return "NaN"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
     return f"{x:.6g}"
+
+
+def norm_label(p: float) -> str:
+    """``L1``, ``L2``, ``L∞`` or ``L3.5``."""
+    if math.isinf(p):
+        return "L∞"
+    return f"L{int(p)}" if p in (1.0, 2.0) else f"L{p:g}"
 
 
 # --- gradinspect check ---------------------------------------------------------

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..clip import DEFAULT_EPS
+from ..norms import general_p
+from ..report import norm_label
+
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
 
@@ -72,12 +76,6 @@ def middle_elide(text: str, width: int) -> str:
     return text[:start] + "…" + text[start + cut:]
 
 
-def norm_label(p: float) -> str:
-    if math.isinf(p):
-        return "L∞"
-    return f"L{int(p)}" if p in (1.0, 2.0) else f"L{p:g}"
-
-
 def summary(report: Any) -> list[tuple[str, str]]:
     """(label, value) lines below the table."""
     t, c = report.total, report.clip
@@ -99,14 +97,14 @@ def summary(report: Any) -> list[tuple[str, str]]:
         ("global L∞", num(t.linf, 8)),
     ]
     p = report.norm_type
-    if not (p in (1.0, 2.0) or math.isinf(p)):
+    if general_p(p):
         lines.append((f"global {norm_label(p)}", num(t.norm, 8)))
     if t.nonfinite:
         lines.append(("non-finite", f"{t.nan:,} NaN, {t.inf:,} inf"))
     by = "" if p == 2.0 else f" (of the {norm_label(p)} norm)"
     lines += [
         ("max_norm", num(c.max_norm, 8)),
-        ("clip coef", num(c.coef, 8) + by + (f", eps {num(c.eps)}" if c.eps != 1e-6 else "")),
+        ("clip coef", num(c.coef, 8) + by + (f", eps {num(c.eps)}" if c.eps != DEFAULT_EPS else "")),
         ("clipped", "yes" if c.clipped else "no"),
         ("norm after clip", num(c.norm_after, 8)),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from . import RenderOptions
+from ..norms import general_p
 from ._human import bar, diff_summary, dtypes, shard_columns, nonfinite, norm_label, num, percent, shape, summary
 
 
@@ -36,7 +37,7 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 
 def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
-    lp = report.norm_type not in (1.0, 2.0) and report.norm_type != float("inf")
+    lp = general_p(report.norm_type)
     extra = shard_columns(report)
     head = (["#", "tensor", "shape", "dtype", "L2", "L1", "L∞"] + ([norm_label(report.norm_type)] if lp else [])
             + ["share"] + [h for h, _ in extra] + ["NaN/inf"])

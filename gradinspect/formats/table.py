@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import RenderOptions
+from ..norms import general_p
 from ._human import bar, diff_summary, shard_columns, dtypes, middle_elide, nonfinite, norm_label, num, percent, shape, size, summary
 
 _BAR = 6
@@ -64,7 +65,7 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 def _norms(con: Console, report: Any) -> None:
     p = report.norm_type
-    lp = not (p in (1.0, 2.0) or math.isinf(p))
+    lp = general_p(p)
     any_bad = any(r.nonfinite for r in report.tensors)
     cols: list[tuple[str, str]] = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"),
                                    ("L2", "right"), ("L1", "right"), ("L∞", "right")]
