@@ -69,25 +69,21 @@ def _norm_type(v: Any) -> float:
         raise TypeError('1, 2, "inf" or a number > 0') from None
 
 
-def _share(v: Any) -> float:
-    x = _number(v)
-    if not 0.0 <= x <= 1.0:
-        raise TypeError("a number from 0 to 1")
-    return x
+def _within(ok: Callable[[float], bool], what: str) -> Callable[[Any], float]:
+    """A validator of finite numbers for which ``ok`` holds."""
+
+    def check(v: Any) -> float:
+        x = _number(v)
+        if not ok(x):
+            raise TypeError(what)
+        return x
+
+    return check
 
 
-def _positive(v: Any) -> float:
-    x = _number(v)
-    if not 0.0 < x < math.inf:
-        raise TypeError("a finite number > 0")
-    return x
-
-
-def _non_negative(v: Any) -> float:
-    x = _number(v)
-    if not 0.0 <= x < math.inf:
-        raise TypeError("a finite number >= 0")
-    return x
+_share = _within(lambda x: 0.0 <= x <= 1.0, "a number from 0 to 1")
+_positive = _within(lambda x: x > 0.0, "a finite number > 0")
+_non_negative = _within(lambda x: x >= 0.0, "a finite number >= 0")
 
 
 def _string(v: Any) -> str:
