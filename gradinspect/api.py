@@ -184,6 +184,7 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
     records: list[_Record] = []
     warnings: list[str] = []
     src_of = {s.path: s for s in sources}
+    tools: _PairTools | None = None
     for name, copies in by_name.items():
         t0, s0 = copies[0]
         if len(copies) == 1:
@@ -206,7 +207,8 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
             warnings.append(f"copies of {name} hold NaN/inf values: their difference is undefined")
             s0 = bad[0]
         else:
-            worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t).d.linf for t, _ in copies[1:])
+            tools = tools or _PairTools.make()
+            worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t, tools).d.linf for t, _ in copies[1:])
             if worst != 0.0:
                 warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
         records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), worst))
@@ -217,12 +219,26 @@ def _order(t: TensorEntry) -> str:
     return "Fortran (column-major)" if t._fortran else "C (row-major)"
 
 
-def _pair_stats(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, reducer: Any = None) -> Any:
-    """PairStats of two tensors of the same shape, streamed chunk by chunk."""
-    from .diff import PairReducer, combine_pairs
+class _PairTools(NamedTuple):
+    """A pair reducer and its two read buffers, made once and reused for every pair."""
 
-    reducer = reducer or PairReducer()
-    buf_a, buf_b = ChunkBuffer(reducer.chunk), ChunkBuffer(reducer.chunk)
+    reducer: Any
+    buf_a: ChunkBuffer
+    buf_b: ChunkBuffer
+
+    @classmethod
+    def make(cls) -> _PairTools:
+        from .diff import PairReducer
+
+        reducer = PairReducer()
+        return cls(reducer, ChunkBuffer(reducer.chunk), ChunkBuffer(reducer.chunk))
+
+
+def _pair_stats(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, tools: _PairTools) -> Any:
+    """PairStats of two tensors of the same shape, streamed chunk by chunk."""
+    from .diff import combine_pairs
+
+    reducer, buf_a, buf_b = tools
     with sa, sb:
         ga, gb = sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)
         parts = [reducer.reduce(ca, cb) for ca, cb in zip(ga, gb)]
@@ -383,7 +399,7 @@ def diff(
     ``rtol`` or ``atol`` is given; the other counts as 0) or when
     ``cosine < min_cosine``.
     """
-    from .diff import PairReducer, combine_pairs
+    from .diff import combine_pairs
 
     for name, v in (("rtol", rtol), ("atol", atol)):
         if v is not None and not 0 <= v < math.inf:
@@ -422,11 +438,11 @@ def diff(
             else:
                 pairs.append((sa, ta, sb, tb))
     only_b = [n for n in where_b if n not in names_a]
-    reducer = PairReducer()
+    tools = _PairTools.make()
     rows: list[DiffRow] = []
     stats = []
     for sa, ta, sb, tb in pairs:
-        ps = _pair_stats(sa, ta, sb, tb, reducer)
+        ps = _pair_stats(sa, ta, sb, tb, tools)
         if progress is not None:
             progress(ta.nbytes + tb.nbytes)
         stats.append(ps)
