@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -51,7 +52,8 @@ def inspect(
     eps: float = DEFAULT_EPS,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
-    group_by: int | None = None,
+    group_by: int | str | None = None,
+    group_sep: str = ".",
     sort: str = "share",
     top: int | None = None,
     progress: Progress | None = None,
@@ -75,11 +77,12 @@ def inspect(
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
     """
     p = parse_norm_type(norm_type)
-    _check_options(max_norm, eps, sort, top, group_by)
+    _check_options(max_norm, eps, sort, top, group_by, group_sep)
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
     sources = open_paths(_paths(paths), allow_repeats=shards is not None)
-    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards)
+    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards,
+                   group_sep=group_sep)
 
 
 def compute_norms(
@@ -90,18 +93,21 @@ def compute_norms(
     eps: float = DEFAULT_EPS,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
-    group_by: int | None = None,
+    group_by: int | str | None = None,
+    group_sep: str = ".",
     sort: str = "share",
     top: int | None = None,
 ) -> NormsReport:
     """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` where an array
     is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
     p = parse_norm_type(norm_type)
-    _check_options(max_norm, eps, sort, top, group_by)
-    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1)
+    _check_options(max_norm, eps, sort, top, group_by, group_sep)
+    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1,
+                   group_sep=group_sep)
 
 
-def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | None) -> None:
+def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | str | None,
+                   group_sep: str = ".") -> None:
     if not max_norm > 0 or math.isinf(max_norm):
         raise ValueError(f"max_norm must be a finite number > 0, not {max_norm}")
     if not eps >= 0 or math.isinf(eps):
@@ -110,8 +116,9 @@ def _check_options(max_norm: float, eps: float, sort: str, top: int | None, grou
         raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
     if top is not None and top < 0:
         raise ValueError(f"top must be >= 0, not {top}")
-    if group_by is not None and group_by < 1:
-        raise ValueError(f"group_by must be >= 1, not {group_by}")
+    compile_group_by(group_by)
+    if not isinstance(group_sep, str) or not group_sep:
+        raise ValueError(f"group_sep must be a non-empty string, not {group_sep!r}")
 
 
 def select(include: Iterable[str] = (), exclude: Iterable[str] = ()) -> Callable[[str], bool]:
@@ -257,12 +264,13 @@ def _report(
     eps: float,
     include: Iterable[str],
     exclude: Iterable[str],
-    group_by: int | None,
+    group_by: int | str | None,
     sort: str,
     top: int | None,
     progress: Progress | None,
     jobs: int | None,
     shards: str | None = None,
+    group_sep: str = ".",
 ) -> NormsReport:
     results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
     records, warnings = _merge(results, shards, sources, p)
@@ -272,8 +280,9 @@ def _report(
     # Shares are fractions of the global Σx²; when NaN/Inf make that undefined,
     # finite tensors get their fraction of the finite tensors' Σx² instead.
     base = combine((r.stats for r in records if not r.stats.nonfinite), p) if total.nonfinite else total
-    if group_by:
-        rows = _group_rows(records, base, group_by)
+    by = compile_group_by(group_by)
+    if by is not None:
+        rows = _group_rows(records, base, by, group_sep)
     else:
         rows = [_row(r, base) for r in records]
     rows = sort_rows(rows, sort)
@@ -293,6 +302,7 @@ def _report(
         metadata={s.path: s.metadata for s in sources if s.metadata},
         omitted=omitted,
         group_by=group_by,
+        group_sep=group_sep if group_by is not None else None,
         shards=shards,
         notes=tuple(warnings),
     )
@@ -305,15 +315,41 @@ def _row(r: _Record, base: Stats, name: str | None = None, members: int = 1) -> 
                        s.nan, s.inf, members, r.replica_diff, r.pieces)
 
 
-def group_name(name: str, depth: int) -> str:
-    """The first ``depth`` dot-separated parts of a tensor name."""
-    return ".".join(name.split(".")[:depth])
+def group_name(name: str, by: int | str | re.Pattern[str], sep: str = ".") -> str:
+    """The group of a tensor name.
+
+    ``by`` an integer N: the first N ``sep``-separated parts of the name.
+    ``by`` a regular expression (searched in the name): the text of its
+    capturing groups that matched, joined by ``sep``, or the whole match when
+    it has none; a name it does not match is a group of its own.
+    """
+    if isinstance(by, int):
+        return sep.join(name.split(sep)[:by])
+    m = re.search(by, name)
+    if m is None:
+        return name
+    key = sep.join(g for g in m.groups() if g) if m.re.groups else m.group(0)
+    return key or name
 
 
-def _group_rows(records: list[_Record], base: Stats, depth: int) -> list[TensorNorms]:
+def compile_group_by(group_by: int | str | None) -> int | re.Pattern[str] | None:
+    """``group_by`` checked: an integer >= 1, a regular expression, or None."""
+    if group_by is None or isinstance(group_by, int):
+        if group_by is not None and (isinstance(group_by, bool) or group_by < 1):
+            raise ValueError(f"group_by must be an integer >= 1 or a regular expression, not {group_by!r}")
+        return group_by
+    if not isinstance(group_by, str) or not group_by:
+        raise ValueError(f"group_by must be an integer >= 1 or a regular expression, not {group_by!r}")
+    try:
+        return re.compile(group_by)
+    except re.error as e:
+        raise ValueError(f"group_by {group_by!r} is not a valid regular expression ({e})") from None
+
+
+def _group_rows(records: list[_Record], base: Stats, by: int | re.Pattern[str], sep: str) -> list[TensorNorms]:
     groups: dict[str, list[_Record]] = {}
     for r in records:
-        groups.setdefault(group_name(r.name, depth), []).append(r)
+        groups.setdefault(group_name(r.name, by, sep), []).append(r)
     rows = []
     for key, members in groups.items():
         if len(members) == 1:

@@ -39,6 +39,24 @@ class NormType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class GroupBy(click.ParamType):
+    """``--group-by``: an integer depth, or a regular expression."""
+
+    name = "N|REGEX"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        from .api import compile_group_by
+
+        if isinstance(value, int):
+            return value
+        by: int | str = int(value) if value.isdigit() else value
+        try:
+            compile_group_by(by)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return by
+
+
 class GradInspectGroup(click.Group):
     """Turns every :class:`~gradinspect.errors.GradInspectError` into one line and exit 2."""
 
@@ -213,13 +231,17 @@ def _finite(name: str, value: float | None) -> None:
 @click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
               help="Show only N rows (totals still cover every selected tensor).")
 @_selection_options
-@click.option("--group-by", type=click.IntRange(min=1), default=None, metavar="N",
-              help="One row per group of tensors sharing the first N dot-separated name parts.")
+@click.option("--group-by", type=GroupBy(), default=None, metavar="N|REGEX",
+              help="One row per group: tensors sharing the first N name parts (split on --sep), or the text "
+                   "a REGEX captures in the name (its groups joined by --sep, or the whole match; a name it "
+                   "does not match is a row of its own).")
+@click.option("--sep", "group_sep", default=".", show_default=True, metavar="TEXT",
+              help="What --group-by N splits names on (JAX names use /).")
 @_shards_option
 @_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool) -> None:
+          group_by: int | str | None, group_sep: str, shards: str | None, jobs: int | None, quiet: bool) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -232,6 +254,8 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
       gradinspect norms model.safetensors.index.json --top 20
       gradinspect norms grads.npz -p inf --max-norm 0.5
       gradinspect norms 'rank*.safetensors' --group-by 3 --sort name
+      gradinspect norms jax_grads.npz --group-by 2 --sep /
+      gradinspect norms grads.safetensors --group-by '(attn|mlp|wte|wpe|lm_head)'
       gradinspect norms 'fsdp/rank*.safetensors' --shards slices
       gradinspect norms grads.safetensors --include 'layers.*' --exclude '*.bias'
       gradinspect norms grads.safetensors --json | jq '.total.l2'
@@ -242,12 +266,14 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
     if as_json:
         fmt = "json"
+    if not group_sep:
+        raise click.BadParameter("must not be empty", param_hint="--sep")
     _finite("--max-norm", max_norm)
     _finite("--eps", eps)
     with _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+            group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
         )
     _warn(report.warnings(), quiet)
     _emit(fmt, "norms", report)

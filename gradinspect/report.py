@@ -159,9 +159,10 @@ class NormsReport:
     clip: Clip
     metadata: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     omitted: int = 0
-    group_by: int | None = None
+    group_by: int | str | None = None  # an integer depth or a regular expression
     shards: str | None = None
     notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
+    group_sep: str | None = None  # the separator --group-by splits on or joins with
 
     def input_warnings(self) -> list[str]:
         """Warnings about the input: skipped tensors, replicas that differ."""
@@ -185,6 +186,7 @@ class NormsReport:
             "sources": list(self.sources),
             "norm_type": norm_type_label(self.norm_type),
             "group_by": self.group_by,
+            "group_sep": self.group_sep,
             "shards": self.shards,
             "tensors": [t.to_dict() for t in self.tensors],
             "omitted": self.omitted,

@@ -127,6 +127,40 @@ def test_clip_coef(total: float, max_norm: float, eps: float, expected: float) -
     assert clip_coef(total, max_norm, eps) == expected
 
 
+def test_group_by_separator_for_jax_names() -> None:
+    g = {"params/dense_0/kernel": np.full(4, 1.0), "params/dense_0/bias": np.full(1, 2.0),
+         "params/dense_1/kernel": np.full(9, 1.0)}
+    r = gradinspect.compute_norms(g, group_by=2, group_sep="/", sort="name")
+    rows = {t.name: (t.sq, t.members) for t in r.tensors}
+    assert rows == {"params/dense_0": (8.0, 2), "params/dense_1": (9.0, 1)}
+    assert r.to_dict()["group_sep"] == "/" and r.to_dict()["group_by"] == 2
+    # Split on "." these names are one part each: every tensor is a group of its own.
+    assert gradinspect.compute_norms(g, group_by=2).total.tensors == 3
+    assert len(gradinspect.compute_norms(g, group_by=2).tensors) == 3
+
+
+def test_group_by_regex() -> None:
+    # A capturing group names the group; a name it does not match is a row of its own.
+    r = gradinspect.compute_norms(_g(), group_by=r"\.(attn|mlp)\.", sort="name")
+    rows = {t.name: (t.sq, t.members) for t in r.tensors}
+    assert rows == {"attn": (13.0, 2), "mlp": (36.0, 2), "lm_head.weight": (4.5, 1)}
+    assert r.total.sq == 53.5 and r.to_dict()["group_by"] == r"\.(attn|mlp)\."
+    # Several capturing groups are joined by the separator; without one, the whole match.
+    r = gradinspect.compute_norms(_g(), group_by=r"layers\.(\d+)\.(attn|mlp)", group_sep="/", sort="name")
+    assert [t.name for t in r.tensors] == ["0/attn", "0/mlp", "1/attn", "1/mlp", "lm_head.weight"]
+    r = gradinspect.compute_norms(_g(), group_by=r"layers\.\d+", sort="name")
+    assert {t.name: t.members for t in r.tensors} == {"layers.0": 2, "layers.1": 2, "lm_head.weight": 1}
+
+
+def test_group_by_rejects_bad_values() -> None:
+    for bad, match in ((0, "group_by must be"), (True, "group_by must be"), ("(", "not a valid regular expression"),
+                       ("", "group_by must be")):
+        with pytest.raises(ValueError, match=match):
+            gradinspect.compute_norms(_g(), group_by=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="group_sep must be"):
+        gradinspect.compute_norms(_g(), group_by=2, group_sep="")
+
+
 def test_clip_coef_nan() -> None:
     assert math.isnan(clip_coef(math.nan, 1.0))
     assert math.isnan(clip_coef(math.nan, 1.0, 0.0))

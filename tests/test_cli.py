@@ -153,6 +153,18 @@ def test_sort_top_include_exclude_group_by(grads: Path) -> None:
     assert doc["total"]["tensors"] == 3
 
 
+
+def test_group_by_regex_and_sep(grads: Path) -> None:
+    doc = strict_json(run("norms", grads, "--json", "--group-by", r"layers\.(\d+)", "--sort", "name").stdout)
+    assert [t["name"] for t in doc["tensors"]] == ["0", "1", "model.norm.weight"]
+    assert doc["group_by"] == r"layers\.(\d+)" and doc["group_sep"] == "."
+    r = run("norms", grads, "--group-by", "2", "--sep", "layers")
+    assert r.exit_code == 0 and "(--group-by 2 --sep layers)" in r.stdout
+    for args, match in ((("--group-by", "("), "not a valid regular expression"), (("--group-by", "0"), "group_by must be"),
+                        (("--sep", ""), "must not be empty")):
+        r = run("norms", grads, *args)
+        assert r.exit_code == 2 and match in r.stderr and r.stdout == ""
+
 def test_several_paths_are_one_gradient_set(tmp_path: Path) -> None:
     save_file({"a": np.array([3.0])}, str(tmp_path / "r0.safetensors"))
     np.savez(tmp_path / "r1.npz", b=np.array([4.0]))

@@ -83,7 +83,9 @@ def summary(report: Any) -> list[tuple[str, str]]:
     rows_word = "groups" if report.group_by else "tensors"
     tensors = f"{t.tensors:,}"
     if report.group_by:
-        tensors += f" in {shown + report.omitted:,} groups (--group-by {report.group_by})"
+        how = f"--group-by {report.group_by}" if report.group_sep == "." else \
+            f"--group-by {report.group_by} --sep {report.group_sep}"
+        tensors += f" in {shown + report.omitted:,} groups ({how})"
     if report.omitted:
         tensors += f", {shown:,} {rows_word} shown (--top)"
     if report.skipped:
