@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -158,6 +159,28 @@ def tensor_stats(
     return results, skipped
 
 
+def _where(sources: Sequence[Source]) -> str:
+    """The first source's path, and how many more there are."""
+    more = len(sources) - 1
+    return sources[0].path + (f" (and {more} more file{'s' if more != 1 else ''})" if more else "")
+
+
+def require_floats(sources: Sequence[Source], chosen: Callable[[TensorEntry], bool]) -> None:
+    """Raise InputError unless ``chosen`` picks a floating-point tensor: a gate that checked nothing must not pass."""
+    every = [t for s in sources for t in s.tensors]
+    picked = [t for t in every if chosen(t)]
+    if any(t.is_float for t in picked):
+        return
+    where = _where(sources)
+    if not every:
+        raise InputError(where, "no tensors")
+    if not picked:
+        raise InputError(where, f"--include/--exclude matched none of the {len(every)} tensors")
+    seen = ", ".join(f"{d} x{n}" for d, n in Counter(t.dtype for t in picked).items())
+    which = "every tensor" if len(picked) == len(every) else "every selected tensor"
+    raise InputError(where, f"no floating-point tensor: {which} was skipped (dtypes seen: {seen})")
+
+
 class _Record(NamedTuple):
     """A tensor after --shards merging: one file's tensor, or the pieces/copies of one name."""
 
@@ -264,6 +287,8 @@ def _report(
     jobs: int | None,
     shards: str | None = None,
 ) -> NormsReport:
+    chosen = select(include, exclude)
+    require_floats(sources, lambda t: chosen(t.name))
     results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
     records, warnings = _merge(results, shards, sources, p)
     if shards:
@@ -409,6 +434,8 @@ def diff(
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
     srcs_a, srcs_b = open_paths(_paths(a)), open_paths(_paths(b))
     chosen = select(include, exclude)
+    for srcs in (srcs_a, srcs_b):
+        require_floats(srcs, lambda t: chosen(t.name))
     where_b = {t.name: (s, t) for s in srcs_b for t in s.tensors if chosen(t.name)}
     names_a: set[str] = set()
     skipped: list[Skipped] = []

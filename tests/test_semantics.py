@@ -1,0 +1,105 @@
+"""Gates that must not give confident wrong answers: nothing checked, tied weights,
+replicas that disagree, a diff with nothing in common."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from safetensors.numpy import save_file
+
+import gradinspect
+from gradinspect import api
+from gradinspect.cli import cli
+from gradinspect.errors import InputError
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
+
+
+def _save(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    save_file(tensors, str(path))
+    return path
+
+
+# --- 1. a gate that checked nothing ----------------------------------------------
+
+
+@pytest.fixture
+def nan_file(tmp_path: Path) -> Path:
+    return _save(tmp_path / "nan.safetensors", {"enc.weight": np.full(4, np.nan, np.float32),
+                                                "enc.bias": np.full(2, np.nan, np.float32)})
+
+
+@pytest.fixture
+def ints_file(tmp_path: Path) -> Path:
+    return _save(tmp_path / "ints.safetensors", {"a": np.ones(2, np.int64), "b": np.ones(3, np.int64),
+                                                 "c": np.ones(1, np.int64), "m": np.ones(2, bool)})
+
+
+@pytest.mark.parametrize("command", ["norms", "check"])
+def test_selection_of_nothing_is_an_input_error(command: str, nan_file: Path) -> None:
+    r = run(command, nan_file, "--include", "layer*")
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    assert r.stderr == f"Error: {nan_file}: --include/--exclude matched none of the 2 tensors\n"
+    r = run(command, nan_file, "--exclude", "enc.*")
+    assert r.exit_code == 2 and "matched none of the 2 tensors" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["norms", "check"])
+def test_no_floating_tensor_is_an_input_error(command: str, ints_file: Path) -> None:
+    r = run(command, ints_file)
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    assert r.stderr == (f"Error: {ints_file}: no floating-point tensor: every tensor was skipped "
+                        "(dtypes seen: int64 x3, bool x1)\n")
+    r = run(command, ints_file, "--include", "a", "--include", "m")
+    assert r.exit_code == 2
+    assert "every selected tensor was skipped (dtypes seen: int64 x1, bool x1)" in r.stderr
+
+
+def test_diff_each_side_must_select_a_float_tensor(nan_file: Path, ints_file: Path, tmp_path: Path) -> None:
+    good = _save(tmp_path / "good.safetensors", {"enc.weight": np.ones(4, np.float32)})
+    r = run("diff", good, ints_file)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"Error: {ints_file}: no floating-point tensor: every tensor was skipped")
+    r = run("diff", ints_file, good)
+    assert r.exit_code == 2 and r.stderr.startswith(f"Error: {ints_file}: no floating-point tensor")
+    r = run("diff", good, nan_file, "--include", "layer*")
+    assert r.exit_code == 2
+    assert r.stderr == f"Error: {good}: --include/--exclude matched none of the 1 tensors\n"
+
+
+def test_library_raises_the_same(nan_file: Path, ints_file: Path) -> None:
+    with pytest.raises(InputError, match="matched none of the 2 tensors"):
+        gradinspect.inspect(nan_file, include=["layer*"])
+    with pytest.raises(InputError, match="matched none of the 2 tensors"):
+        api.check(nan_file, include=["layer*"])
+    with pytest.raises(InputError, match=r"every tensor was skipped \(dtypes seen: int64 x3, bool x1\)"):
+        api.check(ints_file)
+    with pytest.raises(InputError, match="no floating-point tensor"):
+        api.diff(ints_file, nan_file)
+    with pytest.raises(InputError, match="^<memory>: no tensors$"):
+        gradinspect.compute_norms({})
+    with pytest.raises(InputError, match="^<memory>: --include/--exclude matched none of the 1 tensors$"):
+        gradinspect.compute_norms({"w": np.ones(3)}, include=["x*"])
+    with pytest.raises(InputError, match=r"^<memory>: no floating-point tensor: every tensor was skipped"):
+        gradinspect.compute_norms({"step": np.int64(3)})
+
+
+def test_several_files_name_the_first_and_count_the_rest(tmp_path: Path, ints_file: Path) -> None:
+    other = _save(tmp_path / "more.safetensors", {"n": np.ones(2, np.int32)})
+    with pytest.raises(InputError, match=r"ints.safetensors \(and 1 more file\): no floating-point tensor: "
+                                         r"every tensor was skipped \(dtypes seen: int64 x3, bool x1, int32 x1\)"):
+        gradinspect.inspect([ints_file, other])
+
+
+def test_a_selection_that_matches_still_works(nan_file: Path) -> None:
+    r = gradinspect.inspect(nan_file, include=["enc.w*"])
+    assert [t.name for t in r.tensors] == ["enc.weight"]
