@@ -417,12 +417,19 @@ def diff(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     progress: Progress | None = None,
+    strip_prefix: Iterable[str] = (),
+    strip_prefix_a: Iterable[str] = (),
+    strip_prefix_b: Iterable[str] = (),
 ) -> DiffReport:
     """Compare two gradient sets tensor by tensor and as a whole, streaming both.
 
     A tensor fails when ``l2_diff > atol + rtol * max(l2_a, l2_b)`` (when
     ``rtol`` or ``atol`` is given; the other counts as 0) or when
-    ``cosine < min_cosine``.
+    ``cosine < min_cosine``.  With a tolerance, nothing compared fails too.
+
+    Names are matched after removing from each the first matching prefix of
+    ``strip_prefix_a`` (A) or ``strip_prefix_b`` (B), then of ``strip_prefix``
+    (both sides); ``include``/``exclude`` and the report see those names.
     """
     from .diff import combine_pairs
 
@@ -434,47 +441,48 @@ def diff(
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
     srcs_a, srcs_b = open_paths(_paths(a)), open_paths(_paths(b))
     chosen = select(include, exclude)
-    for srcs in (srcs_a, srcs_b):
-        require_floats(srcs, lambda t: chosen(t.name))
-    where_b = {t.name: (s, t) for s in srcs_b for t in s.tensors if chosen(t.name)}
+    both = tuple(strip_prefix)
+    side_a = _named(srcs_a, chosen, (*strip_prefix_a, *both))
+    side_b = _named(srcs_b, chosen, (*strip_prefix_b, *both))
+    where_b = {name: (s, t) for name, s, t in side_b}
     names_a: set[str] = set()
     skipped: list[Skipped] = []
-    pairs: list[tuple[Source, TensorEntry, Source, TensorEntry]] = []
+    pairs: list[tuple[str, Source, TensorEntry, Source, TensorEntry]] = []
     mismatched: list[Mismatch] = []
     only_a: list[str] = []
-    for sa in srcs_a:
-        for ta in sa.tensors:
-            if not chosen(ta.name):
-                continue
-            names_a.add(ta.name)
-            hit = where_b.get(ta.name)
-            if hit is None:
-                only_a.append(ta.name)
-                continue
-            sb, tb = hit
-            if ta.shape != tb.shape:
-                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype, "shapes differ"))
-            elif not ta.is_float and not tb.is_float:  # e.g. a step counter on both sides: not gradients
-                skipped.append(Skipped(ta.name, ta.source, ta.dtype, ta.skip_reason or ""))
-            elif ta.is_float != tb.is_float:
-                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype,
-                                           "one side is not a floating-point tensor"))
-            elif ta._fortran != tb._fortran:
-                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype,
-                                           f"A is in {_order(ta)} order, B in {_order(tb)} order"))
-            else:
-                pairs.append((sa, ta, sb, tb))
+    for name, sa, ta in side_a:
+        names_a.add(name)
+        hit = where_b.get(name)
+        if hit is None:
+            only_a.append(name)
+            continue
+        sb, tb = hit
+        if ta.shape != tb.shape:
+            mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype, "shapes differ"))
+        elif not ta.is_float and not tb.is_float:  # e.g. a step counter on both sides: not gradients
+            skipped.append(Skipped(ta.name, ta.source, ta.dtype, ta.skip_reason or ""))
+        elif ta.is_float != tb.is_float:
+            mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype,
+                                       "one side is not a floating-point tensor"))
+        elif ta._fortran != tb._fortran:
+            mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype,
+                                       f"A is in {_order(ta)} order, B in {_order(tb)} order"))
+        else:
+            pairs.append((name, sa, ta, sb, tb))
     only_b = [n for n in where_b if n not in names_a]
     tools = _PairTools.make()
     rows: list[DiffRow] = []
     stats = []
-    for sa, ta, sb, tb in pairs:
+    for name, sa, ta, sb, tb in pairs:
         ps = _pair_stats(sa, ta, sb, tb, tools)
         if progress is not None:
             progress(ta.nbytes + tb.nbytes)
         stats.append(ps)
-        rows.append(_diff_row(ta.name, ta.shape, ta.dtype, tb.dtype, ps, tol))
-    total = combine_pairs(stats)
+        rows.append(_diff_row(name, ta.shape, ta.dtype, tb.dtype, ps, tol))
+    total = _diff_row(None, None, None, None, combine_pairs(stats), Tolerances())
+    if not rows:  # nothing compared: no global number means anything (JSON: null)
+        nan = math.nan
+        total = DiffRow(None, None, None, None, 0, nan, nan, nan, nan, nan, nan)
     rows.sort(key=lambda r: _desc(r.rel))
     return DiffReport(
         a=tuple(s.path for s in srcs_a),
@@ -483,10 +491,33 @@ def diff(
         only_a=tuple(only_a),
         only_b=tuple(only_b),
         mismatched=tuple(mismatched),
-        total=_diff_row(None, None, None, None, total, Tolerances()),
+        total=total,
         tolerances=tol,
         skipped=tuple(skipped),
     )
+
+
+def _strip(name: str, prefixes: Sequence[str]) -> str:
+    """``name`` without the first of ``prefixes`` it starts with."""
+    for pre in prefixes:
+        if pre and name.startswith(pre):
+            return name[len(pre):]
+    return name
+
+
+def _named(sources: Sequence[Source], chosen: Callable[[str], bool],
+           prefixes: Sequence[str]) -> list[tuple[str, Source, TensorEntry]]:
+    """(compared name, source, tensor) of one diff side's selected tensors, in file order."""
+    out = [(_strip(t.name, prefixes), s, t) for s in sources for t in s.tensors]
+    out = [x for x in out if chosen(x[0])]
+    picked = {id(t) for _, _, t in out}
+    require_floats(sources, lambda t: id(t) in picked)
+    seen: dict[str, TensorEntry] = {}
+    for name, s, t in out:
+        first = seen.setdefault(name, t)
+        if first is not t:
+            raise InputError(s.path, f"--strip-prefix turns both {first.name!r} and {t.name!r} into {name!r}")
+    return out
 
 
 def _diff_row(name: str | None, shape: tuple[int, ...] | None, dtype_a: str | None, dtype_b: str | None,

@@ -340,10 +340,16 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, metavar="C",
               help="A tensor fails when its cosine similarity < C.")
 @click.option("--allow-missing", is_flag=True,
-              help="Different tensor sets or shapes do not fail the comparison.")
+              help="Different tensor sets or shapes do not fail the comparison (nothing compared still does).")
+@click.option("--strip-prefix", multiple=True, metavar="PREFIX",
+              help="Match names without PREFIX (e.g. module.), on both sides; the first matching one is removed "
+                   "(repeatable). --include/--exclude and the report see the stripped names.")
+@click.option("--strip-prefix-a", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for A only.")
+@click.option("--strip-prefix-b", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for B only.")
 @_selection_options
 @_format_option("diff")
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
+         strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
          include: tuple[str, ...], exclude: tuple[str, ...], fmt: str) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
@@ -360,18 +366,23 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
       gradinspect diff rank0.safetensors rank1.safetensors --rtol 1e-6
       gradinspect diff grads_fp32.safetensors grads_bf16.safetensors --min-cosine 0.999
       gradinspect diff golden/ current/ --rtol 1e-5 --format json
+      gradinspect diff ddp_grads.safetensors grads.safetensors --strip-prefix-a module.
 
-    Exit status: without a tolerance, 0 (diff only reports).  With --rtol,
-    --atol or --min-cosine: 1 when a tensor fails or the tensor sets or shapes
-    differ (unless --allow-missing), else 0.  2 on unreadable input or bad usage.
+    Exit status: without a tolerance, 0 (diff only reports; a warning when
+    nothing was compared).  With --rtol, --atol or --min-cosine: 1 when a
+    tensor fails, when nothing was compared, or when the tensor sets or shapes
+    differ (unless --allow-missing), else 0.  2 on unreadable input or bad
+    usage, a side with no floating-point tensor selected, or two names that
+    --strip-prefix makes equal.
     """
     from .api import diff as run_diff
 
     for name, v in (("--rtol", rtol), ("--atol", atol), ("--min-cosine", min_cosine)):
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
-                      include=include, exclude=exclude)
-    _warn([s.warning() for s in report.skipped])
+                      include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
+                      strip_prefix_b=strip_prefix_b)
+    _warn(report.warnings())
     _emit(fmt, "diff", report)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 

@@ -339,11 +339,24 @@ class DiffReport:
 
     @property
     def ok(self) -> bool:
-        """True exactly when ``gradinspect diff`` exits 0."""
+        """True exactly when ``gradinspect diff`` exits 0 (with a tolerance, nothing compared fails)."""
         if not self.tolerances.any:
             return True
+        if not self.tensors:
+            return False
         sets_differ = bool(self.only_a or self.only_b or self.mismatched)
         return not self.failed and (self.tolerances.allow_missing or not sets_differ)
+
+    def warnings(self) -> list[str]:
+        """Skipped tensors, and a comparison of nothing."""
+        out = [s.warning() for s in self.skipped]
+        if not self.tensors:
+            if self.mismatched or self.skipped:
+                out.append("no tensor in both A and B can be compared element by element: nothing was compared")
+            else:
+                out.append("no tensor is in both A and B: nothing was compared (different name prefixes? "
+                           "see --strip-prefix)")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -357,7 +370,9 @@ class DiffReport:
             "only_b": list(self.only_b),
             "mismatched": [m.to_dict() for m in self.mismatched],
             "skipped": [s.to_dict() for s in self.skipped],
-            "total": self.total.to_dict(),
+            # nothing compared: the global numbers were not computed (null, never a cosine of 1)
+            "total": self.total.to_dict() if self.tensors else {
+                k: (None if isinstance(v, float) else v) for k, v in self.total.to_dict().items()},
         }
 
 

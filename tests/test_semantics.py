@@ -103,3 +103,78 @@ def test_several_files_name_the_first_and_count_the_rest(tmp_path: Path, ints_fi
 def test_a_selection_that_matches_still_works(nan_file: Path) -> None:
     r = gradinspect.inspect(nan_file, include=["enc.w*"])
     assert [t.name for t in r.tensors] == ["enc.weight"]
+
+
+# --- 4. diff with no tensor in common ------------------------------------------------
+
+
+@pytest.fixture
+def ddp_pair(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path, Path, dict[str, np.ndarray]]:
+    """A plain dump, the same with a ``module.`` prefix (DDP's wrapper), and a perturbed plain one."""
+    g = {"enc.weight": rng.standard_normal((6, 5)).astype(np.float32), "enc.bias": rng.standard_normal(5).astype(np.float32)}
+    plain = _save(tmp_path / "plain.safetensors", g)
+    wrapped = _save(tmp_path / "wrapped.safetensors", {"module." + k: v for k, v in g.items()})
+    other = _save(tmp_path / "other.safetensors", {k: v * np.float32(1.5) for k, v in g.items()})
+    return plain, wrapped, other, g
+
+
+def test_diff_with_nothing_in_common_fails_with_a_tolerance(ddp_pair: tuple) -> None:
+    plain, wrapped, _, _ = ddp_pair
+    for tol in (["--rtol", "1e-6"], ["--atol", "1"], ["--min-cosine", "0.9"], ["--rtol", "1", "--allow-missing"]):
+        r = run("diff", wrapped, plain, *tol)
+        assert r.exit_code == 1, (tol, r.output)
+        assert "cosine            1" not in r.stdout
+        assert "nothing compared" in r.stdout and "FAIL: nothing was compared" in r.stdout
+        assert "Warning: no tensor is in both A and B: nothing was compared" in r.stderr
+
+
+def test_diff_with_nothing_in_common_warns_without_a_tolerance(ddp_pair: tuple) -> None:
+    plain, wrapped, _, _ = ddp_pair
+    r = run("diff", wrapped, plain)
+    assert r.exit_code == 0
+    assert r.stderr.startswith("Warning: no tensor is in both A and B: nothing was compared")
+    assert "cosine" not in r.stdout and "nothing compared" in r.stdout
+    doc = json.loads(run("diff", wrapped, plain, "--format", "json").stdout)
+    assert doc["tensors"] == [] and doc["ok"] is True
+    total = doc["total"]
+    assert total["numel"] == 0
+    assert all(total[k] is None for k in ("l2_a", "l2_b", "l2_diff", "rel", "cosine", "linf_diff"))
+    assert api.diff(wrapped, plain).total.cosine != 1.0
+    assert api.diff(wrapped, plain, rtol=0.1).ok is False
+
+
+def test_diff_shapes_all_differ_is_nothing_compared(tmp_path: Path) -> None:
+    a = _save(tmp_path / "a.safetensors", {"w": np.ones(3, np.float32)})
+    b = _save(tmp_path / "b.safetensors", {"w": np.ones(4, np.float32)})
+    r = run("diff", a, b, "--rtol", "0", "--allow-missing")
+    assert r.exit_code == 1 and "FAIL: nothing was compared" in r.stdout
+    assert "nothing was compared" in r.stderr
+
+
+def test_strip_prefix_makes_the_names_meet(ddp_pair: tuple) -> None:
+    plain, wrapped, other, g = ddp_pair
+    r = run("diff", wrapped, plain, "--rtol", "0", "--strip-prefix-a", "module.")
+    assert r.exit_code == 0, r.output
+    assert r.stderr == ""
+    want = api.diff(other, plain).to_dict()
+    got = api.diff(other, wrapped, strip_prefix_b=["module."]).to_dict()
+    assert got["tensors"] == want["tensors"] and got["total"] == want["total"]
+    assert got["total"]["numel"] == sum(v.size for v in g.values()) and got["total"]["rel"] > 0
+    # --strip-prefix applies to both sides; the first matching prefix is removed, once
+    both = api.diff(wrapped, wrapped, strip_prefix=["x.", "module."])
+    assert {t.name for t in both.tensors} == {"enc.weight", "enc.bias"}
+    r = run("diff", other, wrapped, "--strip-prefix", "module.", "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["total"] == want["total"]
+    # selection globs see the stripped names
+    sel = api.diff(wrapped, plain, strip_prefix_a=["module."], include=["enc.b*"])
+    assert [t.name for t in sel.tensors] == ["enc.bias"]
+
+
+def test_strip_prefix_collision_is_an_input_error(tmp_path: Path) -> None:
+    a = _save(tmp_path / "a.safetensors", {"module.w": np.ones(3, np.float32), "w": np.ones(3, np.float32)})
+    b = _save(tmp_path / "b.safetensors", {"w": np.ones(3, np.float32)})
+    r = run("diff", a, b, "--strip-prefix-a", "module.")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == f"Error: {a}: --strip-prefix turns both 'module.w' and 'w' into 'w'\n"
+    with pytest.raises(InputError, match="turns both 'module.w' and 'w' into 'w'"):
+        api.diff(b, a, strip_prefix=["module."])
