@@ -254,7 +254,8 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
 
 _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
-                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "fmt", "shards", "jobs", "quiet")
+                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "max_replica_diff", "fmt", "shards",
+                  "jobs", "quiet")
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -272,6 +273,9 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @click.option("--fail-on-zero/--no-fail-on-zero", default=False,
               help="Fail when a tensor's gradient is all zeros (frozen or disconnected).")
 @click.option("--max-tensor-norm", type=float, default=None, metavar="X", help="Fail when a tensor's norm > X.")
+@click.option("--max-replica-diff", type=click.FloatRange(0), default=None, metavar="X",
+              help="With --shards replicas (rule replicas_differ, on with it): tolerate copies of a tensor that "
+                   "differ by max |difference| <= X (default 0: copies must be identical; NaN/Inf in a copy always fails).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
 @_format_option("check")
@@ -286,6 +290,11 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     working directory upward) or in --config FILE; keys are the long option
     names with underscores (max_total = 10.0, fail_on_clip = true).
     Command-line options win.
+
+    With --shards replicas the rule replicas_differ is on: copies of a
+    tensor must agree (within --max-replica-diff).  The numbers shown for a
+    replicated tensor are its first copy's in file order, or, when a copy
+    holds NaN/Inf, the first such copy's.
 
     \b
     Examples:
@@ -315,7 +324,7 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     for name in _CHECK_OPTIONS:
         if name in settings and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
             options[name] = settings[name]
-    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm"):
+    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm", "max_replica_diff"):
         _finite("--" + name.replace("_", "-"), options[name])
     try:
         rules = rules_from(options)

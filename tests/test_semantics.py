@@ -178,3 +178,84 @@ def test_strip_prefix_collision_is_an_input_error(tmp_path: Path) -> None:
     assert r.stderr == f"Error: {a}: --strip-prefix turns both 'module.w' and 'w' into 'w'\n"
     with pytest.raises(InputError, match="turns both 'module.w' and 'w' into 'w'"):
         api.diff(b, a, strip_prefix=["module."])
+
+
+# --- 3. replicas that disagree ---------------------------------------------------------
+
+
+@pytest.fixture
+def ranks(tmp_path: Path, rng: np.random.Generator) -> Path:
+    """rank0/rank1 whose copies of ``w`` differ by exactly 0.3 somewhere (|Δ| <= 0.3 everywhere)."""
+    w = rng.standard_normal(50).astype(np.float64)
+    bias = rng.standard_normal(4)
+    w1 = w.copy()
+    w1[7] += 0.3
+    d = tmp_path / "ranks"
+    d.mkdir()
+    _save(d / "rank0.safetensors", {"w": w, "bias": bias})
+    _save(d / "rank1.safetensors", {"w": w1, "bias": bias})
+    return d
+
+
+def test_replicas_that_differ_fail_check(ranks: Path) -> None:
+    glob = str(ranks / "rank*.safetensors")
+    r = run("check", glob, "--shards", "replicas", "--format", "json")
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout)
+    assert "replicas_differ" in doc["rules"]
+    [f] = doc["findings"]
+    assert f["rule"] == "replicas_differ" and f["tensor"] == "w" and f["limit"] == 0.0
+    assert f["value"] == pytest.approx(0.3, rel=1e-12)
+    assert run("check", glob, "--shards", "replicas", "--max-replica-diff", "0.5").exit_code == 0
+    assert run("check", glob, "--shards", "replicas", "--max-replica-diff", "0.2").exit_code == 1
+    text = run("check", glob, "--shards", "replicas").stdout
+    assert "FAIL  w: the 2 copies differ by up to 0.3 > 0" in text
+    junit = run("check", glob, "--shards", "replicas", "--format", "junit").stdout
+    assert 'name="replicas_differ"' in junit and 'type="replicas_differ"' in junit
+    gh = run("check", glob, "--shards", "replicas", "--format", "github").stdout
+    assert gh.startswith("::error title=gradinspect replicas_differ w::")
+
+
+def test_identical_replicas_pass_and_the_rule_is_on_only_with_replicas(ranks: Path) -> None:
+    assert run("check", "sample_data/ddp/rank0.safetensors", "sample_data/ddp/rank1.safetensors",
+               "--shards", "replicas").exit_code == 0
+    r = api.check(str(ranks / "rank*.safetensors"), include=["bias"], shards="replicas")
+    assert r.ok and "replicas_differ" in r.rules
+    assert "replicas_differ" not in api.check(ranks / "rank0.safetensors").rules
+    assert "replicas_differ" not in api.check(str(ranks / "rank*.safetensors"), shards="slices").rules
+
+
+def test_replicas_with_nan_fail_even_with_a_tolerance(tmp_path: Path) -> None:
+    _save(tmp_path / "r0.safetensors", {"w": np.array([1.0, np.nan])})
+    _save(tmp_path / "r1.safetensors", {"w": np.array([1.0, np.nan])})
+    r = api.check(str(tmp_path / "r*.safetensors"), gradinspect_rules(allow_nonfinite=True, max_replica_diff=1e9),
+                  shards="replicas")
+    assert [f.rule for f in r.findings] == ["replicas_differ"]
+    assert "undefined" in r.findings[0].message
+
+
+def gradinspect_rules(**values: object):  # type: ignore[no-untyped-def]
+    from gradinspect.check import rules_from
+
+    return rules_from(values)
+
+
+def test_max_replica_diff_from_the_config(ranks: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("[tool.gradinspect.check]\nmax_replica_diff = 0.5\nshards = \"replicas\"\n")
+    glob = str(ranks / "rank*.safetensors")
+    assert run("check", glob, "--config", cfg).exit_code == 0
+    assert run("check", glob, "--config", cfg, "--max-replica-diff", "0.1").exit_code == 1
+    cfg.write_text("[tool.gradinspect.check]\nmax_replica_diff = -1\n")
+    r = run("check", glob, "--config", cfg)
+    assert r.exit_code == 2 and "max_replica_diff must be a finite number >= 0" in r.stderr
+    assert "--max-replica-diff" in run("check", "--help").stdout
+
+
+def test_nan_replicas_are_one_nonfinite_finding_with_the_rule_on(tmp_path: Path) -> None:
+    _save(tmp_path / "r0.safetensors", {"w": np.array([1.0, 2.0])})
+    _save(tmp_path / "r1.safetensors", {"w": np.array([1.0, np.nan])})
+    r = api.check(str(tmp_path / "r*.safetensors"), shards="replicas")
+    assert [f.rule for f in r.findings] == ["nonfinite"]
+    r = api.check(str(tmp_path / "r*.safetensors"), gradinspect_rules(allow_nonfinite=True), shards="replicas")
+    assert [f.rule for f in r.findings] == ["replicas_differ"]
