@@ -12,6 +12,8 @@ from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
+import numpy as np
+
 from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
 from .loaders import ChunkBuffer, Source, TensorEntry, array_source, open_paths
@@ -58,6 +60,7 @@ def inspect(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    dedup: bool = False,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -70,7 +73,13 @@ def inspect(
     shards, tensor-parallel splits), merged exactly; ``"replicas"``, copies
     of one tensor (data-parallel ranks), counted once, with the largest
     difference between the copies in ``replica_max_diff``.  Raises :class:`~gradinspect.errors.InputError` for
-    input that cannot be read.
+    input that cannot be read, or when no floating-point tensor is selected.
+
+    A tensor whose bytes, dtype and shape equal an earlier one's (tied weights
+    saved twice, e.g. GPT-2's ``lm_head.weight``) is a warning and names that
+    one in ``duplicate_of``; ``dedup`` counts it once, as ``model.parameters()``
+    does: its row is left out.  All-zero tensors are never copies; neither are
+    tensors merged from several ``"slices"``.
 
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
@@ -80,7 +89,7 @@ def inspect(
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
     sources = open_paths(_paths(paths), allow_repeats=shards is not None)
-    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards)
+    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards, dedup)
 
 
 def compute_norms(
@@ -94,12 +103,14 @@ def compute_norms(
     group_by: int | None = None,
     sort: str = "share",
     top: int | None = None,
+    dedup: bool = False,
 ) -> NormsReport:
     """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` where an array
     is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
     p = parse_norm_type(norm_type)
     _check_options(max_norm, eps, sort, top, group_by)
-    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1)
+    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1,
+                   dedup=dedup)
 
 
 def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | None) -> None:
@@ -191,6 +202,7 @@ class _Record(NamedTuple):
     stats: Stats
     pieces: int = 1  # files its slices or copies came from
     replica_diff: float | None = None
+    entry: TensorEntry | None = None  # the one tensor whose bytes it is (None: merged slices)
 
 
 SHARDS = ("slices", "replicas")
@@ -200,7 +212,7 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
            sources: Sequence[Source], p: float) -> tuple[list[_Record], list[str]]:
     """Records for the rows, and warnings; see ``--shards``."""
     if shards is None:  # names are unique (open_paths made sure)
-        return [_Record(t.name, t.source, t.shape, t.dtype, st) for t, st in results], []
+        return [_Record(t.name, t.source, t.shape, t.dtype, st, entry=t) for t, st in results], []
     by_name: dict[str, list[tuple[TensorEntry, Stats]]] = {}
     for t, st in results:
         by_name.setdefault(t.name, []).append((t, st))
@@ -211,7 +223,7 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
     for name, copies in by_name.items():
         t0, s0 = copies[0]
         if len(copies) == 1:
-            records.append(_Record(name, t0.source, t0.shape, t0.dtype, s0))
+            records.append(_Record(name, t0.source, t0.shape, t0.dtype, s0, entry=t0))
             continue
         dtypes = {t.dtype for t, _ in copies}
         dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
@@ -224,17 +236,17 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
                 raise InputError(t.source, f"replica of {name!r} has shape {list(t.shape)}, but {list(t0.shape)} in {t0.source}")
             if t._fortran != t0._fortran:
                 raise InputError(t.source, f"replica of {name!r} is stored in {_order(t)} order, but in {_order(t0)} order in {t0.source}")
-        bad = [st for _, st in copies if st.nonfinite]
+        bad = [(t, st) for t, st in copies if st.nonfinite]
         if bad:  # NaN/inf in any copy must show, whichever copy it is in
             worst = math.nan
             warnings.append(f"copies of {name} hold NaN/inf values: their difference is undefined")
-            s0 = bad[0]
+            t0, s0 = bad[0]
         else:
             tools = tools or _PairTools.make()
             worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t, tools).d.linf for t, _ in copies[1:])
             if worst != 0.0:
                 warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
-        records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), worst))
+        records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), worst, t0))
     return records, warnings
 
 
@@ -286,6 +298,7 @@ def _report(
     progress: Progress | None,
     jobs: int | None,
     shards: str | None = None,
+    dedup: bool = False,
 ) -> NormsReport:
     chosen = select(include, exclude)
     require_floats(sources, lambda t: chosen(t.name))
@@ -293,6 +306,13 @@ def _report(
     records, warnings = _merge(results, shards, sources, p)
     if shards:
         skipped = list({sk.name: sk for sk in skipped}.values())
+    copies = _copies(records, sources)
+    for name, first in copies.items():
+        warnings.append(f"{name} is an exact copy of {first} (tied weights?): "
+                        + ("counted once (--dedup)" if dedup else "counted twice; --dedup counts it once"))
+    if dedup:  # left out, as model.parameters() leaves out tied parameters
+        records = [r for r in records if r.name not in copies]
+        copies = {}
     total = combine((r.stats for r in records), p)
     # Shares are fractions of the global Σx²; when NaN/Inf make that undefined,
     # finite tensors get their fraction of the finite tensors' Σx² instead.
@@ -300,7 +320,7 @@ def _report(
     if group_by:
         rows = _group_rows(records, base, group_by)
     else:
-        rows = [_row(r, base) for r in records]
+        rows = [_row(r, base, duplicate_of=copies.get(r.name)) for r in records]
     rows = sort_rows(rows, sort)
     omitted = 0
     if top is not None and len(rows) > top:
@@ -320,14 +340,76 @@ def _report(
         group_by=group_by,
         shards=shards,
         notes=tuple(warnings),
+        dedup=dedup,
     )
 
 
-def _row(r: _Record, base: Stats, name: str | None = None, members: int = 1) -> TensorNorms:
+def _row(r: _Record, base: Stats, name: str | None = None, members: int = 1,
+         duplicate_of: str | None = None) -> TensorNorms:
     s = r.stats
     share = math.nan if s.nonfinite else s.share_of(base)
     return TensorNorms(name or r.name, r.source, r.shape, r.dtype, s.numel, s.l1, s.l2, s.linf, s.norm, s.sq, share,
-                       s.nan, s.inf, members, r.replica_diff, r.pieces)
+                       s.nan, s.inf, members, r.replica_diff, r.pieces, duplicate_of)
+
+
+def _copies(records: list[_Record], sources: Sequence[Source]) -> dict[str, str]:
+    """{name: name of the first record in file order with the same bytes} (tied weights saved twice).
+
+    Only tensors with the same largest magnitude (exact and cheap: one dict, so
+    a set without copies costs nothing), dtype, shape, order, element and
+    NaN/Inf counts, and the same sums (within rounding: the same bytes may be
+    summed in another order, one tensor deflated and one not) have their bytes
+    compared, streamed chunk by chunk.  All-zero or empty tensors are never copies.
+    """
+    seen: dict[float, _Record] = {}
+    clash: dict[float, list[_Record]] = {}
+    for r in records:
+        m = r.stats.linf  # 0.0 only for finite all-zero or empty tensors; NaN when any NaN
+        if m == 0.0 or r.entry is None:
+            continue
+        if math.isnan(m):
+            m = -float(r.stats.nan)  # NaN is no dict key; real magnitudes are >= 0
+        first = seen.setdefault(m, r)
+        if first is not r:
+            clash.setdefault(m, [first]).append(r)
+    out: dict[str, str] = {}
+    src_of = {s.path: s for s in sources}
+    tools: _PairTools | None = None
+    for group in clash.values():
+        firsts: list[_Record] = []
+        for r in group:
+            for f in firsts:
+                if _may_be_copies(f, r):
+                    tools = tools or _PairTools.make()
+                    ta, tb = f.entry, r.entry
+                    assert ta is not None and tb is not None
+                    if _same_bytes(src_of[ta.source], ta, src_of[tb.source], tb, tools):
+                        out[r.name] = f.name
+                        break
+            else:
+                firsts.append(r)
+    return out
+
+
+def _may_be_copies(a: _Record, b: _Record) -> bool:
+    ta, tb, sa, sb = a.entry, b.entry, a.stats, b.stats
+    assert ta is not None and tb is not None
+    if (ta.dtype, ta.shape, ta._fortran, sa.numel, sa.nan, sa.inf) != (tb.dtype, tb.shape, tb._fortran, sb.numel,
+                                                                        sb.nan, sb.inf):
+        return False
+    if sa.nonfinite:
+        return True  # equal NaN/Inf counts: only the bytes can tell
+    return math.isclose(sa.l1, sb.l1, rel_tol=1e-9) and math.isclose(sa.l2, sb.l2, rel_tol=1e-9)
+
+
+def _same_bytes(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, tools: _PairTools) -> bool:
+    """True when two tensors of the same dtype and shape hold the same bytes (NaN payloads and -0.0 included)."""
+    _, buf_a, buf_b = tools
+    with sa, sb:
+        for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)):
+            if not np.array_equal(np.ascontiguousarray(ca).view(np.uint8), np.ascontiguousarray(cb).view(np.uint8)):
+                return False
+    return True
 
 
 def group_name(name: str, depth: int) -> str:
@@ -387,12 +469,13 @@ def check(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    dedup: bool = False,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
-                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards)
+                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards, dedup=dedup)
     return evaluate(report, rules if rules is not None else Rules())
 
 

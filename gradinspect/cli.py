@@ -176,6 +176,14 @@ def _shards_option(f: Any) -> Any:
              "counted once. Without it, a repeated name is an error.")(f)
 
 
+def _dedup_option(f: Any) -> Any:
+    return click.option(
+        "--dedup", is_flag=True, default=None,
+        help="Count exact copies once (tied weights saved twice, e.g. lm_head.weight = wte.weight), as "
+             "model.parameters() does: a copy's row is left out. Without it, copies are a warning. Tensors merged "
+             "from --shards slices are never compared.")(f)
+
+
 def _paths_argument(f: Any) -> Any:
     return click.argument("paths", nargs=-1, required=True, metavar="PATH...")(f)
 
@@ -216,10 +224,11 @@ def _finite(name: str, value: float | None) -> None:
 @click.option("--group-by", type=click.IntRange(min=1), default=None, metavar="N",
               help="One row per group of tensors sharing the first N dot-separated name parts.")
 @_shards_option
+@_dedup_option
 @_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool) -> None:
+          group_by: int | None, shards: str | None, dedup: bool | None, jobs: int | None, quiet: bool) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -247,7 +256,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     with _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar, dedup=bool(dedup),
         )
     _warn(report.warnings(), quiet)
     _emit(fmt, "norms", report)
@@ -255,7 +264,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
 _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
                   "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "max_replica_diff", "fmt", "shards",
-                  "jobs", "quiet")
+                  "dedup", "jobs", "quiet")
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -275,11 +284,13 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @click.option("--max-tensor-norm", type=float, default=None, metavar="X", help="Fail when a tensor's norm > X.")
 @click.option("--max-replica-diff", type=click.FloatRange(0), default=None, metavar="X",
               help="With --shards replicas (rule replicas_differ, on with it): tolerate copies of a tensor that "
-                   "differ by max |difference| <= X (default 0: copies must be identical; NaN/Inf in a copy always fails).")
+                   "differ by max |difference| <= X (default 0: copies must be identical; NaN/Inf in a copy "
+                   "always fails).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
 @_format_option("check")
 @_shards_option
+@_dedup_option
 @_jobs_option
 def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
@@ -334,7 +345,8 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     with _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
-                           shards=options["shards"], jobs=options["jobs"], progress=bar)
+                           shards=options["shards"], jobs=options["jobs"], progress=bar,
+                           dedup=bool(options["dedup"]))
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)

@@ -114,6 +114,7 @@ CHECK_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_replica_diff": _non_negative,
     "format": _string,
     "shards": _string,
+    "dedup": _bool,
     "jobs": _jobs,
     "quiet": _bool,
 }

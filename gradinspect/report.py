@@ -43,6 +43,7 @@ class TensorNorms:
     members: int = 1  # tensors in a --group-by row
     replica_max_diff: float | None = None  # --shards replicas: largest |difference| between copies
     pieces: int = 1  # --shards: the files its slices or copies came from (summed over a group)
+    duplicate_of: str | None = None  # an exact copy of this earlier tensor (tied weights saved twice)
 
     @property
     def nonfinite(self) -> int:
@@ -71,6 +72,7 @@ class TensorNorms:
             "members": self.members,
             "replica_max_diff": self.replica_max_diff,
             "pieces": self.pieces,
+            "duplicate_of": self.duplicate_of,
         }
 
 
@@ -162,6 +164,7 @@ class NormsReport:
     group_by: int | None = None
     shards: str | None = None
     notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
+    dedup: bool = False  # exact copies were left out of the rows and totals
 
     def input_warnings(self) -> list[str]:
         """Warnings about the input: skipped tensors, replicas that differ."""
@@ -186,6 +189,7 @@ class NormsReport:
             "norm_type": norm_type_label(self.norm_type),
             "group_by": self.group_by,
             "shards": self.shards,
+            "dedup": self.dedup,
             "tensors": [t.to_dict() for t in self.tensors],
             "omitted": self.omitted,
             "skipped": [s.to_dict() for s in self.skipped],

@@ -111,7 +111,8 @@ def test_a_selection_that_matches_still_works(nan_file: Path) -> None:
 @pytest.fixture
 def ddp_pair(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path, Path, dict[str, np.ndarray]]:
     """A plain dump, the same with a ``module.`` prefix (DDP's wrapper), and a perturbed plain one."""
-    g = {"enc.weight": rng.standard_normal((6, 5)).astype(np.float32), "enc.bias": rng.standard_normal(5).astype(np.float32)}
+    g = {"enc.weight": rng.standard_normal((6, 5)).astype(np.float32),
+         "enc.bias": rng.standard_normal(5).astype(np.float32)}
     plain = _save(tmp_path / "plain.safetensors", g)
     wrapped = _save(tmp_path / "wrapped.safetensors", {"module." + k: v for k, v in g.items()})
     other = _save(tmp_path / "other.safetensors", {k: v * np.float32(1.5) for k, v in g.items()})
@@ -259,3 +260,114 @@ def test_nan_replicas_are_one_nonfinite_finding_with_the_rule_on(tmp_path: Path)
     assert [f.rule for f in r.findings] == ["nonfinite"]
     r = api.check(str(tmp_path / "r*.safetensors"), gradinspect_rules(allow_nonfinite=True), shards="replicas")
     assert [f.rule for f in r.findings] == ["replicas_differ"]
+
+
+# --- 2. tied weights saved twice ---------------------------------------------------------
+
+
+def _gpt2ish(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    wte = rng.standard_normal((64, 16)).astype(np.float32)
+    return {
+        "transformer.wte.weight": wte,
+        "transformer.wpe.weight": rng.standard_normal((8, 16)).astype(np.float32),
+        "transformer.h.0.attn.c_attn.weight": rng.standard_normal((16, 48)).astype(np.float32),
+        "transformer.ln_f.weight": np.zeros(16, np.float32),
+        "transformer.ln_f.bias": np.zeros(16, np.float32),  # all-zero and equal to ln_f.weight: not a copy
+        "lm_head.weight": wte.copy(),  # what a .clone() before saving gives
+    }
+
+
+def _oracle_l2(arrays: list[np.ndarray]) -> float:
+    return math.sqrt(math.fsum(float(v) ** 2 for a in arrays for v in a.reshape(-1).astype(np.float64)))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "npz"])
+def test_tied_weights_are_found_and_dedup_counts_them_once(tmp_path: Path, rng: np.random.Generator, kind: str) -> None:
+    g = _gpt2ish(rng)
+    if kind == "npz":
+        path = tmp_path / "g.npz"
+        np.savez(path, **g)
+    else:
+        path = _save(tmp_path / "g.safetensors", g)
+    # the copy is the later one in file order; safetensors writes tensors sorted by name
+    first, copy = ("transformer.wte.weight", "lm_head.weight")[::-1 if kind == "safetensors" else 1]
+    unique = [v for k, v in g.items() if k != copy]
+    r = run("norms", path, "--json")
+    assert r.exit_code == 0
+    assert r.stderr == (f"Warning: {copy} is an exact copy of {first} (tied weights?): "
+                        "counted twice; --dedup counts it once\n")
+    doc = json.loads(r.stdout)
+    dup = {t["name"]: t["duplicate_of"] for t in doc["tensors"]}
+    assert dup == {k: (first if k == copy else None) for k in g}
+    assert doc["total"]["l2"] == pytest.approx(_oracle_l2(list(g.values())), rel=1e-12)
+    assert doc["total"]["l2"] / _oracle_l2(unique) > 1.1  # the confident wrong answer, without --dedup
+    r = run("norms", path, "--json", "--dedup")
+    assert r.exit_code == 0
+    assert f"{copy} is an exact copy of {first} (tied weights?): counted once (--dedup)" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["dedup"] is True
+    assert {t["name"] for t in doc["tensors"]} == set(g) - {copy}  # left out, as model.parameters() does
+    assert doc["total"]["tensors"] == len(g) - 1
+    assert doc["total"]["l2"] == pytest.approx(_oracle_l2(unique), rel=1e-12)
+    assert math.fsum(t["share"] for t in doc["tensors"]) == pytest.approx(1.0, rel=1e-12)
+    lib = gradinspect.compute_norms(g, dedup=True)
+    assert lib.total.l2 == pytest.approx(_oracle_l2(unique), rel=1e-12) and lib.dedup
+    assert gradinspect.inspect(path).total.tensors == len(g)
+
+
+def test_check_dedup(tmp_path: Path, rng: np.random.Generator) -> None:
+    g = _gpt2ish(rng)
+    path = _save(tmp_path / "g.safetensors", g)
+    unique = _oracle_l2([v for k, v in g.items() if k != "lm_head.weight"])
+    limit = unique * 1.05  # between the deduplicated norm and the double-counted one
+    assert run("check", path, "--max-total", limit).exit_code == 1
+    r = run("check", path, "--max-total", limit, "--dedup")
+    assert r.exit_code == 0, r.output
+    assert "counted once (--dedup)" in r.stderr
+    assert api.check(path, gradinspect_rules(max_total=limit), dedup=True).ok
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f"[tool.gradinspect.check]\ndedup = true\nmax_total = {limit}\n")
+    assert run("check", path, "--config", cfg).exit_code == 0
+
+
+def test_equal_statistics_are_not_enough(tmp_path: Path) -> None:
+    a = np.arange(1, 65, dtype=np.float32).reshape(8, 8)  # small integers: every sum is exact in any order
+    b = a.reshape(-1)[::-1].reshape(8, 8).copy()  # a permutation: the same statistics, other bytes
+    r = gradinspect.compute_norms({"a": a, "b": b}, sort="none")
+    ta, tb = r.tensors
+    assert (ta.l1, ta.sq, ta.linf) == (tb.l1, tb.sq, tb.linf)
+    assert [t.duplicate_of for t in r.tensors] == [None, None] and r.notes == ()
+    assert gradinspect.compute_norms({"a": a, "b": b}, dedup=True).total.tensors == 2
+    # -0.0 and 0.0, NaN at other places: other bytes, the same statistics
+    x, y = np.array([1.0, -0.0, 2.0]), np.array([1.0, 0.0, 2.0])
+    assert gradinspect.compute_norms({"x": x, "y": y}).notes == ()
+    n1, n2 = np.array([np.nan, 1.0, 3.0]), np.array([1.0, np.nan, 3.0])
+    assert [t.duplicate_of for t in gradinspect.compute_norms({"n1": n1, "n2": n2}).tensors] == [None, None]
+    # the same bytes, NaN included, are a copy; three copies all name the first
+    r = gradinspect.compute_norms({"n1": n1, "n2": n1.copy(), "n3": n1.copy()}, sort="none")
+    assert [t.duplicate_of for t in r.tensors] == [None, "n1", "n1"]
+    # other dtype or shape: not a copy
+    r = gradinspect.compute_norms({"a": a, "a2": a.reshape(4, 16).copy(), "a3": a.astype(np.float64)})
+    assert r.notes == ()
+
+
+def test_all_zero_copies_are_not_reported(tmp_path: Path) -> None:
+    path = _save(tmp_path / "z.safetensors", {"a": np.zeros(5, np.float32), "b": np.zeros(5, np.float32),
+                                              "c": np.ones(3, np.float32)})
+    r = run("norms", path, "--json")
+    assert r.stderr == ""
+    assert [t["duplicate_of"] for t in json.loads(r.stdout)["tensors"]] == [None, None, None]
+
+
+def test_dedup_with_replicas_and_grouping(tmp_path: Path, rng: np.random.Generator) -> None:
+    g = _gpt2ish(rng)
+    for rank in range(2):
+        _save(tmp_path / f"rank{rank}.safetensors", g)
+    unique = _oracle_l2([v for k, v in g.items() if k != "lm_head.weight"])
+    r = gradinspect.inspect(str(tmp_path / "rank*.safetensors"), shards="replicas", dedup=True)
+    assert r.total.l2 == pytest.approx(unique, rel=1e-12)
+    r = gradinspect.inspect(str(tmp_path / "rank*.safetensors"), shards="replicas")
+    assert {t.name: t.duplicate_of for t in r.tensors}["transformer.wte.weight"] == "lm_head.weight"
+    r = gradinspect.inspect(tmp_path / "rank0.safetensors", group_by=1, dedup=True)
+    assert r.total.l2 == pytest.approx(unique, rel=1e-12)
+    assert all(t.duplicate_of is None for t in gradinspect.inspect(tmp_path / "rank0.safetensors", group_by=1).tensors)
