@@ -178,7 +178,7 @@ def _shards_option(f: Any) -> Any:
 
 def _dedup_option(f: Any) -> Any:
     return click.option(
-        "--dedup", is_flag=True, default=None,
+        "--dedup/--no-dedup", default=False,
         help="Count exact copies once (tied weights saved twice, e.g. lm_head.weight = wte.weight), as "
              "model.parameters() does: a copy's row is left out. Without it, copies are a warning. Tensors merged "
              "from --shards slices are never compared.")(f)
@@ -228,7 +228,7 @@ def _finite(name: str, value: float | None) -> None:
 @_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None, shards: str | None, dedup: bool | None, jobs: int | None, quiet: bool) -> None:
+          group_by: int | None, shards: str | None, dedup: bool, jobs: int | None, quiet: bool) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -256,7 +256,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     with _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar, dedup=bool(dedup),
+            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar, dedup=dedup,
         )
     _warn(report.warnings(), quiet)
     _emit(fmt, "norms", report)
@@ -346,7 +346,7 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
                            shards=options["shards"], jobs=options["jobs"], progress=bar,
-                           dedup=bool(options["dedup"]))
+                           dedup=options["dedup"])
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)

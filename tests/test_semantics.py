@@ -328,6 +328,7 @@ def test_check_dedup(tmp_path: Path, rng: np.random.Generator) -> None:
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(f"[tool.gradinspect.check]\ndedup = true\nmax_total = {limit}\n")
     assert run("check", path, "--config", cfg).exit_code == 0
+    assert run("check", path, "--config", cfg, "--no-dedup").exit_code == 1
 
 
 def test_equal_statistics_are_not_enough(tmp_path: Path) -> None:
