@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
 
 from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
@@ -59,6 +62,7 @@ def inspect(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    dedup: bool = False,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -71,7 +75,13 @@ def inspect(
     shards, tensor-parallel splits), merged exactly; ``"replicas"``, copies
     of one tensor (data-parallel ranks), counted once, with the largest
     difference between the copies in ``replica_max_diff``.  Raises :class:`~gradinspect.errors.InputError` for
-    input that cannot be read.
+    input that cannot be read, or when no floating-point tensor is selected.
+
+    A tensor whose bytes, dtype and shape equal an earlier one's (tied weights
+    saved twice, e.g. GPT-2's ``lm_head.weight``) is a warning and names that
+    one in ``duplicate_of``; ``dedup`` counts it once, as ``model.parameters()``
+    does: its row is left out.  All-zero tensors are never copies; neither are
+    tensors merged from several ``"slices"``.
 
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
@@ -82,7 +92,7 @@ def inspect(
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
     sources = open_paths(_paths(paths), allow_repeats=shards is not None)
     return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards,
-                   group_sep=group_sep)
+                   group_sep=group_sep, dedup=dedup)
 
 
 def compute_norms(
@@ -97,13 +107,14 @@ def compute_norms(
     group_sep: str = ".",
     sort: str = "share",
     top: int | None = None,
+    dedup: bool = False,
 ) -> NormsReport:
     """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` where an array
     is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
     p = parse_norm_type(norm_type)
     _check_options(max_norm, eps, sort, top, group_by, group_sep)
     return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1,
-                   group_sep=group_sep)
+                   group_sep=group_sep, dedup=dedup)
 
 
 def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | str | None,
@@ -165,6 +176,28 @@ def tensor_stats(
     return results, skipped
 
 
+def _where(sources: Sequence[Source]) -> str:
+    """The first source's path, and how many more there are."""
+    more = len(sources) - 1
+    return sources[0].path + (f" (and {more} more file{'s' if more != 1 else ''})" if more else "")
+
+
+def require_floats(sources: Sequence[Source], chosen: Callable[[TensorEntry], bool]) -> None:
+    """Raise InputError unless ``chosen`` picks a floating-point tensor: a gate that checked nothing must not pass."""
+    every = [t for s in sources for t in s.tensors]
+    picked = [t for t in every if chosen(t)]
+    if any(t.is_float for t in picked):
+        return
+    where = _where(sources)
+    if not every:
+        raise InputError(where, "no tensors")
+    if not picked:
+        raise InputError(where, f"--include/--exclude matched none of the {len(every)} tensors")
+    seen = ", ".join(f"{d} x{n}" for d, n in Counter(t.dtype for t in picked).items())
+    which = "every tensor" if len(picked) == len(every) else "every selected tensor"
+    raise InputError(where, f"no floating-point tensor: {which} was skipped (dtypes seen: {seen})")
+
+
 class _Record(NamedTuple):
     """A tensor after --shards merging: one file's tensor, or the pieces/copies of one name."""
 
@@ -175,6 +208,7 @@ class _Record(NamedTuple):
     stats: Stats
     pieces: int = 1  # files its slices or copies came from
     replica_diff: float | None = None
+    entry: TensorEntry | None = None  # the one tensor whose bytes it is (None: merged slices)
 
 
 SHARDS = ("slices", "replicas")
@@ -184,7 +218,7 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
            sources: Sequence[Source], p: float) -> tuple[list[_Record], list[str]]:
     """Records for the rows, and warnings; see ``--shards``."""
     if shards is None:  # names are unique (open_paths made sure)
-        return [_Record(t.name, t.source, t.shape, t.dtype, st) for t, st in results], []
+        return [_Record(t.name, t.source, t.shape, t.dtype, st, entry=t) for t, st in results], []
     by_name: dict[str, list[tuple[TensorEntry, Stats]]] = {}
     for t, st in results:
         by_name.setdefault(t.name, []).append((t, st))
@@ -195,7 +229,7 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
     for name, copies in by_name.items():
         t0, s0 = copies[0]
         if len(copies) == 1:
-            records.append(_Record(name, t0.source, t0.shape, t0.dtype, s0))
+            records.append(_Record(name, t0.source, t0.shape, t0.dtype, s0, entry=t0))
             continue
         dtypes = {t.dtype for t, _ in copies}
         dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
@@ -208,17 +242,17 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
                 raise InputError(t.source, f"replica of {name!r} has shape {list(t.shape)}, but {list(t0.shape)} in {t0.source}")
             if t._fortran != t0._fortran:
                 raise InputError(t.source, f"replica of {name!r} is stored in {_order(t)} order, but in {_order(t0)} order in {t0.source}")
-        bad = [st for _, st in copies if st.nonfinite]
+        bad = [(t, st) for t, st in copies if st.nonfinite]
         if bad:  # NaN/inf in any copy must show, whichever copy it is in
             worst = math.nan
             warnings.append(f"copies of {name} hold NaN/inf values: their difference is undefined")
-            s0 = bad[0]
+            t0, s0 = bad[0]
         else:
             tools = tools or _PairTools.make()
             worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t, tools).d.linf for t, _ in copies[1:])
             if worst != 0.0:
                 warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
-        records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), worst))
+        records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), worst, t0))
     return records, warnings
 
 
@@ -271,11 +305,21 @@ def _report(
     jobs: int | None,
     shards: str | None = None,
     group_sep: str = ".",
+    dedup: bool = False,
 ) -> NormsReport:
+    chosen = select(include, exclude)
+    require_floats(sources, lambda t: chosen(t.name))
     results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
     records, warnings = _merge(results, shards, sources, p)
     if shards:
         skipped = list({sk.name: sk for sk in skipped}.values())
+    copies = _copies(records, sources)
+    for name, first in copies.items():
+        warnings.append(f"{name} is an exact copy of {first} (tied weights?): "
+                        + ("counted once (--dedup)" if dedup else "counted twice; --dedup counts it once"))
+    if dedup:  # left out, as model.parameters() leaves out tied parameters
+        records = [r for r in records if r.name not in copies]
+        copies = {}
     total = combine((r.stats for r in records), p)
     # Shares are fractions of the global Σx²; when NaN/Inf make that undefined,
     # finite tensors get their fraction of the finite tensors' Σx² instead.
@@ -284,7 +328,7 @@ def _report(
     if by is not None:
         rows = _group_rows(records, base, by, group_sep)
     else:
-        rows = [_row(r, base) for r in records]
+        rows = [_row(r, base, duplicate_of=copies.get(r.name)) for r in records]
     rows = sort_rows(rows, sort)
     omitted = 0
     if top is not None and len(rows) > top:
@@ -305,14 +349,76 @@ def _report(
         group_sep=group_sep if group_by is not None else None,
         shards=shards,
         notes=tuple(warnings),
+        dedup=dedup,
     )
 
 
-def _row(r: _Record, base: Stats, name: str | None = None, members: int = 1) -> TensorNorms:
+def _row(r: _Record, base: Stats, name: str | None = None, members: int = 1,
+         duplicate_of: str | None = None) -> TensorNorms:
     s = r.stats
     share = math.nan if s.nonfinite else s.share_of(base)
     return TensorNorms(name or r.name, r.source, r.shape, r.dtype, s.numel, s.l1, s.l2, s.linf, s.norm, s.sq, share,
-                       s.nan, s.inf, members, r.replica_diff, r.pieces)
+                       s.nan, s.inf, members, r.replica_diff, r.pieces, duplicate_of)
+
+
+def _copies(records: list[_Record], sources: Sequence[Source]) -> dict[str, str]:
+    """{name: name of the first record in file order with the same bytes} (tied weights saved twice).
+
+    Only tensors with the same largest magnitude (exact and cheap: one dict, so
+    a set without copies costs nothing), dtype, shape, order, element and
+    NaN/Inf counts, and the same sums (within rounding: the same bytes may be
+    summed in another order, one tensor deflated and one not) have their bytes
+    compared, streamed chunk by chunk.  All-zero or empty tensors are never copies.
+    """
+    seen: dict[float, _Record] = {}
+    clash: dict[float, list[_Record]] = {}
+    for r in records:
+        m = r.stats.linf  # 0.0 only for finite all-zero or empty tensors; NaN when any NaN
+        if m == 0.0 or r.entry is None:
+            continue
+        if math.isnan(m):
+            m = -float(r.stats.nan)  # NaN is no dict key; real magnitudes are >= 0
+        first = seen.setdefault(m, r)
+        if first is not r:
+            clash.setdefault(m, [first]).append(r)
+    out: dict[str, str] = {}
+    src_of = {s.path: s for s in sources}
+    tools: _PairTools | None = None
+    for group in clash.values():
+        firsts: list[_Record] = []
+        for r in group:
+            for f in firsts:
+                if _may_be_copies(f, r):
+                    tools = tools or _PairTools.make()
+                    ta, tb = f.entry, r.entry
+                    assert ta is not None and tb is not None
+                    if _same_bytes(src_of[ta.source], ta, src_of[tb.source], tb, tools):
+                        out[r.name] = f.name
+                        break
+            else:
+                firsts.append(r)
+    return out
+
+
+def _may_be_copies(a: _Record, b: _Record) -> bool:
+    ta, tb, sa, sb = a.entry, b.entry, a.stats, b.stats
+    assert ta is not None and tb is not None
+    if (ta.dtype, ta.shape, ta._fortran, sa.numel, sa.nan, sa.inf) != (tb.dtype, tb.shape, tb._fortran, sb.numel,
+                                                                        sb.nan, sb.inf):
+        return False
+    if sa.nonfinite:
+        return True  # equal NaN/Inf counts: only the bytes can tell
+    return math.isclose(sa.l1, sb.l1, rel_tol=1e-9) and math.isclose(sa.l2, sb.l2, rel_tol=1e-9)
+
+
+def _same_bytes(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, tools: _PairTools) -> bool:
+    """True when two tensors of the same dtype and shape hold the same bytes (NaN payloads and -0.0 included)."""
+    _, buf_a, buf_b = tools
+    with sa, sb:
+        for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)):
+            if not np.array_equal(np.ascontiguousarray(ca).view(np.uint8), np.ascontiguousarray(cb).view(np.uint8)):
+                return False
+    return True
 
 
 def group_name(name: str, by: int | str | re.Pattern[str], sep: str = ".") -> str:
@@ -398,12 +504,13 @@ def check(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    dedup: bool = False,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
-                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards)
+                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards, dedup=dedup)
     return evaluate(report, rules if rules is not None else Rules())
 
 
@@ -428,12 +535,19 @@ def diff(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     progress: Progress | None = None,
+    strip_prefix: Iterable[str] = (),
+    strip_prefix_a: Iterable[str] = (),
+    strip_prefix_b: Iterable[str] = (),
 ) -> DiffReport:
     """Compare two gradient sets tensor by tensor and as a whole, streaming both.
 
     A tensor fails when ``l2_diff > atol + rtol * max(l2_a, l2_b)`` (when
     ``rtol`` or ``atol`` is given; the other counts as 0) or when
-    ``cosine < min_cosine``.
+    ``cosine < min_cosine``.  With a tolerance, nothing compared fails too.
+
+    Names are matched after removing from each the first matching prefix of
+    ``strip_prefix_a`` (A) or ``strip_prefix_b`` (B), then of ``strip_prefix``
+    (both sides); ``include``/``exclude`` and the report see those names.
     """
     from .diff import combine_pairs
 
@@ -445,45 +559,48 @@ def diff(
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
     srcs_a, srcs_b = open_paths(_paths(a)), open_paths(_paths(b))
     chosen = select(include, exclude)
-    where_b = {t.name: (s, t) for s in srcs_b for t in s.tensors if chosen(t.name)}
+    both = tuple(strip_prefix)
+    side_a = _named(srcs_a, chosen, (*strip_prefix_a, *both))
+    side_b = _named(srcs_b, chosen, (*strip_prefix_b, *both))
+    where_b = {name: (s, t) for name, s, t in side_b}
     names_a: set[str] = set()
     skipped: list[Skipped] = []
-    pairs: list[tuple[Source, TensorEntry, Source, TensorEntry]] = []
+    pairs: list[tuple[str, Source, TensorEntry, Source, TensorEntry]] = []
     mismatched: list[Mismatch] = []
     only_a: list[str] = []
-    for sa in srcs_a:
-        for ta in sa.tensors:
-            if not chosen(ta.name):
-                continue
-            names_a.add(ta.name)
-            hit = where_b.get(ta.name)
-            if hit is None:
-                only_a.append(ta.name)
-                continue
-            sb, tb = hit
-            if ta.shape != tb.shape:
-                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype, "shapes differ"))
-            elif not ta.is_float and not tb.is_float:  # e.g. a step counter on both sides: not gradients
-                skipped.append(Skipped(ta.name, ta.source, ta.dtype, ta.skip_reason or ""))
-            elif ta.is_float != tb.is_float:
-                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype,
-                                           "one side is not a floating-point tensor"))
-            elif ta._fortran != tb._fortran:
-                mismatched.append(Mismatch(ta.name, ta.shape, tb.shape, ta.dtype, tb.dtype,
-                                           f"A is in {_order(ta)} order, B in {_order(tb)} order"))
-            else:
-                pairs.append((sa, ta, sb, tb))
+    for name, sa, ta in side_a:
+        names_a.add(name)
+        hit = where_b.get(name)
+        if hit is None:
+            only_a.append(name)
+            continue
+        sb, tb = hit
+        if ta.shape != tb.shape:
+            mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype, "shapes differ"))
+        elif not ta.is_float and not tb.is_float:  # e.g. a step counter on both sides: not gradients
+            skipped.append(Skipped(ta.name, ta.source, ta.dtype, ta.skip_reason or ""))
+        elif ta.is_float != tb.is_float:
+            mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype,
+                                       "one side is not a floating-point tensor"))
+        elif ta._fortran != tb._fortran:
+            mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype,
+                                       f"A is in {_order(ta)} order, B in {_order(tb)} order"))
+        else:
+            pairs.append((name, sa, ta, sb, tb))
     only_b = [n for n in where_b if n not in names_a]
     tools = _PairTools.make()
     rows: list[DiffRow] = []
     stats = []
-    for sa, ta, sb, tb in pairs:
+    for name, sa, ta, sb, tb in pairs:
         ps = _pair_stats(sa, ta, sb, tb, tools)
         if progress is not None:
             progress(ta.nbytes + tb.nbytes)
         stats.append(ps)
-        rows.append(_diff_row(ta.name, ta.shape, ta.dtype, tb.dtype, ps, tol))
-    total = combine_pairs(stats)
+        rows.append(_diff_row(name, ta.shape, ta.dtype, tb.dtype, ps, tol))
+    total = _diff_row(None, None, None, None, combine_pairs(stats), Tolerances())
+    if not rows:  # nothing compared: no global number means anything (JSON: null)
+        nan = math.nan
+        total = DiffRow(None, None, None, None, 0, nan, nan, nan, nan, nan, nan)
     rows.sort(key=lambda r: _desc(r.rel))
     return DiffReport(
         a=tuple(s.path for s in srcs_a),
@@ -492,10 +609,33 @@ def diff(
         only_a=tuple(only_a),
         only_b=tuple(only_b),
         mismatched=tuple(mismatched),
-        total=_diff_row(None, None, None, None, total, Tolerances()),
+        total=total,
         tolerances=tol,
         skipped=tuple(skipped),
     )
+
+
+def _strip(name: str, prefixes: Sequence[str]) -> str:
+    """``name`` without the first of ``prefixes`` it starts with."""
+    for pre in prefixes:
+        if pre and name.startswith(pre):
+            return name[len(pre):]
+    return name
+
+
+def _named(sources: Sequence[Source], chosen: Callable[[str], bool],
+           prefixes: Sequence[str]) -> list[tuple[str, Source, TensorEntry]]:
+    """(compared name, source, tensor) of one diff side's selected tensors, in file order."""
+    out = [(_strip(t.name, prefixes), s, t) for s in sources for t in s.tensors]
+    out = [x for x in out if chosen(x[0])]
+    picked = {id(t) for _, _, t in out}
+    require_floats(sources, lambda t: id(t) in picked)
+    seen: dict[str, TensorEntry] = {}
+    for name, s, t in out:
+        first = seen.setdefault(name, t)
+        if first is not t:
+            raise InputError(s.path, f"--strip-prefix turns both {first.name!r} and {t.name!r} into {name!r}")
+    return out
 
 
 def _diff_row(name: str | None, shape: tuple[int, ...] | None, dtype_a: str | None, dtype_b: str | None,

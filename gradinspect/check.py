@@ -12,12 +12,18 @@ from .report import norm_label as _label
 
 __all__ = ["Rules", "evaluate", "RULE_IDS"]
 
-RULE_IDS = ("nonfinite", "max_total", "min_total", "clip", "max_share", "zero", "max_tensor_norm")
+RULE_IDS = ("nonfinite", "max_total", "min_total", "clip", "max_share", "zero", "max_tensor_norm", "replicas_differ")
 
 
 @dataclass(frozen=True)
 class Rules:
-    """Which rules apply, and their limits (None: the rule is off)."""
+    """Which rules apply, and their limits (None: the rule is off).
+
+    ``replicas_differ`` is on whenever the report was made with ``shards="replicas"``:
+    copies of a tensor fail when their largest |difference| > ``max_replica_diff``
+    (a NaN difference, from NaN/Inf in a copy, always fails: here when the
+    ``nonfinite`` rule, which reports such tensors already, is off).
+    """
 
     nonfinite: bool = True
     max_total: float | None = None
@@ -26,6 +32,7 @@ class Rules:
     max_share: float | None = None
     fail_on_zero: bool = False
     max_tensor_norm: float | None = None
+    max_replica_diff: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -34,8 +41,11 @@ class Rules:
                 raise ValueError(f"{f.name} must be a number, not NaN")
         if self.max_share is not None and not 0.0 <= self.max_share <= 1.0:
             raise ValueError(f"max_share must be between 0 and 1, not {self.max_share}")
+        if not self.max_replica_diff >= 0.0:
+            raise ValueError(f"max_replica_diff must be >= 0, not {self.max_replica_diff}")
 
-    def enabled(self) -> tuple[str, ...]:
+    def enabled(self, shards: str | None = None) -> tuple[str, ...]:
+        """The rules that apply to a report made with ``shards``."""
         on = {
             "nonfinite": self.nonfinite,
             "max_total": self.max_total is not None,
@@ -44,6 +54,7 @@ class Rules:
             "max_share": self.max_share is not None,
             "zero": self.fail_on_zero,
             "max_tensor_norm": self.max_tensor_norm is not None,
+            "replicas_differ": shards == "replicas",
         }
         return tuple(r for r in RULE_IDS if on[r])
 
@@ -87,7 +98,16 @@ def evaluate(report: NormsReport, rules: Rules) -> CheckReport:
             if not t.norm <= rules.max_tensor_norm:
                 add("max_tensor_norm", t.name, t.norm, rules.max_tensor_norm,
                     f"{t.name}: {label} {_g(t.norm)} > {_g(rules.max_tensor_norm)}")
-    return CheckReport(rules.enabled(), tuple(out), report)
+    if report.shards == "replicas":
+        tol = rules.max_replica_diff
+        for t in report.tensors:
+            d = t.replica_max_diff
+            if d is None or d <= tol or (math.isnan(d) and rules.nonfinite):  # NaN: a nonfinite finding
+                continue
+            what = ("copies hold NaN/inf values: their difference is undefined" if math.isnan(d)
+                    else f"the {t.pieces} copies differ by up to {_g(d)} > {_g(tol)}")
+            add("replicas_differ", t.name, d, tol, f"{t.name}: {what}")
+    return CheckReport(rules.enabled(report.shards), tuple(out), report)
 
 
 def rules_from(values: dict[str, Any]) -> Rules:
@@ -100,4 +120,5 @@ def rules_from(values: dict[str, Any]) -> Rules:
         max_share=values.get("max_share"),
         fail_on_zero=bool(values.get("fail_on_zero", False)),
         max_tensor_norm=values.get("max_tensor_norm"),
+        max_replica_diff=values.get("max_replica_diff") or 0.0,
     )

@@ -194,6 +194,14 @@ def _shards_option(f: Any) -> Any:
              "counted once. Without it, a repeated name is an error.")(f)
 
 
+def _dedup_option(f: Any) -> Any:
+    return click.option(
+        "--dedup/--no-dedup", default=False,
+        help="Count exact copies once (tied weights saved twice, e.g. lm_head.weight = wte.weight), as "
+             "model.parameters() does: a copy's row is left out. Without it, copies are a warning. Tensors merged "
+             "from --shards slices are never compared.")(f)
+
+
 def _paths_argument(f: Any) -> Any:
     return click.argument("paths", nargs=-1, required=True, metavar="PATH...")(f)
 
@@ -238,10 +246,12 @@ def _finite(name: str, value: float | None) -> None:
 @click.option("--sep", "group_sep", default=".", show_default=True, metavar="TEXT",
               help="What --group-by N splits names on (JAX names use /).")
 @_shards_option
+@_dedup_option
 @_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | str | None, group_sep: str, shards: str | None, jobs: int | None, quiet: bool) -> None:
+          group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, jobs: int | None,
+          quiet: bool) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -274,13 +284,15 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
             group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+            dedup=dedup,
         )
     _warn(report.warnings(), quiet)
     _emit(fmt, "norms", report)
 
 
 _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
-                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "fmt", "shards", "jobs", "quiet")
+                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "max_replica_diff", "fmt", "shards",
+                  "dedup", "jobs", "quiet")
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -298,10 +310,15 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @click.option("--fail-on-zero/--no-fail-on-zero", default=False,
               help="Fail when a tensor's gradient is all zeros (frozen or disconnected).")
 @click.option("--max-tensor-norm", type=float, default=None, metavar="X", help="Fail when a tensor's norm > X.")
+@click.option("--max-replica-diff", type=click.FloatRange(0), default=None, metavar="X",
+              help="With --shards replicas (rule replicas_differ, on with it): tolerate copies of a tensor that "
+                   "differ by max |difference| <= X (default 0: copies must be identical; NaN/Inf in a copy "
+                   "always fails).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
 @_format_option("check")
 @_shards_option
+@_dedup_option
 @_jobs_option
 def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
@@ -312,6 +329,11 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     working directory upward) or in --config FILE; keys are the long option
     names with underscores (max_total = 10.0, fail_on_clip = true).
     Command-line options win.
+
+    With --shards replicas the rule replicas_differ is on: copies of a
+    tensor must agree (within --max-replica-diff).  The numbers shown for a
+    replicated tensor are its first copy's in file order, or, when a copy
+    holds NaN/Inf, the first such copy's.
 
     \b
     Examples:
@@ -341,7 +363,7 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     for name in _CHECK_OPTIONS:
         if name in settings and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
             options[name] = settings[name]
-    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm"):
+    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm", "max_replica_diff"):
         _finite("--" + name.replace("_", "-"), options[name])
     try:
         rules = rules_from(options)
@@ -351,7 +373,8 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     with _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
-                           shards=options["shards"], jobs=options["jobs"], progress=bar)
+                           shards=options["shards"], jobs=options["jobs"], progress=bar,
+                           dedup=options["dedup"])
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
@@ -366,10 +389,16 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, metavar="C",
               help="A tensor fails when its cosine similarity < C.")
 @click.option("--allow-missing", is_flag=True,
-              help="Different tensor sets or shapes do not fail the comparison.")
+              help="Different tensor sets or shapes do not fail the comparison (nothing compared still does).")
+@click.option("--strip-prefix", multiple=True, metavar="PREFIX",
+              help="Match names without PREFIX (e.g. module.), on both sides; the first matching one is removed "
+                   "(repeatable). --include/--exclude and the report see the stripped names.")
+@click.option("--strip-prefix-a", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for A only.")
+@click.option("--strip-prefix-b", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for B only.")
 @_selection_options
 @_format_option("diff")
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
+         strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
          include: tuple[str, ...], exclude: tuple[str, ...], fmt: str) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
@@ -386,18 +415,23 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
       gradinspect diff rank0.safetensors rank1.safetensors --rtol 1e-6
       gradinspect diff grads_fp32.safetensors grads_bf16.safetensors --min-cosine 0.999
       gradinspect diff golden/ current/ --rtol 1e-5 --format json
+      gradinspect diff ddp_grads.safetensors grads.safetensors --strip-prefix-a module.
 
-    Exit status: without a tolerance, 0 (diff only reports).  With --rtol,
-    --atol or --min-cosine: 1 when a tensor fails or the tensor sets or shapes
-    differ (unless --allow-missing), else 0.  2 on unreadable input or bad usage.
+    Exit status: without a tolerance, 0 (diff only reports; a warning when
+    nothing was compared).  With --rtol, --atol or --min-cosine: 1 when a
+    tensor fails, when nothing was compared, or when the tensor sets or shapes
+    differ (unless --allow-missing), else 0.  2 on unreadable input or bad
+    usage, a side with no floating-point tensor selected, or two names that
+    --strip-prefix makes equal.
     """
     from .api import diff as run_diff
 
     for name, v in (("--rtol", rtol), ("--atol", atol), ("--min-cosine", min_cosine)):
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
-                      include=include, exclude=exclude)
-    _warn([s.warning() for s in report.skipped])
+                      include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
+                      strip_prefix_b=strip_prefix_b)
+    _warn(report.warnings())
     _emit(fmt, "diff", report)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 

@@ -111,8 +111,10 @@ CHECK_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_share": _share,
     "fail_on_zero": _bool,
     "max_tensor_norm": _number,
+    "max_replica_diff": _non_negative,
     "format": _string,
     "shards": _string,
+    "dedup": _bool,
     "jobs": _jobs,
     "quiet": _bool,
 }

@@ -43,6 +43,7 @@ class TensorNorms:
     members: int = 1  # tensors in a --group-by row
     replica_max_diff: float | None = None  # --shards replicas: largest |difference| between copies
     pieces: int = 1  # --shards: the files its slices or copies came from (summed over a group)
+    duplicate_of: str | None = None  # an exact copy of this earlier tensor (tied weights saved twice)
 
     @property
     def nonfinite(self) -> int:
@@ -71,6 +72,7 @@ class TensorNorms:
             "members": self.members,
             "replica_max_diff": self.replica_max_diff,
             "pieces": self.pieces,
+            "duplicate_of": self.duplicate_of,
         }
 
 
@@ -163,6 +165,7 @@ class NormsReport:
     shards: str | None = None
     notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
     group_sep: str | None = None  # the separator --group-by splits on or joins with
+    dedup: bool = False  # exact copies were left out of the rows and totals
 
     def input_warnings(self) -> list[str]:
         """Warnings about the input: skipped tensors, replicas that differ."""
@@ -188,6 +191,7 @@ class NormsReport:
             "group_by": self.group_by,
             "group_sep": self.group_sep,
             "shards": self.shards,
+            "dedup": self.dedup,
             "tensors": [t.to_dict() for t in self.tensors],
             "omitted": self.omitted,
             "skipped": [s.to_dict() for s in self.skipped],
@@ -341,11 +345,24 @@ class DiffReport:
 
     @property
     def ok(self) -> bool:
-        """True exactly when ``gradinspect diff`` exits 0."""
+        """True exactly when ``gradinspect diff`` exits 0 (with a tolerance, nothing compared fails)."""
         if not self.tolerances.any:
             return True
+        if not self.tensors:
+            return False
         sets_differ = bool(self.only_a or self.only_b or self.mismatched)
         return not self.failed and (self.tolerances.allow_missing or not sets_differ)
+
+    def warnings(self) -> list[str]:
+        """Skipped tensors, and a comparison of nothing."""
+        out = [s.warning() for s in self.skipped]
+        if not self.tensors:
+            if self.mismatched or self.skipped:
+                out.append("no tensor in both A and B can be compared element by element: nothing was compared")
+            else:
+                out.append("no tensor is in both A and B: nothing was compared (different name prefixes? "
+                           "see --strip-prefix)")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -359,7 +376,9 @@ class DiffReport:
             "only_b": list(self.only_b),
             "mismatched": [m.to_dict() for m in self.mismatched],
             "skipped": [s.to_dict() for s in self.skipped],
-            "total": self.total.to_dict(),
+            # nothing compared: the global numbers were not computed (null, never a cosine of 1)
+            "total": self.total.to_dict() if self.tensors else {
+                k: (None if isinstance(v, float) else v) for k, v in self.total.to_dict().items()},
         }
 
 

@@ -136,7 +136,7 @@ def diff_summary(report: Any) -> list[tuple[str, str]]:
         ("relative diff", num(t.rel, 6)),
         ("cosine", num(t.cosine, 10)),
         ("max |A−B|", num(t.linf_diff, 6)),
-    ]
+    ] if report.tensors else [("compared", "nothing compared")]
     if report.only_a:
         lines.append(("only in A", _names(report.only_a)))
     if report.only_b:
@@ -155,7 +155,9 @@ def diff_summary(report: Any) -> list[tuple[str, str]]:
         lines.append(("tolerance", " and ".join(parts)))
         n = len(report.failed)
         verdict = "ok" if report.ok else f"FAIL: {n} tensor{'s' if n != 1 else ''} outside tolerance"
-        if not report.ok and not report.failed:
+        if not report.tensors:
+            verdict = "FAIL: nothing was compared"
+        elif not report.ok and not report.failed:
             verdict = "FAIL: the tensor sets or shapes differ"
         elif not report.ok and (report.only_a or report.only_b or report.mismatched) and not tol.allow_missing:
             verdict += "; the tensor sets or shapes differ"
