@@ -6,14 +6,15 @@ builds ``check.Rules``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
-from .loaders import ChunkBuffer, Source, TensorEntry, array_source, open_paths
+from .loaders import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
 from .norms import Reducer, Stats, combine, parse_norm_type
 from .report import (
     CheckReport,
@@ -41,6 +42,16 @@ Progress = Callable[[int], None]
 
 def _paths(paths: Any) -> list[str | os.PathLike[str]]:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+@contextlib.contextmanager
+def _opened(paths: Any, allow_repeats: bool = False) -> Iterator[list[Source]]:
+    """The sources of ``paths``, every one closed at the end, also on error."""
+    sources = open_paths(_paths(paths), allow_repeats=allow_repeats)
+    try:
+        yield sources
+    finally:
+        close_all(sources)
 
 
 def inspect(
@@ -78,8 +89,8 @@ def inspect(
     _check_options(max_norm, eps, sort, top, group_by)
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
-    sources = open_paths(_paths(paths), allow_repeats=shards is not None)
-    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards)
+    with _opened(paths, allow_repeats=shards is not None) as sources:
+        return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards)
 
 
 def compute_norms(
@@ -137,7 +148,8 @@ def tensor_stats(
     """Stream every selected floating tensor through reducers, source by source.
 
     ``jobs`` threads (default: one per core) share the work; the results do not
-    depend on ``jobs``.
+    depend on ``jobs``.  Each source is finished (checked unchanged, released)
+    after its last byte is read.
     """
     from .engine import default_jobs, reduce_entries
 
@@ -151,10 +163,10 @@ def tensor_stats(
         entries = [t for t in src.tensors if chosen(t.name)]
         skipped.extend(Skipped(t.name, t.source, t.dtype, t.skip_reason or "") for t in entries if not t.is_float)
         floats = [t for t in entries if t.is_float]
-        if not floats:
-            continue
-        with src:
-            results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress)))
+        if floats:
+            with src:
+                results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress)))
+        src.finish()
     return results, skipped
 
 
@@ -373,12 +385,13 @@ def check(
 
 def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InfoReport:
     """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names)."""
-    sources = open_paths(_paths(paths), allow_repeats=True)
-    return InfoReport(
-        sources=tuple(s.path for s in sources),
-        tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes) for s in sources for t in s.tensors),
-        metadata={s.path: s.metadata for s in sources if s.metadata},
-    )
+    with _opened(paths, allow_repeats=True) as sources:
+        return InfoReport(
+            sources=tuple(s.path for s in sources),
+            tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes)
+                          for s in sources for t in s.tensors),
+            metadata={s.path: s.metadata for s in sources if s.metadata},
+        )
 
 
 def diff(
@@ -399,15 +412,20 @@ def diff(
     ``rtol`` or ``atol`` is given; the other counts as 0) or when
     ``cosine < min_cosine``.
     """
-    from .diff import combine_pairs
-
     for name, v in (("rtol", rtol), ("atol", atol)):
         if v is not None and not 0 <= v < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, not {v}")
     if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
-    srcs_a, srcs_b = open_paths(_paths(a)), open_paths(_paths(b))
+    with _opened(a) as srcs_a, _opened(b) as srcs_b:
+        return _diff(srcs_a, srcs_b, tol, include, exclude, progress)
+
+
+def _diff(srcs_a: list[Source], srcs_b: list[Source], tol: Tolerances, include: Iterable[str],
+          exclude: Iterable[str], progress: Progress | None) -> DiffReport:
+    from .diff import combine_pairs
+
     chosen = select(include, exclude)
     where_b = {t.name: (s, t) for s in srcs_b for t in s.tensors if chosen(t.name)}
     names_a: set[str] = set()
@@ -447,6 +465,8 @@ def diff(
             progress(ta.nbytes + tb.nbytes)
         stats.append(ps)
         rows.append(_diff_row(ta.name, ta.shape, ta.dtype, tb.dtype, ps, tol))
+    for src in (*srcs_a, *srcs_b):
+        src.finish()
     total = combine_pairs(stats)
     rows.sort(key=lambda r: _desc(r.rel))
     return DiffReport(

@@ -1,0 +1,193 @@
+"""Files as they are on disk: changed while being read, skipped files, warnings, --json, --loss-scale."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from safetensors.numpy import save_file
+
+import gradinspect
+from gradinspect import api, engine, loaders
+from gradinspect.cli import cli
+from gradinspect.errors import InputError
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- 1. a file changed between its header and its data ------------------------------
+
+
+def _save(path: Path, value: float, meta: str = "", name: str = "w") -> Path:
+    """One float32 tensor; ``meta`` lengthens the header, moving the data."""
+    save_file({name: np.full(64, value, np.float32)}, str(path), metadata={"pad": meta} if meta else None)
+    return path
+
+
+def _replace(path: Path) -> None:
+    """Another file renamed over ``path``: a longer header, so old offsets land in its header text."""
+    new = path.with_suffix(".new")
+    _save(new, 3.0, meta="x" * 200)
+    os.replace(new, path)
+
+
+def _rewrite_in_place(path: Path) -> None:
+    """Same size, other bytes, a later mtime (set explicitly: no sleep, no clock granularity)."""
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[-4:] = np.float32(1e30).tobytes()
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def _append(path: Path) -> None:
+    with open(path, "ab") as f:
+        f.write(b"\0" * 64)
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, os.stat(path).st_size - 100)
+
+
+CHANGES = {"replaced": _replace, "rewritten": _rewrite_in_place, "appended": _append, "truncated": _truncate}
+
+
+def _before_reading(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
+    """Run ``change`` once, after the headers are parsed, before the first data byte is read."""
+    original = engine.reduce_entries
+    done: list[bool] = []
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        if not done:
+            done.append(True)
+            change()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "reduce_entries", hooked)
+
+
+@pytest.fixture(params=["held", "parked"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """held: each file read through the descriptor its header came from; parked: past the
+    descriptor budget, closed after the header and reopened (verified) to read."""
+    if request.param == "parked":
+        monkeypatch.setattr(loaders, "_hold_budget", lambda: 0)
+    return request.param
+
+
+@pytest.mark.parametrize("how", CHANGES)
+def test_file_changed_between_header_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                              how: str) -> None:
+    a = _save(tmp_path / "a.safetensors", 0.5)
+    b = _save(tmp_path / "b.safetensors", 0.25, name="v")
+    _before_reading(monkeypatch, lambda: CHANGES[how](a))
+    r = run("norms", a, b)
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    assert r.stderr == f"Error: {a}: changed while being read\n"
+
+
+def test_file_replaced_during_replica_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = _save(tmp_path / "rank0.safetensors", 0.5)
+    b = _save(tmp_path / "rank1.safetensors", 0.5)
+    original = api._pair_stats
+
+    def hooked(*args: Any) -> Any:
+        _replace(b)
+        return original(*args)
+
+    monkeypatch.setattr(api, "_pair_stats", hooked)
+    r = run("norms", a, b, "--shards", "replicas")
+    assert r.exit_code == 2, r.output
+    assert r.stderr == f"Error: {b}: changed while being read\n"
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_diff_file_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    a = _save(tmp_path / "a.safetensors", 0.5)
+    b = _save(tmp_path / "b.safetensors", 0.5)
+    original = api._pair_stats
+
+    def hooked(*args: Any) -> Any:
+        CHANGES[how](b)
+        return original(*args)
+
+    monkeypatch.setattr(api, "_pair_stats", hooked)
+    r = run("diff", a, b)
+    assert r.exit_code == 2, r.output
+    assert r.stderr == f"Error: {b}: changed while being read\n"
+
+
+def test_unchanged_files_open_once_and_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One open per file (never reopened by path), stat calls per file that do not grow with
+    its tensor count, and no descriptor left open, also after an error."""
+    calls = {"open": 0, "stat": 0}
+    real_open, real_fstat, real_stat = loaders._open_fd, os.fstat, os.stat
+
+    def counting_open(path: str) -> int:
+        calls["open"] += 1
+        return real_open(path)
+
+    def counting(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            calls["stat"] += 1
+            return fn(*args, **kwargs)
+        return inner
+
+    monkeypatch.setattr(loaders, "_open_fd", counting_open)
+    monkeypatch.setattr(os, "fstat", counting(real_fstat))
+    monkeypatch.setattr(os, "stat", counting(real_stat))
+    before = _fds()
+    per_file = []
+    for n in (1, 50):
+        paths = []
+        for i in range(3):
+            p = tmp_path / f"n{n}s{i}.safetensors"
+            save_file({f"t{i}.{k}": np.full(10 + k, 1.0, np.float32) for k in range(n)}, str(p))
+            paths.append(p)
+        calls.update(open=0, stat=0)
+        report = gradinspect.inspect(paths)
+        assert report.total.numel == 3 * sum(10 + k for k in range(n))
+        assert calls["open"] == 3
+        per_file.append(calls["stat"] / 3)
+    assert per_file[0] == per_file[1] <= 7  # resolve + header 4, and 3 checks: fstat at the header, fstat + stat at the end
+    assert _fds() == before
+    api.info(paths)
+    api.diff(paths, paths)
+    assert _fds() == before
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage!" * 4)
+    for call in (lambda: gradinspect.inspect([*paths, bad]), lambda: api.diff(paths, [bad])):
+        with pytest.raises(InputError, match="bad.safetensors"):
+            call()
+        assert _fds() == before
+
+
+def test_many_files_do_not_exhaust_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the budget, sources are parked: at most the budget is open at once."""
+    monkeypatch.setattr(loaders, "_hold_budget", lambda: 4)
+    paths = [_save(tmp_path / f"r{i:02d}.safetensors", float(i), name=f"w{i}") for i in range(20)]
+    before = _fds()
+    peak = [0]
+    original = engine.reduce_entries
+
+    def watching(*args: Any, **kwargs: Any) -> Any:
+        peak[0] = max(peak[0], _fds() - before)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "reduce_entries", watching)
+    report = gradinspect.inspect(paths)
+    assert report.total.sq == sum(64 * float(i) ** 2 for i in range(20))
+    assert 1 <= peak[0] <= 5
+    assert _fds() == before
