@@ -45,9 +45,9 @@ def _paths(paths: Any) -> list[str | os.PathLike[str]]:
 
 
 @contextlib.contextmanager
-def _opened(paths: Any, allow_repeats: bool = False) -> Iterator[list[Source]]:
-    """The sources of ``paths``, every one closed at the end, also on error."""
-    sources = open_paths(_paths(paths), allow_repeats=allow_repeats)
+def _opened(paths: Any, allow_repeats: bool = False, notes: list[str] | None = None) -> Iterator[list[Source]]:
+    """The sources of ``paths``, every one closed at the end, also on error; warnings to ``notes``."""
+    sources = open_paths(_paths(paths), allow_repeats=allow_repeats, notes=notes)
     try:
         yield sources
     finally:
@@ -89,8 +89,10 @@ def inspect(
     _check_options(max_norm, eps, sort, top, group_by)
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
-    with _opened(paths, allow_repeats=shards is not None) as sources:
-        return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards)
+    notes: list[str] = []
+    with _opened(paths, allow_repeats=shards is not None, notes=notes) as sources:
+        return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards,
+                       notes)
 
 
 def compute_norms(
@@ -275,6 +277,7 @@ def _report(
     progress: Progress | None,
     jobs: int | None,
     shards: str | None = None,
+    notes: Sequence[str] = (),
 ) -> NormsReport:
     results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
     records, warnings = _merge(results, shards, sources, p)
@@ -306,7 +309,7 @@ def _report(
         omitted=omitted,
         group_by=group_by,
         shards=shards,
-        notes=tuple(warnings),
+        notes=(*notes, *warnings),
     )
 
 
@@ -385,12 +388,14 @@ def check(
 
 def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InfoReport:
     """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names)."""
-    with _opened(paths, allow_repeats=True) as sources:
+    notes: list[str] = []
+    with _opened(paths, allow_repeats=True, notes=notes) as sources:
         return InfoReport(
             sources=tuple(s.path for s in sources),
             tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes)
                           for s in sources for t in s.tensors),
             metadata={s.path: s.metadata for s in sources if s.metadata},
+            notes=tuple(notes),
         )
 
 
@@ -418,12 +423,13 @@ def diff(
     if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
-    with _opened(a) as srcs_a, _opened(b) as srcs_b:
-        return _diff(srcs_a, srcs_b, tol, include, exclude, progress)
+    notes: list[str] = []
+    with _opened(a, notes=notes) as srcs_a, _opened(b, notes=notes) as srcs_b:
+        return _diff(srcs_a, srcs_b, tol, include, exclude, progress, notes)
 
 
 def _diff(srcs_a: list[Source], srcs_b: list[Source], tol: Tolerances, include: Iterable[str],
-          exclude: Iterable[str], progress: Progress | None) -> DiffReport:
+          exclude: Iterable[str], progress: Progress | None, notes: list[str]) -> DiffReport:
     from .diff import combine_pairs
 
     chosen = select(include, exclude)
@@ -479,6 +485,7 @@ def _diff(srcs_a: list[Source], srcs_b: list[Source], tol: Tolerances, include: 
         total=_diff_row(None, None, None, None, total, Tolerances()),
         tolerances=tol,
         skipped=tuple(skipped),
+        notes=tuple(notes),
     )
 
 

@@ -371,7 +371,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude)
-    _warn([s.warning() for s in report.skipped])
+    _warn(report.warnings())
     _emit(fmt, "diff", report)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
@@ -392,7 +392,9 @@ def info(paths: tuple[str, ...], fmt: str) -> None:
     """
     from .api import info as run_info
 
-    _emit(fmt, "info", run_info(list(paths)))
+    report = run_info(list(paths))
+    _warn(list(report.notes))
+    _emit(fmt, "info", report)
 
 
 def main(argv: list[str] | None = None) -> None:

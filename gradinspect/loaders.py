@@ -746,9 +746,11 @@ def _regular_file(path: str) -> os.stat_result:
     return st
 
 
-def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | None = None) -> list[str]:
     """The files that ``paths`` name, in order: directories list their supported
-    files sorted by name, index files their shards, quoted globs their matches."""
+    files sorted by name, index files their shards, quoted globs their matches.
+
+    A warning for each directory's other files is appended to ``notes``."""
     out: list[str] = []
     for p in paths:
         p = os.fspath(p)
@@ -756,7 +758,7 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             matches = sorted(glob.glob(p))
             if not matches:
                 raise InputError(p, "no file matches this pattern")
-            out.extend(resolve_paths(matches))
+            out.extend(resolve_paths(matches, notes))
         elif os.path.isdir(p):
             try:
                 names = os.listdir(p)
@@ -768,12 +770,30 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             )
             if not found:
                 raise InputError(p, "directory holds no .safetensors, .npz or .npy file")
+            if notes is not None:
+                notes.extend(_skipped_files(p, names))
             out.extend(found)
         elif _suffix(p) == INDEX_SUFFIX:
             out.extend(_index_shards(p))
         else:
             out.append(p)
     return out
+
+
+def _skipped_files(directory: str, names: list[str]) -> list[str]:
+    """A warning naming the files of ``directory`` that are not read (index files' shards are)."""
+    other = sorted(n for n in names if _suffix(n) not in (*_READERS, INDEX_SUFFIX)
+                   and os.path.isfile(os.path.join(directory, n)))
+    if not other:
+        return []
+    shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+    label = directory if directory.endswith(os.sep) else directory + os.sep
+    line = (f"{label}: skipped {len(other)} file{'s' if len(other) > 1 else ''} that "
+            f"{'are' if len(other) > 1 else 'is'} not .safetensors/.npz/.npy ({shown})")
+    pickles = sorted({_suffix(n) for n in other if _suffix(n) in _PICKLE_SUFFIXES})
+    if pickles:
+        line += f"; {'/'.join(pickles)} files are pickles, never loaded (they can run code): save with safetensors"
+    return [line]
 
 
 def open_source(path: str) -> Source:
@@ -802,16 +822,17 @@ def open_source(path: str) -> Source:
     return src
 
 
-def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = False) -> list[Source]:
+def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = False,
+               notes: list[str] | None = None) -> list[Source]:
     """Sources for ``paths``; a tensor name in two files is refused unless ``allow_repeats``
-    (``--shards slices`` / ``replicas`` say what such names mean).
+    (``--shards slices`` / ``replicas`` say what such names mean).  Warnings go to ``notes``.
 
     The caller closes every source (:meth:`Source.finish` or :meth:`Source.close`);
     past :func:`_hold_budget` files, sources are parked between reads.
     """
     if not paths:
         raise ValueError("no paths given")
-    files = resolve_paths(paths)
+    files = resolve_paths(paths, notes)
     seen: dict[tuple[int, int], str] = {}
     for f in files:
         st = _regular_file(f)

@@ -90,6 +90,10 @@ class Skipped:
         return f"skipped {self.name} ({self.source}): {self.reason}"
 
 
+def skipped_warnings(skipped: tuple[Skipped, ...]) -> list[str]:
+    return [s.warning() for s in skipped]
+
+
 @dataclass(frozen=True)
 class Totals:
     """Statistics of every selected tensor taken as one vector."""
@@ -164,8 +168,8 @@ class NormsReport:
     notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
 
     def input_warnings(self) -> list[str]:
-        """Warnings about the input: skipped tensors, replicas that differ."""
-        return [s.warning() for s in self.skipped] + list(self.notes)
+        """Warnings about the input: skipped tensors, files not read, replicas that differ."""
+        return skipped_warnings(self.skipped) + list(self.notes)
 
     def warnings(self) -> list[str]:
         """Human-readable warnings: :meth:`input_warnings`, non-finite values, a non-finite clip."""
@@ -332,6 +336,11 @@ class DiffReport:
     total: DiffRow
     tolerances: Tolerances
     skipped: tuple[Skipped, ...] = ()
+    notes: tuple[str, ...] = ()  # warnings about the input (e.g. files a directory holds but that are not read)
+
+    def warnings(self) -> list[str]:
+        """Human-readable warnings about the input."""
+        return [*self.notes, *skipped_warnings(self.skipped)]
 
     @property
     def failed(self) -> tuple[DiffRow, ...]:
@@ -387,6 +396,7 @@ class InfoReport:
     sources: tuple[str, ...]
     tensors: tuple[InfoTensor, ...]
     metadata: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # warnings about the input (e.g. files a directory holds but that are not read)
 
     def by_dtype(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -191,3 +191,45 @@ def test_many_files_do_not_exhaust_descriptors(tmp_path: Path, monkeypatch: pyte
     assert report.total.sq == sum(64 * float(i) ** 2 for i in range(20))
     assert 1 <= peak[0] <= 5
     assert _fds() == before
+
+
+# --- 2. files a directory holds that are not read -------------------------------------
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file({"w": np.ones(4, np.float32)}, str(d / "grads.safetensors"))
+    (d / "grads.pt").write_bytes(b"\x80\x04pickle")
+    (d / "notes.txt").write_text("hello")
+    (d / "sub").mkdir()
+    return d
+
+
+SKIPPED_FILES = ("skipped 2 files that are not .safetensors/.npz/.npy (grads.pt, notes.txt); "
+                 ".pt files are pickles, never loaded (they can run code): save with safetensors")
+
+
+@pytest.mark.parametrize("command", ["norms", "check", "info", "diff"])
+def test_directory_files_not_read_are_named(ckpt: Path, command: str) -> None:
+    args = [ckpt, ckpt] if command == "diff" else [ckpt]
+    r = run(command, *args)
+    assert r.exit_code == 0, r.output
+    expected = f"Warning: {ckpt}{os.sep}: {SKIPPED_FILES}\n"
+    assert r.stderr == expected * (2 if command == "diff" else 1)
+    assert "grads.pt" not in r.stdout
+
+
+def test_directory_files_not_read_reach_the_api(ckpt: Path) -> None:
+    assert gradinspect.inspect(ckpt).input_warnings() == [f"{ckpt}{os.sep}: {SKIPPED_FILES}"]
+    assert api.info(ckpt).notes == (f"{ckpt}{os.sep}: {SKIPPED_FILES}",)
+    assert api.diff(ckpt, ckpt).warnings() == [f"{ckpt}{os.sep}: {SKIPPED_FILES}"] * 2
+
+
+def test_directory_with_only_readable_files_warns_nothing(ckpt: Path) -> None:
+    (ckpt / "grads.pt").unlink()
+    (ckpt / "notes.txt").unlink()
+    (ckpt / "model.safetensors.index.json").write_text('{"weight_map": {"w": "grads.safetensors"}}')
+    r = run("norms", ckpt)
+    assert r.exit_code == 0 and r.stderr == ""
