@@ -106,7 +106,7 @@ def _emit(fmt: str, kind: str, report: Any) -> None:
     click.echo(buf.getvalue(), nl=False)
 
 
-def _warn(lines: list[str], quiet: bool = False) -> None:
+def _warn(lines: list[str], quiet: bool | int = False) -> None:
     if quiet:
         return
     for line in lines:
@@ -163,7 +163,9 @@ class _ProgressBar:
 
 
 def _jobs_option(f: Any) -> Any:
-    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar and no warnings on stderr.")(f)
+    f = click.option("--quiet", "-q", count=True,
+                     help="-q: no progress bar and no warnings on stderr except those about NaN/Inf values; "
+                          "-qq: none of those either (only Error lines).")(f)
     return click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
                         help="Threads to use (default: one per core). Results are identical for every N.")(f)
 
@@ -219,7 +221,7 @@ def _finite(name: str, value: float | None) -> None:
 @_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool) -> None:
+          group_by: int | None, shards: str | None, jobs: int | None, quiet: int) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -249,7 +251,8 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
             group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
         )
-    _warn(report.warnings(), quiet)
+    _warn(report.input_warnings(), quiet >= 1)
+    _warn(report.nonfinite_warnings(), quiet >= 2)
     _emit(fmt, "norms", report)
 
 
@@ -321,7 +324,7 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
         rules = rules_from(options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    quiet = options["quiet"]
+    quiet = int(options["quiet"])  # the config file's quiet = true is -q
     with _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],

@@ -90,8 +90,31 @@ class Skipped:
         return f"skipped {self.name} ({self.source}): {self.reason}"
 
 
-def skipped_warnings(skipped: tuple[Skipped, ...]) -> list[str]:
-    return [s.warning() for s in skipped]
+_NOT_FLOAT = "not a floating-point dtype"
+
+
+def skipped_warnings(skipped: tuple[Skipped, ...], shown: int = 3) -> list[str]:
+    """One line per kind of skipped tensor (integers, each other reason), naming a few of them;
+    the JSON ``skipped`` list names them all."""
+    groups: dict[str, list[Skipped]] = {}
+    for s in skipped:
+        groups.setdefault(_NOT_FLOAT if s.reason.startswith(_NOT_FLOAT) else s.reason, []).append(s)
+    out = []
+    for reason, members in groups.items():
+        if len(members) == 1:
+            out.append(members[0].warning())
+            continue
+        names = ", ".join(s.name for s in members[:shown])
+        names += ", ...; --format json lists them" if len(members) > shown else ""
+        if reason == _NOT_FLOAT:
+            counts: dict[str, int] = {}
+            for s in members:
+                counts[s.dtype] = counts.get(s.dtype, 0) + 1
+            dtypes = ", ".join(f"{n} {d}" for d, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            out.append(f"skipped {len(members)} tensors that are not floating point: {dtypes} ({names})")
+        else:
+            out.append(f"skipped {len(members)} tensors ({names}): {reason}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -172,8 +195,12 @@ class NormsReport:
         return skipped_warnings(self.skipped) + list(self.notes)
 
     def warnings(self) -> list[str]:
-        """Human-readable warnings: :meth:`input_warnings`, non-finite values, a non-finite clip."""
-        out = self.input_warnings()
+        """Human-readable warnings: :meth:`input_warnings`, then :meth:`nonfinite_warnings`."""
+        return self.input_warnings() + self.nonfinite_warnings()
+
+    def nonfinite_warnings(self) -> list[str]:
+        """Warnings about NaN/Inf values and a clip they make non-finite or zero."""
+        out: list[str] = []
         t = self.total
         if t.nonfinite:
             out.append(f"{t.nan} NaN and {t.inf} infinite gradient values: the global norm is {_fmt(t.norm)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -233,3 +234,55 @@ def test_directory_with_only_readable_files_warns_nothing(ckpt: Path) -> None:
     (ckpt / "model.safetensors.index.json").write_text('{"weight_map": {"w": "grads.safetensors"}}')
     r = run("norms", ckpt)
     assert r.exit_code == 0 and r.stderr == ""
+
+
+# --- 3. warnings: skipped tensors summarised; -q keeps NaN/Inf warnings, -qq hides them ----
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    path = tmp_path / "mixed.safetensors"
+    tensors: dict[str, np.ndarray] = {"w": np.array([1.0, np.nan, 2.0], np.float32)}
+    tensors.update({f"step{i}": np.array(i, np.int64) for i in range(10)})
+    tensors.update({"mask0": np.ones(3, bool), "mask1": np.zeros(3, bool)})
+    tensors["c"] = np.ones(2, np.complex64)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_skipped_tensors_are_summarised(mixed: Path) -> None:
+    r = run("norms", mixed)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(run("norms", mixed, "--json").stdout)
+    assert sorted(s["name"] for s in doc["skipped"]) == sorted(["c", "mask0", "mask1", *(f"step{i}" for i in range(10))])
+    ints = [s["name"] for s in doc["skipped"] if s["name"] != "c"]  # in file order
+    skipped = [line for line in r.stderr.splitlines() if "skipped" in line]
+    assert sorted(skipped) == [
+        "Warning: skipped 12 tensors that are not floating point: 10 int64, 2 bool "
+        f"({', '.join(ints[:3])}, ...; --format json lists them)",
+        f"Warning: skipped c ({mixed}): complex dtype (complex64) is not supported",
+    ]
+
+
+def test_skipped_tensors_with_one_other_reason_share_a_line() -> None:
+    r = gradinspect.compute_norms({"a": np.ones(2, np.complex64), "b": np.ones(2, np.complex64), "w": np.ones(2)})
+    assert r.input_warnings() == ["skipped 2 tensors (a, b): complex dtype (complex64) is not supported"]
+
+
+@pytest.mark.parametrize(("flags", "skips", "nans"), [((), True, True), (("-q",), False, True),
+                                                      (("--quiet",), False, True), (("-qq",), False, False),
+                                                      (("-q", "-q"), False, False)])
+def test_quiet_levels(mixed: Path, flags: tuple[str, ...], skips: bool, nans: bool) -> None:
+    r = run("norms", mixed, *flags)
+    assert r.exit_code == 0, r.output
+    assert ("skipped" in r.stderr) is skips
+    assert ("1 NaN and 0 infinite gradient values: the global norm is NaN" in r.stderr) is nans
+    assert ("the clip coefficient is NaN" in r.stderr) is nans
+    assert "Error" not in r.stderr and r.stdout
+
+
+def test_quiet_help() -> None:
+    for command in ("norms", "check"):
+        out = " ".join(run(command, "--help").stdout.split())
+        assert "-qq: none of those either (only Error lines)" in out
+        assert "except those about NaN/Inf values" in out
