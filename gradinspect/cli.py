@@ -91,6 +91,9 @@ def _format_option(kind: str) -> Any:
     )
 
 
+_json_option = click.option("--json", "as_json", is_flag=True, help="Short for --format json.")
+
+
 def _emit(fmt: str, kind: str, report: Any) -> None:
     """Render fully in memory first: on any error nothing half-written reaches stdout."""
     buf = io.StringIO()
@@ -209,7 +212,7 @@ def _finite(name: str, value: float | None) -> None:
 @_paths_argument
 @_norm_options
 @_format_option("norms")
-@click.option("--json", "as_json", is_flag=True, help="Short for --format json.")
+@_json_option
 @click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
               show_default=True, help="Row order; none keeps file order.")
 @click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
@@ -278,9 +281,10 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
 @_format_option("check")
+@_json_option
 @_shards_option
 @_jobs_option
-def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
+def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
     Computes what `norms` does and evaluates the rules turned on below (only
@@ -318,6 +322,8 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     for name in _CHECK_OPTIONS:
         if name in settings and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
             options[name] = settings[name]
+    if as_json:
+        options["fmt"] = "json"
     for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm"):
         _finite("--" + name.replace("_", "-"), options[name])
     try:
@@ -346,8 +352,9 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
               help="Different tensor sets or shapes do not fail the comparison.")
 @_selection_options
 @_format_option("diff")
+@_json_option
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
-         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, as_json: bool) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -370,6 +377,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     """
     from .api import diff as run_diff
 
+    if as_json:
+        fmt = "json"
     for name, v in (("--rtol", rtol), ("--atol", atol), ("--min-cosine", min_cosine)):
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
@@ -382,7 +391,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
 @cli.command(context_settings=_CONTEXT)
 @_paths_argument
 @_format_option("info")
-def info(paths: tuple[str, ...], fmt: str) -> None:
+@_json_option
+def info(paths: tuple[str, ...], fmt: str, as_json: bool) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -395,6 +405,8 @@ def info(paths: tuple[str, ...], fmt: str) -> None:
     """
     from .api import info as run_info
 
+    if as_json:
+        fmt = "json"
     report = run_info(list(paths))
     _warn(list(report.notes))
     _emit(fmt, "info", report)

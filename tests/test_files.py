@@ -286,3 +286,24 @@ def test_quiet_help() -> None:
         out = " ".join(run(command, "--help").stdout.split())
         assert "-qq: none of those either (only Error lines)" in out
         assert "except those about NaN/Inf values" in out
+
+
+# --- 4. --json on every command ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["norms", "check", "diff", "info"])
+def test_json_flag_on_every_command(tmp_path: Path, command: str) -> None:
+    path = _save(tmp_path / "g.safetensors", 0.5)
+    args = [path, path] if command == "diff" else [path]
+    r = run(command, *args, "--json")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == run(command, *args, "--format", "json").stdout
+    assert json.loads(r.stdout)["schema"] == f"gradinspect.{command}/1"
+    assert "Short for --format json." in run(command, "--help").stdout
+
+
+def test_json_flag_wins_over_the_config_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(tmp_path / "g.safetensors", 0.5)
+    (tmp_path / "pyproject.toml").write_text('[tool.gradinspect.check]\nformat = "github"\n')
+    monkeypatch.chdir(tmp_path)
+    assert json.loads(run("check", path, "--json").stdout)["ok"] is True
