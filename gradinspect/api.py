@@ -96,7 +96,7 @@ def inspect(
 
 
 def compute_norms(
-    mapping: Mapping[str, Any],
+    mapping: Mapping[str, Any] | Iterable[tuple[str, Any]],
     *,
     norm_type: float | int | str = 2,
     max_norm: float = 1.0,
@@ -107,7 +107,8 @@ def compute_norms(
     sort: str = "share",
     top: int | None = None,
 ) -> NormsReport:
-    """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` where an array
+    """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` or any mapping, or an
+    iterable of ``(name, array)`` pairs (a name twice is a ValueError), where an array
     is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
     p = parse_norm_type(norm_type)
     _check_options(max_norm, eps, sort, top, group_by)

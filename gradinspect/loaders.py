@@ -33,7 +33,7 @@ import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -853,7 +853,8 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
             for t in src.tensors:
                 if t.name in owner and not allow_repeats:
                     raise InputError(src.path, f"tensor {t.name!r} is also in {owner[t.name]} (the same name in "
-                                     "two files: use --shards slices or --shards replicas to say what that means)")
+                                     "two files: use --shards slices or --shards replicas (shards= in Python) "
+                                     "to say what that means)")
                 owner.setdefault(t.name, src.path)
         _check_index_names(paths, sources)
     except BaseException:
@@ -880,10 +881,21 @@ def _check_index_names(paths: Sequence[str | os.PathLike[str]], sources: list[So
                 raise InputError(p, f"weight_map puts tensor {name!r} in {shard}, which does not hold it")
 
 
-def array_source(mapping: Mapping[str, Any], path: str = "<memory>") -> Source:
-    """A source over in-memory arrays (anything ``np.asarray`` accepts)."""
+def array_source(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], path: str = "<memory>") -> Source:
+    """A source over in-memory arrays (anything ``np.asarray`` accepts): a mapping of
+    names to arrays, or (name, array) pairs, whose names must not repeat."""
     tensors = []
-    for name, value in mapping.items():
+    seen: set[str] = set()
+    pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
+    for pair in pairs:
+        try:
+            name, value = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"expected (name, array) pairs, got {type(pair).__name__}") from None
+        name = str(name)
+        if name in seen:
+            raise ValueError(f"tensor name {name!r} appears twice")
+        seen.add(name)
         arr = _as_numpy(value)
         reason = _skip_reason(_dtype_name(arr.dtype), arr.dtype)
         if arr.dtype.fields is not None:
@@ -892,7 +904,7 @@ def array_source(mapping: Mapping[str, Any], path: str = "<memory>") -> Source:
         if reason is None and not arr.dtype.isnative:
             flat = flat.astype(arr.dtype.newbyteorder("="))
         tensors.append(TensorEntry(
-            str(name), path, _dtype_name(arr.dtype), tuple(arr.shape), arr.size, arr.nbytes,
+            name, path, _dtype_name(arr.dtype), tuple(arr.shape), arr.size, arr.nbytes,
             reason, flat.dtype, _method="array", _array=flat,
         ))
     return Source(path, "memory", tensors)

@@ -17,7 +17,7 @@ from .norms import norm_type_label
 __all__ = [
     "TensorNorms", "Skipped", "Totals", "Clip", "NormsReport", "NORMS_SCHEMA",
     "Finding", "CheckReport", "CHECK_SCHEMA", "DiffRow", "Mismatch", "Tolerances", "DiffReport", "DIFF_SCHEMA",
-    "InfoTensor", "InfoReport", "INFO_SCHEMA",
+    "InfoTensor", "InfoTotals", "InfoReport", "INFO_SCHEMA",
 ]
 
 NORMS_SCHEMA = "gradinspect.norms/1"
@@ -417,6 +417,20 @@ class InfoTensor:
 
 
 @dataclass(frozen=True)
+class InfoTotals:
+    """Counts over every tensor of an :class:`InfoReport`, and per dtype."""
+
+    tensors: int
+    numel: int
+    bytes: int
+    by_dtype: Mapping[str, Mapping[str, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "numel": self.numel, "bytes": self.bytes,
+                "by_dtype": {k: dict(v) for k, v in self.by_dtype.items()}}
+
+
+@dataclass(frozen=True)
 class InfoReport:
     """A header-only listing of every tensor in the sources, in file order."""
 
@@ -434,16 +448,17 @@ class InfoReport:
             d["bytes"] += t.bytes
         return out
 
+    @property
+    def total(self) -> InfoTotals:
+        """What the JSON's ``total`` holds."""
+        return InfoTotals(len(self.tensors), sum(t.numel for t in self.tensors), sum(t.bytes for t in self.tensors),
+                          self.by_dtype())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": INFO_SCHEMA,
             "sources": list(self.sources),
             "tensors": [t.to_dict() for t in self.tensors],
             "metadata": {k: dict(v) for k, v in self.metadata.items()},
-            "total": {
-                "tensors": len(self.tensors),
-                "numel": sum(t.numel for t in self.tensors),
-                "bytes": sum(t.bytes for t in self.tensors),
-                "by_dtype": self.by_dtype(),
-            },
+            "total": self.total.to_dict(),
         }
