@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
 from .loaders import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
-from .norms import Reducer, Stats, combine, parse_norm_type
+from .norms import Reducer, Stats, combine, parse_norm_type, unscaled
 from .report import (
     CheckReport,
     Clip,
@@ -68,6 +68,7 @@ def inspect(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    loss_scale: float | None = None,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -82,17 +83,22 @@ def inspect(
     difference between the copies in ``replica_max_diff``.  Raises :class:`~gradinspect.errors.InputError` for
     input that cannot be read.
 
+    Gradients saved before an AMP loss scale was removed: every statistic is
+    divided by ``loss_scale``, or else by the files' safetensors metadata
+    ``loss_scale`` (a decimal string; the files must agree), and the clip is
+    computed on the result.
+
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
     """
     p = parse_norm_type(norm_type)
-    _check_options(max_norm, eps, sort, top, group_by)
+    _check_options(max_norm, eps, sort, top, group_by, loss_scale)
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
     notes: list[str] = []
     with _opened(paths, allow_repeats=shards is not None, notes=notes) as sources:
         return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards,
-                       notes)
+                       notes, _loss_scale(loss_scale, sources))
 
 
 def compute_norms(
@@ -106,16 +112,45 @@ def compute_norms(
     group_by: int | None = None,
     sort: str = "share",
     top: int | None = None,
+    loss_scale: float | None = None,
 ) -> NormsReport:
     """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` or any mapping, or an
     iterable of ``(name, array)`` pairs (a name twice is a ValueError), where an array
     is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
     p = parse_norm_type(norm_type)
-    _check_options(max_norm, eps, sort, top, group_by)
-    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1)
+    _check_options(max_norm, eps, sort, top, group_by, loss_scale)
+    return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1,
+                   loss_scale=None if loss_scale is None else (float(loss_scale), "option"))
 
 
-def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | None) -> None:
+def _loss_scale(given: float | None, sources: Sequence[Source]) -> tuple[float, str] | None:
+    """The loss scale to divide out, and where it came from: ``given``, else the files' metadata."""
+    if given is not None:
+        return float(given), "option"
+    first: tuple[str, str | None, float | None] | None = None
+    for s in sources:
+        text = s.metadata.get("loss_scale")
+        value = None
+        if text is not None:
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not 0.0 < value < math.inf:
+                raise InputError(s.path, f"metadata loss_scale {text!r} is not a finite number > 0")
+        if first is None:
+            first = (s.path, text, value)
+        elif value != first[2]:
+            say = (lambda t: "none" if t is None else repr(t))
+            raise InputError(s.path, f"metadata loss_scale {say(text)} differs from {say(first[1])} in {first[0]} "
+                             "(--loss-scale, loss_scale= in Python, overrides it)")
+    return None if first is None or first[2] is None else (first[2], "metadata")
+
+
+def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | None,
+                   loss_scale: float | None = None) -> None:
+    if loss_scale is not None and not 0.0 < loss_scale < math.inf:
+        raise ValueError(f"loss_scale must be a finite number > 0, not {loss_scale}")
     if not max_norm > 0 or math.isinf(max_norm):
         raise ValueError(f"max_norm must be a finite number > 0, not {max_norm}")
     if not eps >= 0 or math.isinf(eps):
@@ -189,7 +224,7 @@ SHARDS = ("slices", "replicas")
 
 
 def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
-           sources: Sequence[Source], p: float) -> tuple[list[_Record], list[str]]:
+           sources: Sequence[Source], p: float, scale: float = 1.0) -> tuple[list[_Record], list[str]]:
     """Records for the rows, and warnings; see ``--shards``."""
     if shards is None:  # names are unique (open_paths made sure)
         return [_Record(t.name, t.source, t.shape, t.dtype, st) for t, st in results], []
@@ -223,7 +258,8 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
             s0 = bad[0]
         else:
             tools = tools or _PairTools.make()
-            worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t, tools).d.linf for t, _ in copies[1:])
+            worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t, tools).d.linf
+                        for t, _ in copies[1:]) / scale
             if worst != 0.0:
                 warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
         records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), worst))
@@ -279,9 +315,13 @@ def _report(
     jobs: int | None,
     shards: str | None = None,
     notes: Sequence[str] = (),
+    loss_scale: tuple[float, str] | None = None,
 ) -> NormsReport:
     results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
-    records, warnings = _merge(results, shards, sources, p)
+    scale = 1.0 if loss_scale is None else loss_scale[0]
+    if scale != 1.0:
+        results = [(t, unscaled(st, scale)) for t, st in results]
+    records, warnings = _merge(results, shards, sources, p, scale)
     if shards:
         skipped = list({sk.name: sk for sk in skipped}.values())
     total = combine((r.stats for r in records), p)
@@ -311,6 +351,8 @@ def _report(
         group_by=group_by,
         shards=shards,
         notes=(*notes, *warnings),
+        loss_scale=None if loss_scale is None else loss_scale[0],
+        loss_scale_from=None if loss_scale is None else loss_scale[1],
     )
 
 
@@ -378,12 +420,13 @@ def check(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    loss_scale: float | None = None,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
-                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards)
+                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards, loss_scale=loss_scale)
     return evaluate(report, rules if rules is not None else Rules())
 
 

@@ -198,6 +198,13 @@ def _norm_options(f: Any) -> Any:
     return f
 
 
+def _loss_scale_option(f: Any) -> Any:
+    return click.option(
+        "--loss-scale", type=click.FloatRange(0, min_open=True), default=None, metavar="S",
+        help="Gradients saved before the AMP loss scale was removed: divide every norm by S (the clip is "
+             "computed on the result). Default: the safetensors metadata key loss_scale, when the files have it.")(f)
+
+
 def _selection_options(f: Any) -> Any:
     f = click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")(f)
     return click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")(f)
@@ -221,10 +228,11 @@ def _finite(name: str, value: float | None) -> None:
 @click.option("--group-by", type=click.IntRange(min=1), default=None, metavar="N",
               help="One row per group of tensors sharing the first N dot-separated name parts.")
 @_shards_option
+@_loss_scale_option
 @_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None, shards: str | None, jobs: int | None, quiet: int) -> None:
+          group_by: int | None, shards: str | None, loss_scale: float | None, jobs: int | None, quiet: int) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -249,10 +257,11 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         fmt = "json"
     _finite("--max-norm", max_norm)
     _finite("--eps", eps)
+    _finite("--loss-scale", loss_scale)
     with _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+            group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar, loss_scale=loss_scale,
         )
     _warn(report.input_warnings(), quiet >= 1)
     _warn(report.nonfinite_warnings(), quiet >= 2)
@@ -283,6 +292,7 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @_format_option("check")
 @_json_option
 @_shards_option
+@_loss_scale_option
 @_jobs_option
 def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
@@ -324,7 +334,7 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **opti
             options[name] = settings[name]
     if as_json:
         options["fmt"] = "json"
-    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm"):
+    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm", "loss_scale"):
         _finite("--" + name.replace("_", "-"), options[name])
     try:
         rules = rules_from(options)
@@ -334,7 +344,8 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **opti
     with _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
-                           shards=options["shards"], jobs=options["jobs"], progress=bar)
+                           shards=options["shards"], jobs=options["jobs"], progress=bar,
+                           loss_scale=options["loss_scale"])
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)

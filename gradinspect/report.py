@@ -189,6 +189,8 @@ class NormsReport:
     group_by: int | None = None
     shards: str | None = None
     notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
+    loss_scale: float | None = None  # divided out of every statistic (AMP gradients saved before unscaling)
+    loss_scale_from: str | None = None  # "option" or "metadata"
 
     def input_warnings(self) -> list[str]:
         """Warnings about the input: skipped tensors, files not read, replicas that differ."""
@@ -223,6 +225,7 @@ class NormsReport:
             "total": self.total.to_dict(),
             "clip": self.clip.to_dict(),
             "metadata": {k: dict(v) for k, v in self.metadata.items()},
+            "loss_scale": self.loss_scale,
         }
 
 

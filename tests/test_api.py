@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import gradinspect
-from gradinspect.errors import InputError
 from gradinspect.clip import clip_coef
+from gradinspect.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -258,8 +260,8 @@ def test_skipped_tensors_are_summarised(mixed: Path) -> None:
     ints = [s["name"] for s in doc["skipped"] if s["name"] != "c"]  # in file order
     skipped = [line for line in r.stderr.splitlines() if "skipped" in line]
     assert sorted(skipped) == [
-        "Warning: skipped 12 tensors that are not floating point: 10 int64, 2 bool "
-        f"({', '.join(ints[:3])}, ...; --format json lists them)",
+        ("Warning: skipped 12 tensors that are not floating point: 10 int64, 2 bool "
+         f"({', '.join(ints[:3])}, ...; --format json lists them)"),
         f"Warning: skipped c ({mixed}): complex dtype (complex64) is not supported",
     ]
 
@@ -307,3 +309,118 @@ def test_json_flag_wins_over_the_config_format(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "pyproject.toml").write_text('[tool.gradinspect.check]\nformat = "github"\n')
     monkeypatch.chdir(tmp_path)
     assert json.loads(run("check", path, "--json").stdout)["ok"] is True
+
+
+# --- 6. --loss-scale: AMP gradients saved before unscaling -------------------------------------
+
+_NUMBERS = ("l1", "l2", "linf", "norm", "sq", "share")
+
+
+def _numbers(doc: dict) -> tuple:
+    rows = sorted((t["name"], *(t[k] for k in _NUMBERS)) for t in doc["tensors"])
+    return rows, doc["total"], doc["clip"]
+
+
+@pytest.fixture
+def amp(tmp_path: Path, rng: np.random.Generator) -> dict[str, Path]:
+    t = {"a": (rng.standard_normal(1000) * 0.3).astype(np.float32),
+         "b": (rng.standard_normal((7, 5)) * 0.01).astype(np.float32),
+         "c": np.float32(1e-3) * rng.standard_normal(100_000).astype(np.float32)}
+    scaled = {k: v * np.float32(2.0**16) for k, v in t.items()}  # exact: a power of two
+    paths = {"plain": tmp_path / "plain.safetensors", "meta": tmp_path / "meta.safetensors",
+             "scaled": tmp_path / "scaled.safetensors"}
+    save_file(t, str(paths["plain"]))
+    save_file(scaled, str(paths["meta"]), metadata={"loss_scale": "65536"})
+    save_file(scaled, str(paths["scaled"]))
+    return paths
+
+
+@pytest.mark.parametrize("p", ["2", "1", "inf", "3"])
+def test_loss_scale_power_of_two_gives_the_unscaled_numbers_exactly(amp: dict[str, Path], p: str) -> None:
+    args = ("-p", p, "--max-norm", "1000", "--json")
+    plain = json.loads(run("norms", amp["plain"], *args).stdout)
+    meta = json.loads(run("norms", amp["meta"], *args).stdout)
+    given = json.loads(run("norms", amp["scaled"], *args, "--loss-scale", "65536").stdout)
+    wins = json.loads(run("norms", amp["meta"], *args, "--loss-scale", "65536.0").stdout)
+    assert _numbers(meta) == _numbers(given) == _numbers(wins) == _numbers(plain)
+    assert plain["loss_scale"] is None and meta["loss_scale"] == given["loss_scale"] == 65536
+    scaled = json.loads(run("norms", amp["scaled"], *args).stdout)
+    assert scaled["total"]["norm"] > 1000 and scaled["clip"]["clipped"]  # what the scaled dump would say
+    assert plain["total"]["norm"] < 1000 and not meta["clip"]["clipped"] and meta["clip"]["coef"] == 1.0
+
+
+def test_loss_scale_on_check_and_in_the_table(amp: dict[str, Path]) -> None:
+    assert run("check", amp["scaled"], "--fail-on-clip", "--max-norm", "10").exit_code == 1
+    assert run("check", amp["meta"], "--fail-on-clip", "--max-norm", "10").exit_code == 0
+    r = run("check", amp["scaled"], "--fail-on-clip", "--max-norm", "10", "--loss-scale", "65536", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["report"]["loss_scale"] == 65536
+    assert re.search(r"\nloss scale +65536 removed \(from metadata\)\n", run("norms", amp["meta"]).stdout)
+    out = run("norms", amp["scaled"], "--loss-scale", "1024.5").stdout
+    assert re.search(r"\nloss scale +1024.5 removed \(--loss-scale\)\n", out)
+    assert "loss scale" not in run("norms", amp["plain"]).stdout
+    assert "--loss-scale S" in run("norms", "--help").stdout and "--loss-scale S" in run("check", "--help").stdout
+
+
+@pytest.mark.parametrize("scale", [1000.0, 3.7, 1e-3, 2.0**-20 * 3])
+def test_loss_scale_any_number_against_an_fsum_oracle(tmp_path: Path, rng: np.random.Generator,
+                                                      scale: float) -> None:
+    t = {"x": rng.standard_normal(3000) * scale, "y": rng.standard_normal(50) * 1e-3 * scale}
+    path = tmp_path / "g.safetensors"
+    save_file(t, str(path))
+    doc = json.loads(run("norms", path, "--loss-scale", repr(scale), "--max-norm", "0.5", "--json").stdout)
+    values = [float(v) / scale for v in np.concatenate([t["x"], t["y"]]).tolist()]
+    l2 = math.sqrt(math.fsum(v * v for v in values))
+    oracle = {"l1": math.fsum(abs(v) for v in values), "l2": l2, "linf": max(abs(v) for v in values),
+              "sq": math.fsum(v * v for v in values)}
+    for key, expected in oracle.items():
+        assert doc["total"][key] == pytest.approx(expected, rel=1e-12), key
+    for row in doc["tensors"]:
+        vs = [float(v) / scale for v in t[row["name"]].tolist()]
+        assert row["l2"] == pytest.approx(math.sqrt(math.fsum(v * v for v in vs)), rel=1e-12)
+    assert doc["clip"]["coef"] == pytest.approx(0.5 / (l2 + 1e-6), rel=1e-12)
+    assert doc["loss_scale"] == scale
+
+
+def test_loss_scale_in_memory_and_general_p() -> None:
+    x = np.array([3.0, -4.0, 12.0]) * 3.0
+    r = gradinspect.compute_norms({"x": x}, norm_type=3, loss_scale=3.0)
+    assert r.total.norm == pytest.approx((27 + 64 + 1728) ** (1 / 3), rel=1e-14)
+    assert r.total.linf == 12.0 and r.loss_scale == 3.0
+    with pytest.raises(ValueError, match="loss_scale must be a finite number > 0, not 0"):
+        gradinspect.compute_norms({"x": x}, loss_scale=0)
+
+
+def test_loss_scale_replica_difference_is_unscaled(tmp_path: Path) -> None:
+    save_file({"w": np.array([1.0, 2.0]) * 256}, str(tmp_path / "r0.safetensors"), metadata={"loss_scale": "256"})
+    save_file({"w": np.array([1.0, 2.5]) * 256}, str(tmp_path / "r1.safetensors"), metadata={"loss_scale": "256"})
+    r = gradinspect.inspect([tmp_path / "r0.safetensors", tmp_path / "r1.safetensors"], shards="replicas")
+    assert r.tensors[0].replica_max_diff == 0.5 and r.total.l2 == math.sqrt(5.0)
+    assert "max |difference| 0.5" in " ".join(r.notes)
+
+
+@pytest.mark.parametrize(("metas", "message"), [
+    (["65536", "1024"], ("metadata loss_scale '1024' differs from '65536' in {a} (--loss-scale, loss_scale= in "
+                         "Python, overrides it)")),
+    (["65536", None], "metadata loss_scale none differs from '65536' in {a}"),
+    (["abc", "abc"], "metadata loss_scale 'abc' is not a finite number > 0"),
+    (["0", "0"], "metadata loss_scale '0' is not a finite number > 0"),
+    (["inf", "inf"], "metadata loss_scale 'inf' is not a finite number > 0"),
+])
+def test_loss_scale_metadata_problems(tmp_path: Path, metas: list[str | None], message: str) -> None:
+    paths = []
+    for i, m in enumerate(metas):
+        p = tmp_path / f"s{i}.safetensors"
+        save_file({f"w{i}": np.ones(2, np.float32)}, str(p), metadata=None if m is None else {"loss_scale": m})
+        paths.append(p)
+    r = run("norms", *paths)
+    assert r.exit_code == 2 and r.stdout == ""
+    bad = paths[1] if "differs" in message else paths[0]
+    assert r.stderr.startswith(f"Error: {bad}: " + message.format(a=paths[0])), r.stderr
+    assert run("norms", *paths, "--loss-scale", "2").exit_code == 0  # the option wins
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_loss_scale_option_must_be_a_finite_positive_number(tmp_path: Path, value: str) -> None:
+    path = _save(tmp_path / "g.safetensors", 0.5)
+    r = run("norms", path, "--loss-scale", value)
+    assert r.exit_code == 2 and "--loss-scale" in r.stderr and r.stdout == ""
