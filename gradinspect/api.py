@@ -6,19 +6,20 @@ builds ``check.Rules``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 from collections import Counter
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
-from .loaders import ChunkBuffer, Source, TensorEntry, array_source, open_paths
-from .norms import Reducer, Stats, combine, parse_norm_type
+from .loaders import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
+from .norms import Reducer, Stats, combine, parse_norm_type, unscaled
 from .report import (
     CheckReport,
     Clip,
@@ -47,6 +48,16 @@ def _paths(paths: Any) -> list[str | os.PathLike[str]]:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
+@contextlib.contextmanager
+def _opened(paths: Any, allow_repeats: bool = False, notes: list[str] | None = None) -> Iterator[list[Source]]:
+    """The sources of ``paths``, every one closed at the end, also on error; warnings to ``notes``."""
+    sources = open_paths(_paths(paths), allow_repeats=allow_repeats, notes=notes)
+    try:
+        yield sources
+    finally:
+        close_all(sources)
+
+
 def inspect(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
@@ -63,6 +74,7 @@ def inspect(
     jobs: int | None = None,
     shards: str | None = None,
     dedup: bool = False,
+    loss_scale: float | None = None,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -83,20 +95,26 @@ def inspect(
     does: its row is left out.  All-zero tensors are never copies; neither are
     tensors merged from several ``"slices"``.
 
+    Gradients saved before an AMP loss scale was removed: every statistic is
+    divided by ``loss_scale``, or else by the files' safetensors metadata
+    ``loss_scale`` (a decimal string; the files must agree), and the clip is
+    computed on the result.
+
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
     """
     p = parse_norm_type(norm_type)
-    _check_options(max_norm, eps, sort, top, group_by, group_sep)
+    _check_options(max_norm, eps, sort, top, group_by, group_sep, loss_scale)
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
-    sources = open_paths(_paths(paths), allow_repeats=shards is not None)
-    return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards,
-                   group_sep=group_sep, dedup=dedup)
+    notes: list[str] = []
+    with _opened(paths, allow_repeats=shards is not None, notes=notes) as sources:
+        return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards,
+                       notes=notes, loss_scale=_loss_scale(loss_scale, sources), group_sep=group_sep, dedup=dedup)
 
 
 def compute_norms(
-    mapping: Mapping[str, Any],
+    mapping: Mapping[str, Any] | Iterable[tuple[str, Any]],
     *,
     norm_type: float | int | str = 2,
     max_norm: float = 1.0,
@@ -108,17 +126,46 @@ def compute_norms(
     sort: str = "share",
     top: int | None = None,
     dedup: bool = False,
+    loss_scale: float | None = None,
 ) -> NormsReport:
-    """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` where an array
+    """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` or any mapping, or an
+    iterable of ``(name, array)`` pairs (a name twice is a ValueError), where an array
     is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
     p = parse_norm_type(norm_type)
-    _check_options(max_norm, eps, sort, top, group_by, group_sep)
+    _check_options(max_norm, eps, sort, top, group_by, group_sep, loss_scale)
     return _report([array_source(mapping)], p, max_norm, eps, include, exclude, group_by, sort, top, None, 1,
-                   group_sep=group_sep, dedup=dedup)
+                   loss_scale=None if loss_scale is None else (float(loss_scale), "option"), group_sep=group_sep,
+                   dedup=dedup)
+
+
+def _loss_scale(given: float | None, sources: Sequence[Source]) -> tuple[float, str] | None:
+    """The loss scale to divide out, and where it came from: ``given``, else the files' metadata."""
+    if given is not None:
+        return float(given), "option"
+    first: tuple[str, str | None, float | None] | None = None
+    for s in sources:
+        text = s.metadata.get("loss_scale")
+        value = None
+        if text is not None:
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not 0.0 < value < math.inf:
+                raise InputError(s.path, f"metadata loss_scale {text!r} is not a finite number > 0")
+        if first is None:
+            first = (s.path, text, value)
+        elif value != first[2]:
+            say = (lambda t: "none" if t is None else repr(t))
+            raise InputError(s.path, f"metadata loss_scale {say(text)} differs from {say(first[1])} in {first[0]} "
+                             "(--loss-scale, loss_scale= in Python, overrides it)")
+    return None if first is None or first[2] is None else (first[2], "metadata")
 
 
 def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | str | None,
-                   group_sep: str = ".") -> None:
+                   group_sep: str = ".", loss_scale: float | None = None) -> None:
+    if loss_scale is not None and not 0.0 < loss_scale < math.inf:
+        raise ValueError(f"loss_scale must be a finite number > 0, not {loss_scale}")
     if not max_norm > 0 or math.isinf(max_norm):
         raise ValueError(f"max_norm must be a finite number > 0, not {max_norm}")
     if not eps >= 0 or math.isinf(eps):
@@ -155,7 +202,8 @@ def tensor_stats(
     """Stream every selected floating tensor through reducers, source by source.
 
     ``jobs`` threads (default: one per core) share the work; the results do not
-    depend on ``jobs``.
+    depend on ``jobs``.  The caller finishes the sources (:meth:`Source.finish`:
+    checked unchanged, released) after its last read of them.
     """
     from .engine import default_jobs, reduce_entries
 
@@ -169,10 +217,9 @@ def tensor_stats(
         entries = [t for t in src.tensors if chosen(t.name)]
         skipped.extend(Skipped(t.name, t.source, t.dtype, t.skip_reason or "") for t in entries if not t.is_float)
         floats = [t for t in entries if t.is_float]
-        if not floats:
-            continue
-        with src:
-            results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress)))
+        if floats:
+            with src:
+                results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress)))
     return results, skipped
 
 
@@ -215,7 +262,7 @@ SHARDS = ("slices", "replicas")
 
 
 def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
-           sources: Sequence[Source], p: float) -> tuple[list[_Record], list[str]]:
+           sources: Sequence[Source], p: float, scale: float = 1.0) -> tuple[list[_Record], list[str]]:
     """Records for the rows, and warnings; see ``--shards``."""
     if shards is None:  # names are unique (open_paths made sure)
         return [_Record(t.name, t.source, t.shape, t.dtype, st, entry=t) for t, st in results], []
@@ -249,7 +296,8 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
             t0, s0 = bad[0]
         else:
             tools = tools or _PairTools.make()
-            worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t, tools).d.linf for t, _ in copies[1:])
+            worst = max(_pair_stats(src_of[t0.source], t0, src_of[t.source], t, tools).d.linf
+                        for t, _ in copies[1:]) / scale
             if worst != 0.0:
                 warnings.append(f"the {len(copies)} copies of {name} differ: max |difference| {worst:.6g}")
         records.append(_Record(name, None, t0.shape, dtype, s0, len(copies), worst, t0))
@@ -306,14 +354,21 @@ def _report(
     shards: str | None = None,
     group_sep: str = ".",
     dedup: bool = False,
+    notes: Sequence[str] = (),
+    loss_scale: tuple[float, str] | None = None,
 ) -> NormsReport:
     chosen = select(include, exclude)
     require_floats(sources, lambda t: chosen(t.name))
     results, skipped = tensor_stats(sources, p, include, exclude, progress, jobs)
-    records, warnings = _merge(results, shards, sources, p)
+    scale = 1.0 if loss_scale is None else loss_scale[0]
+    if scale != 1.0:
+        results = [(t, unscaled(st, scale)) for t, st in results]
+    records, warnings = _merge(results, shards, sources, p, scale)
     if shards:
         skipped = list({sk.name: sk for sk in skipped}.values())
     copies = _copies(records, sources)
+    for src in sources:  # the last read was above (replicas and copies compare bytes)
+        src.finish()
     for name, first in copies.items():
         warnings.append(f"{name} is an exact copy of {first} (tied weights?): "
                         + ("counted once (--dedup)" if dedup else "counted twice; --dedup counts it once"))
@@ -348,8 +403,10 @@ def _report(
         group_by=group_by,
         group_sep=group_sep if group_by is not None else None,
         shards=shards,
-        notes=tuple(warnings),
         dedup=dedup,
+        notes=(*notes, *warnings),
+        loss_scale=None if loss_scale is None else loss_scale[0],
+        loss_scale_from=None if loss_scale is None else loss_scale[1],
     )
 
 
@@ -505,23 +562,28 @@ def check(
     jobs: int | None = None,
     shards: str | None = None,
     dedup: bool = False,
+    loss_scale: float | None = None,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
-                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards, dedup=dedup)
+                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards, dedup=dedup,
+                     loss_scale=loss_scale)
     return evaluate(report, rules if rules is not None else Rules())
 
 
 def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InfoReport:
     """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names)."""
-    sources = open_paths(_paths(paths), allow_repeats=True)
-    return InfoReport(
-        sources=tuple(s.path for s in sources),
-        tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes) for s in sources for t in s.tensors),
-        metadata={s.path: s.metadata for s in sources if s.metadata},
-    )
+    notes: list[str] = []
+    with _opened(paths, allow_repeats=True, notes=notes) as sources:
+        return InfoReport(
+            sources=tuple(s.path for s in sources),
+            tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes)
+                          for s in sources for t in s.tensors),
+            metadata={s.path: s.metadata for s in sources if s.metadata},
+            notes=tuple(notes),
+        )
 
 
 def diff(
@@ -549,19 +611,26 @@ def diff(
     ``strip_prefix_a`` (A) or ``strip_prefix_b`` (B), then of ``strip_prefix``
     (both sides); ``include``/``exclude`` and the report see those names.
     """
-    from .diff import combine_pairs
-
     for name, v in (("rtol", rtol), ("atol", atol)):
         if v is not None and not 0 <= v < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, not {v}")
     if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
-    srcs_a, srcs_b = open_paths(_paths(a)), open_paths(_paths(b))
+    notes: list[str] = []
+    with _opened(a, notes=notes) as srcs_a, _opened(b, notes=notes) as srcs_b:
+        return _diff(srcs_a, srcs_b, tol, include, exclude, progress, notes,
+                     (*strip_prefix_a, *strip_prefix), (*strip_prefix_b, *strip_prefix))
+
+
+def _diff(srcs_a: list[Source], srcs_b: list[Source], tol: Tolerances, include: Iterable[str],
+          exclude: Iterable[str], progress: Progress | None, notes: list[str],
+          strip_a: tuple[str, ...], strip_b: tuple[str, ...]) -> DiffReport:
+    from .diff import combine_pairs
+
     chosen = select(include, exclude)
-    both = tuple(strip_prefix)
-    side_a = _named(srcs_a, chosen, (*strip_prefix_a, *both))
-    side_b = _named(srcs_b, chosen, (*strip_prefix_b, *both))
+    side_a = _named(srcs_a, chosen, strip_a)
+    side_b = _named(srcs_b, chosen, strip_b)
     where_b = {name: (s, t) for name, s, t in side_b}
     names_a: set[str] = set()
     skipped: list[Skipped] = []
@@ -597,6 +666,8 @@ def diff(
             progress(ta.nbytes + tb.nbytes)
         stats.append(ps)
         rows.append(_diff_row(name, ta.shape, ta.dtype, tb.dtype, ps, tol))
+    for src in (*srcs_a, *srcs_b):
+        src.finish()
     total = _diff_row(None, None, None, None, combine_pairs(stats), Tolerances())
     if not rows:  # nothing compared: no global number means anything (JSON: null)
         nan = math.nan
@@ -612,6 +683,7 @@ def diff(
         total=total,
         tolerances=tol,
         skipped=tuple(skipped),
+        notes=tuple(notes),
     )
 
 

@@ -109,6 +109,9 @@ def _format_option(kind: str) -> Any:
     )
 
 
+_json_option = click.option("--json", "as_json", is_flag=True, help="Short for --format json.")
+
+
 def _emit(fmt: str, kind: str, report: Any) -> None:
     """Render fully in memory first: on any error nothing half-written reaches stdout."""
     buf = io.StringIO()
@@ -124,7 +127,7 @@ def _emit(fmt: str, kind: str, report: Any) -> None:
     click.echo(buf.getvalue(), nl=False)
 
 
-def _warn(lines: list[str], quiet: bool = False) -> None:
+def _warn(lines: list[str], quiet: bool | int = False) -> None:
     if quiet:
         return
     for line in lines:
@@ -181,7 +184,9 @@ class _ProgressBar:
 
 
 def _jobs_option(f: Any) -> Any:
-    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar and no warnings on stderr.")(f)
+    f = click.option("--quiet", "-q", count=True,
+                     help="-q: no progress bar and no warnings on stderr except those about NaN/Inf values; "
+                          "-qq: none of those either (only Error lines).")(f)
     return click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
                         help="Threads to use (default: one per core). Results are identical for every N.")(f)
 
@@ -219,6 +224,13 @@ def _norm_options(f: Any) -> Any:
     return f
 
 
+def _loss_scale_option(f: Any) -> Any:
+    return click.option(
+        "--loss-scale", type=click.FloatRange(0, min_open=True), default=None, metavar="S",
+        help="Gradients saved before the AMP loss scale was removed: divide every norm by S (the clip is "
+             "computed on the result). Default: the safetensors metadata key loss_scale, when the files have it.")(f)
+
+
 def _selection_options(f: Any) -> Any:
     f = click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")(f)
     return click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")(f)
@@ -233,7 +245,7 @@ def _finite(name: str, value: float | None) -> None:
 @_paths_argument
 @_norm_options
 @_format_option("norms")
-@click.option("--json", "as_json", is_flag=True, help="Short for --format json.")
+@_json_option
 @click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
               show_default=True, help="Row order; none keeps file order.")
 @click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
@@ -247,11 +259,12 @@ def _finite(name: str, value: float | None) -> None:
               help="What --group-by N splits names on (JAX names use /).")
 @_shards_option
 @_dedup_option
+@_loss_scale_option
 @_jobs_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, jobs: int | None,
-          quiet: bool) -> None:
+          group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
+          jobs: int | None, quiet: int) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -280,13 +293,15 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         raise click.BadParameter("must not be empty", param_hint="--sep")
     _finite("--max-norm", max_norm)
     _finite("--eps", eps)
+    _finite("--loss-scale", loss_scale)
     with _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
             group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
-            dedup=dedup,
+            dedup=dedup, loss_scale=loss_scale,
         )
-    _warn(report.warnings(), quiet)
+    _warn(report.input_warnings(), quiet >= 1)
+    _warn(report.nonfinite_warnings(), quiet >= 2)
     _emit(fmt, "norms", report)
 
 
@@ -317,10 +332,12 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
 @_format_option("check")
+@_json_option
 @_shards_option
 @_dedup_option
+@_loss_scale_option
 @_jobs_option
-def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
+def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
     Computes what `norms` does and evaluates the rules turned on below (only
@@ -363,18 +380,20 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     for name in _CHECK_OPTIONS:
         if name in settings and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
             options[name] = settings[name]
-    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm", "max_replica_diff"):
+    if as_json:
+        options["fmt"] = "json"
+    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm", "max_replica_diff", "loss_scale"):
         _finite("--" + name.replace("_", "-"), options[name])
     try:
         rules = rules_from(options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    quiet = options["quiet"]
+    quiet = int(options["quiet"])  # the config file's quiet = true is -q
     with _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
                            shards=options["shards"], jobs=options["jobs"], progress=bar,
-                           dedup=options["dedup"])
+                           dedup=options["dedup"], loss_scale=options["loss_scale"])
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
@@ -397,9 +416,10 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
 @click.option("--strip-prefix-b", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for B only.")
 @_selection_options
 @_format_option("diff")
+@_json_option
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
-         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, as_json: bool) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -426,6 +446,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     """
     from .api import diff as run_diff
 
+    if as_json:
+        fmt = "json"
     for name, v in (("--rtol", rtol), ("--atol", atol), ("--min-cosine", min_cosine)):
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
@@ -439,7 +461,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
 @cli.command(context_settings=_CONTEXT)
 @_paths_argument
 @_format_option("info")
-def info(paths: tuple[str, ...], fmt: str) -> None:
+@_json_option
+def info(paths: tuple[str, ...], fmt: str, as_json: bool) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -452,7 +475,11 @@ def info(paths: tuple[str, ...], fmt: str) -> None:
     """
     from .api import info as run_info
 
-    _emit(fmt, "info", run_info(list(paths)))
+    if as_json:
+        fmt = "json"
+    report = run_info(list(paths))
+    _warn(list(report.notes))
+    _emit(fmt, "info", report)
 
 
 def main(argv: list[str] | None = None) -> None:

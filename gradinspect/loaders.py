@@ -5,6 +5,20 @@ parses headers itself (safetensors JSON headers, zip directories, ``.npy``
 headers) so that tensor data can be read chunk by chunk into reused,
 page-aligned buffers: never a whole file, never a whole large tensor.
 Nothing is ever unpickled.
+
+A file must not change between its header and its last byte: data read at
+the header's offsets from another version would be garbage that looks like
+numbers.  :func:`open_source` records the identity of the open file (device,
+inode, size, mtime and ctime in ns, from ``fstat``); the file is read through
+that same descriptor while it is held open, or, when too many files are open
+(see :func:`_hold_budget`), through a reopened one whose ``fstat`` must match
+the identity before any byte is read.  After the last byte (:meth:`Source.finish`)
+the descriptor is checked again and the path ``stat``-ed: a replaced (renamed
+over), rewritten, appended or truncated file raises ``InputError(path,
+"changed while being read")``.  Residual risk: a rewrite in place that keeps
+the size and lands within the filesystem's timestamp granularity (a clock tick
+on many Linux filesystems) as the header read leaves mtime and ctime unchanged
+and cannot be seen.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -33,6 +47,7 @@ __all__ = [
     "resolve_paths",
     "open_source",
     "open_paths",
+    "close_all",
     "array_source",
 ]
 
@@ -155,7 +170,13 @@ class ChunkBuffer:
 
 @dataclass(eq=False)
 class Source:
-    """A file (or an in-memory mapping) and the tensors in it, in file order."""
+    """A file (or an in-memory mapping) and the tensors in it, in file order.
+
+    A file-backed source owns the descriptor its header was read through:
+    ``with source:`` is a reading session (it reopens, verified, a source that
+    was parked), :meth:`finish` checks the file did not change and releases it,
+    :meth:`close` releases it without a check.  Whoever opened it closes it.
+    """
 
     path: str
     kind: str
@@ -163,16 +184,61 @@ class Source:
     metadata: dict[str, str] = field(default_factory=dict)
     size: int = 0
     _fd: int | None = field(default=None, repr=False)
+    _ident: tuple[int, ...] | None = field(default=None, repr=False)  # (dev, ino, size, mtime_ns, ctime_ns)
+    _park: bool = field(default=False, repr=False)  # close the descriptor after each session
 
     def __enter__(self) -> Source:
         if self.kind != "memory" and self._fd is None:
-            self._fd = _open_fd(self.path)
+            fd = _open_fd(self.path)
+            try:
+                self._check(os.fstat(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._fd is None:
+            return
+        try:
+            if self._park or (exc_type is not None and issubclass(exc_type, InputError)):
+                # a parked descriptor is checked after each session; a read that
+                # failed (say, past a new end of file) may be the file changing
+                self._check(os.fstat(self._fd))
+        finally:
+            if self._park:
+                self.close()
+
+    def park(self) -> None:
+        """Close the descriptor between sessions (reopened and verified on the next)."""
+        self._park = True
+        self.close()
+
+    def finish(self) -> None:
+        """After the last read: raise if the file changed since its header was read; release it."""
+        if self._ident is None:
+            return
+        try:
+            if self._fd is not None:
+                self._check(os.fstat(self._fd))
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                raise InputError(self.path, "changed while being read (it is gone)") from None
+            self._check(st)
+        finally:
+            self._park = True
+            self.close()
+
+    def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _check(self, st: os.stat_result) -> None:
+        if self._ident is not None and _identity(st) != self._ident:
+            raise InputError(self.path, "changed while being read")
 
     def chunks(self, entry: TensorEntry, buf: ChunkBuffer) -> Iterator[np.ndarray]:
         """The tensor's elements, in chunks of at most ``buf.chunk``, as 1-d native arrays.
@@ -253,6 +319,24 @@ def _inflate(fd: int, entry: TensorEntry, path: str) -> Iterator[bytes]:
         tail = d.unconsumed_tail
         if out:
             yield out
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _hold_budget() -> int:
+    """How many files one :func:`open_paths` call keeps open: a quarter of the
+    descriptor limit (diff opens two sets), at most 256; the rest are parked."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not Unix
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(0, min(256, soft // 4))
 
 
 def _open_fd(path: str) -> int:
@@ -662,9 +746,11 @@ def _regular_file(path: str) -> os.stat_result:
     return st
 
 
-def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | None = None) -> list[str]:
     """The files that ``paths`` name, in order: directories list their supported
-    files sorted by name, index files their shards, quoted globs their matches."""
+    files sorted by name, index files their shards, quoted globs their matches.
+
+    A warning for each directory's other files is appended to ``notes``."""
     out: list[str] = []
     for p in paths:
         p = os.fspath(p)
@@ -672,7 +758,7 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             matches = sorted(glob.glob(p))
             if not matches:
                 raise InputError(p, "no file matches this pattern")
-            out.extend(resolve_paths(matches))
+            out.extend(resolve_paths(matches, notes))
         elif os.path.isdir(p):
             try:
                 names = os.listdir(p)
@@ -684,6 +770,8 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             )
             if not found:
                 raise InputError(p, "directory holds no .safetensors, .npz or .npy file")
+            if notes is not None:
+                notes.extend(_skipped_files(p, names))
             out.extend(found)
         elif _suffix(p) == INDEX_SUFFIX:
             out.extend(_index_shards(p))
@@ -692,29 +780,59 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return out
 
 
+def _skipped_files(directory: str, names: list[str]) -> list[str]:
+    """A warning naming the files of ``directory`` that are not read (index files' shards are)."""
+    other = sorted(n for n in names if _suffix(n) not in (*_READERS, INDEX_SUFFIX)
+                   and os.path.isfile(os.path.join(directory, n)))
+    if not other:
+        return []
+    shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+    label = directory if directory.endswith(os.sep) else directory + os.sep
+    line = (f"{label}: skipped {len(other)} file{'s' if len(other) > 1 else ''} that "
+            f"{'are' if len(other) > 1 else 'is'} not .safetensors/.npz/.npy ({shown})")
+    pickles = sorted({_suffix(n) for n in other if _suffix(n) in _PICKLE_SUFFIXES})
+    if pickles:
+        line += f"; {'/'.join(pickles)} files are pickles, never loaded (they can run code): save with safetensors"
+    return [line]
+
+
 def open_source(path: str) -> Source:
-    """Read and validate one file's header; the data is not read."""
+    """Read and validate one file's header; the data is not read.
+
+    The source holds the open file: :meth:`Source.finish` or :meth:`Source.close` it.
+    """
     suffix = _suffix(path)
     if suffix not in _READERS:
         if suffix in _PICKLE_SUFFIXES:
             raise InputError(path, "pickle-based files are never loaded (they can run code); save gradients with safetensors")
         raise InputError(path, "unsupported file type (expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
-    size = _regular_file(path).st_size
-    if size == 0:
-        raise InputError(path, "empty file")
+    _regular_file(path)
     fd = _open_fd(path)
     try:
-        return _READERS[suffix](path, fd, size)
-    finally:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # replaced between the stat and the open
+            raise InputError(path, "not a regular file")
+        if st.st_size == 0:
+            raise InputError(path, "empty file")
+        src = _READERS[suffix](path, fd, st.st_size)
+    except BaseException:
         os.close(fd)
+        raise
+    src._fd, src._ident = fd, _identity(st)
+    return src
 
 
-def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = False) -> list[Source]:
+def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = False,
+               notes: list[str] | None = None) -> list[Source]:
     """Sources for ``paths``; a tensor name in two files is refused unless ``allow_repeats``
-    (``--shards slices`` / ``replicas`` say what such names mean)."""
+    (``--shards slices`` / ``replicas`` say what such names mean).  Warnings go to ``notes``.
+
+    The caller closes every source (:meth:`Source.finish` or :meth:`Source.close`);
+    past :func:`_hold_budget` files, sources are parked between reads.
+    """
     if not paths:
         raise ValueError("no paths given")
-    files = resolve_paths(paths)
+    files = resolve_paths(paths, notes)
     seen: dict[tuple[int, int], str] = {}
     for f in files:
         st = _regular_file(f)
@@ -722,16 +840,33 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
         if key in seen:
             raise InputError(f, f"the same file is given twice (also as {seen[key]})")
         seen[key] = f
-    sources = [open_source(f) for f in files]
-    owner: dict[str, str] = {}
-    for src in sources:
-        for t in src.tensors:
-            if t.name in owner and not allow_repeats:
-                raise InputError(src.path, f"tensor {t.name!r} is also in {owner[t.name]} (the same name in two "
-                                 "files: use --shards slices or --shards replicas to say what that means)")
-            owner.setdefault(t.name, src.path)
-    _check_index_names(paths, sources)
+    budget = _hold_budget() if len(files) > 1 else 1
+    sources: list[Source] = []
+    try:
+        for f in files:
+            src = open_source(f)
+            sources.append(src)
+            if len(sources) > budget:
+                src.park()
+        owner: dict[str, str] = {}
+        for src in sources:
+            for t in src.tensors:
+                if t.name in owner and not allow_repeats:
+                    raise InputError(src.path, f"tensor {t.name!r} is also in {owner[t.name]} (the same name in "
+                                     "two files: use --shards slices or --shards replicas (shards= in Python) "
+                                     "to say what that means)")
+                owner.setdefault(t.name, src.path)
+        _check_index_names(paths, sources)
+    except BaseException:
+        close_all(sources)
+        raise
     return sources
+
+
+def close_all(sources: Sequence[Source]) -> None:
+    """Close every source (without checks); for cleanup."""
+    for s in sources:
+        s.close()
 
 
 def _check_index_names(paths: Sequence[str | os.PathLike[str]], sources: list[Source]) -> None:
@@ -746,10 +881,21 @@ def _check_index_names(paths: Sequence[str | os.PathLike[str]], sources: list[So
                 raise InputError(p, f"weight_map puts tensor {name!r} in {shard}, which does not hold it")
 
 
-def array_source(mapping: Mapping[str, Any], path: str = "<memory>") -> Source:
-    """A source over in-memory arrays (anything ``np.asarray`` accepts)."""
+def array_source(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], path: str = "<memory>") -> Source:
+    """A source over in-memory arrays (anything ``np.asarray`` accepts): a mapping of
+    names to arrays, or (name, array) pairs, whose names must not repeat."""
     tensors = []
-    for name, value in mapping.items():
+    seen: set[str] = set()
+    pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
+    for pair in pairs:
+        try:
+            name, value = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"expected (name, array) pairs, got {type(pair).__name__}") from None
+        name = str(name)
+        if name in seen:
+            raise ValueError(f"tensor name {name!r} appears twice")
+        seen.add(name)
         arr = _as_numpy(value)
         reason = _skip_reason(_dtype_name(arr.dtype), arr.dtype)
         if arr.dtype.fields is not None:
@@ -758,7 +904,7 @@ def array_source(mapping: Mapping[str, Any], path: str = "<memory>") -> Source:
         if reason is None and not arr.dtype.isnative:
             flat = flat.astype(arr.dtype.newbyteorder("="))
         tensors.append(TensorEntry(
-            str(name), path, _dtype_name(arr.dtype), tuple(arr.shape), arr.size, arr.nbytes,
+            name, path, _dtype_name(arr.dtype), tuple(arr.shape), arr.size, arr.nbytes,
             reason, flat.dtype, _method="array", _array=flat,
         ))
     return Source(path, "memory", tensors)

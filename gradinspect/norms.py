@@ -48,6 +48,7 @@ __all__ = [
     "is_float_dtype",
     "stats_of",
     "to_float64",
+    "unscaled",
 ]
 
 #: Elements reduced per step.  Large enough that numpy's per-call overhead
@@ -416,3 +417,19 @@ def stats_of(array: object, p: float = 2.0, reducer: Reducer | None = None) -> S
     flat = x.reshape(-1)
     step = reducer.chunk
     return combine((reducer.reduce(flat[i : i + step]) for i in range(0, max(flat.size, 1), step)), p=reducer.p)
+
+
+def unscaled(st: Stats, scale: float) -> Stats:
+    """The statistics of every element divided by ``scale`` (finite, > 0), e.g. an AMP loss scale.
+
+    A power of two only shifts the exponent: exact.  Otherwise, with ``scale =
+    m · 2**e`` (0.5 <= m < 1), Σ|x| and Σx² gain a rounding or two (divided by m
+    and m²) and L∞ one; ratios such as Σ|x|^p / L∞^p do not change.
+    """
+    if scale == 1.0:
+        return st
+    m, e = math.frexp(scale)
+    linf = _ldexp(st.linf, -(e - 1)) if m == 0.5 else st.linf / scale
+    if m == 0.5:
+        return Stats(st.numel, st.nan, st.inf, linf, st.exp - (e - 1), st.s1, st.s2, st.sp, st.p)
+    return Stats(st.numel, st.nan, st.inf, linf, st.exp - e, st.s1 / m, st.s2 / m / m, st.sp, st.p)

@@ -17,7 +17,7 @@ from .norms import norm_type_label
 __all__ = [
     "TensorNorms", "Skipped", "Totals", "Clip", "NormsReport", "NORMS_SCHEMA",
     "Finding", "CheckReport", "CHECK_SCHEMA", "DiffRow", "Mismatch", "Tolerances", "DiffReport", "DIFF_SCHEMA",
-    "InfoTensor", "InfoReport", "INFO_SCHEMA",
+    "InfoTensor", "InfoTotals", "InfoReport", "INFO_SCHEMA",
 ]
 
 NORMS_SCHEMA = "gradinspect.norms/1"
@@ -90,6 +90,33 @@ class Skipped:
 
     def warning(self) -> str:
         return f"skipped {self.name} ({self.source}): {self.reason}"
+
+
+_NOT_FLOAT = "not a floating-point dtype"
+
+
+def skipped_warnings(skipped: tuple[Skipped, ...], shown: int = 3) -> list[str]:
+    """One line per kind of skipped tensor (integers, each other reason), naming a few of them;
+    the JSON ``skipped`` list names them all."""
+    groups: dict[str, list[Skipped]] = {}
+    for s in skipped:
+        groups.setdefault(_NOT_FLOAT if s.reason.startswith(_NOT_FLOAT) else s.reason, []).append(s)
+    out = []
+    for reason, members in groups.items():
+        if len(members) == 1:
+            out.append(members[0].warning())
+            continue
+        names = ", ".join(s.name for s in members[:shown])
+        names += ", ...; --format json lists them" if len(members) > shown else ""
+        if reason == _NOT_FLOAT:
+            counts: dict[str, int] = {}
+            for s in members:
+                counts[s.dtype] = counts.get(s.dtype, 0) + 1
+            dtypes = ", ".join(f"{n} {d}" for d, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            out.append(f"skipped {len(members)} tensors that are not floating point: {dtypes} ({names})")
+        else:
+            out.append(f"skipped {len(members)} tensors ({names}): {reason}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -166,14 +193,20 @@ class NormsReport:
     notes: tuple[str, ...] = ()  # warnings found while computing (e.g. replicas that differ)
     group_sep: str | None = None  # the separator --group-by splits on or joins with
     dedup: bool = False  # exact copies were left out of the rows and totals
+    loss_scale: float | None = None  # divided out of every statistic (AMP gradients saved before unscaling)
+    loss_scale_from: str | None = None  # "option" or "metadata"
 
     def input_warnings(self) -> list[str]:
-        """Warnings about the input: skipped tensors, replicas that differ."""
-        return [s.warning() for s in self.skipped] + list(self.notes)
+        """Warnings about the input: skipped tensors, files not read, replicas that differ."""
+        return skipped_warnings(self.skipped) + list(self.notes)
 
     def warnings(self) -> list[str]:
-        """Human-readable warnings: :meth:`input_warnings`, non-finite values, a non-finite clip."""
-        out = self.input_warnings()
+        """Human-readable warnings: :meth:`input_warnings`, then :meth:`nonfinite_warnings`."""
+        return self.input_warnings() + self.nonfinite_warnings()
+
+    def nonfinite_warnings(self) -> list[str]:
+        """Warnings about NaN/Inf values and a clip they make non-finite or zero."""
+        out: list[str] = []
         t = self.total
         if t.nonfinite:
             out.append(f"{t.nan} NaN and {t.inf} infinite gradient values: the global norm is {_fmt(t.norm)}")
@@ -198,6 +231,7 @@ class NormsReport:
             "total": self.total.to_dict(),
             "clip": self.clip.to_dict(),
             "metadata": {k: dict(v) for k, v in self.metadata.items()},
+            "loss_scale": self.loss_scale,
         }
 
 
@@ -338,6 +372,7 @@ class DiffReport:
     total: DiffRow
     tolerances: Tolerances
     skipped: tuple[Skipped, ...] = ()
+    notes: tuple[str, ...] = ()  # warnings about the input (e.g. files a directory holds but that are not read)
 
     @property
     def failed(self) -> tuple[DiffRow, ...]:
@@ -354,8 +389,8 @@ class DiffReport:
         return not self.failed and (self.tolerances.allow_missing or not sets_differ)
 
     def warnings(self) -> list[str]:
-        """Skipped tensors, and a comparison of nothing."""
-        out = [s.warning() for s in self.skipped]
+        """Human-readable warnings: the input's (files not read, skipped tensors), and a comparison of nothing."""
+        out = [*self.notes, *skipped_warnings(self.skipped)]
         if not self.tensors:
             if self.mismatched or self.skipped:
                 out.append("no tensor in both A and B can be compared element by element: nothing was compared")
@@ -402,12 +437,27 @@ class InfoTensor:
 
 
 @dataclass(frozen=True)
+class InfoTotals:
+    """Counts over every tensor of an :class:`InfoReport`, and per dtype."""
+
+    tensors: int
+    numel: int
+    bytes: int
+    by_dtype: Mapping[str, Mapping[str, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "numel": self.numel, "bytes": self.bytes,
+                "by_dtype": {k: dict(v) for k, v in self.by_dtype.items()}}
+
+
+@dataclass(frozen=True)
 class InfoReport:
     """A header-only listing of every tensor in the sources, in file order."""
 
     sources: tuple[str, ...]
     tensors: tuple[InfoTensor, ...]
     metadata: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # warnings about the input (e.g. files a directory holds but that are not read)
 
     def by_dtype(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -418,16 +468,17 @@ class InfoReport:
             d["bytes"] += t.bytes
         return out
 
+    @property
+    def total(self) -> InfoTotals:
+        """What the JSON's ``total`` holds."""
+        return InfoTotals(len(self.tensors), sum(t.numel for t in self.tensors), sum(t.bytes for t in self.tensors),
+                          self.by_dtype())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": INFO_SCHEMA,
             "sources": list(self.sources),
             "tensors": [t.to_dict() for t in self.tensors],
             "metadata": {k: dict(v) for k, v in self.metadata.items()},
-            "total": {
-                "tensors": len(self.tensors),
-                "numel": sum(t.numel for t in self.tensors),
-                "bytes": sum(t.bytes for t in self.tensors),
-                "by_dtype": self.by_dtype(),
-            },
+            "total": self.total.to_dict(),
         }

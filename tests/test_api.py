@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import math
+from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import gradinspect
 from gradinspect.clip import clip_coef
+from gradinspect.errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _g() -> dict[str, np.ndarray]:
@@ -194,3 +201,61 @@ def test_report_to_dict_shape() -> None:
     assert set(d["total"]) >= {"tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite"}
     assert set(d["clip"]) == {"max_norm", "eps", "coef", "clipped", "norm_after"}
     assert d["norm_type"] == 2
+
+
+def test_info_report_has_the_total_its_json_has(tmp_path: Path) -> None:
+    from gradinspect.api import info
+
+    path = tmp_path / "g.safetensors"
+    save_file({"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float16), "step": np.array(1, np.int64)}, str(path))
+    r = info(path)
+    assert (r.total.tensors, r.total.numel, r.total.bytes) == (3, 11, 24 + 8 + 8)
+    assert r.total.by_dtype["float32"] == {"tensors": 1, "numel": 6, "bytes": 24}
+    assert r.to_dict()["total"] == r.total.to_dict()
+
+
+def test_compute_norms_takes_any_mapping_or_pairs() -> None:
+    expected = gradinspect.compute_norms(_g()).to_dict()
+    assert gradinspect.compute_norms(MappingProxyType(_g())).to_dict() == expected
+    assert gradinspect.compute_norms(list(_g().items())).to_dict() == expected
+    assert gradinspect.compute_norms((name, a) for name, a in _g().items()).to_dict() == expected
+    with pytest.raises(ValueError, match="tensor name 'w' appears twice"):
+        gradinspect.compute_norms([("w", np.ones(2)), ("v", np.ones(2)), ("w", np.ones(3))])
+    with pytest.raises(ValueError, match=r"expected \(name, array\) pairs, got int"):
+        gradinspect.compute_norms([1, 2])  # type: ignore[list-item]
+
+
+def test_repeated_names_error_names_the_python_keyword(tmp_path: Path) -> None:
+    for n in ("a", "b"):
+        save_file({"w": np.ones(2)}, str(tmp_path / f"{n}.safetensors"))
+    with pytest.raises(InputError, match=r"--shards slices or --shards replicas \(shards= in Python\)"):
+        gradinspect.inspect([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+
+
+def _readme_api_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text[text.index("## Python API"):].split("\n## ", 1)[0]
+
+
+def test_readme_python_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python block runs as written (``model`` is a stand-in with .grad arrays)."""
+    section = _readme_api_section()
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+
+    class Param:
+        grad = np.array([3.0, 4.0])
+
+    class Model:
+        def named_parameters(self) -> list[tuple[str, Param]]:
+            return [("w", Param())]
+
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "README.md", "exec"), {"model": Model()})  # noqa: S102 - our own README
+
+
+def test_readme_lists_every_keyword() -> None:
+    section = _readme_api_section()
+    for fn in (gradinspect.inspect, gradinspect.compute_norms):
+        for name, param in pyinspect.signature(fn).parameters.items():
+            if param.kind == param.KEYWORD_ONLY:
+                assert f"`{name}`" in section, (fn.__name__, name)

@@ -269,7 +269,8 @@ def test_duplicate_names_across_files_is_an_error(tmp_path: Path) -> None:
     r = run("norms", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr == (f"Error: {tmp_path / 'b.safetensors'}: tensor 'w' is also in {tmp_path / 'a.safetensors'} "
-                        "(the same name in two files: use --shards slices or --shards replicas to say what that means)\n")
+                        "(the same name in two files: use --shards slices or --shards replicas (shards= in Python) "
+                        "to say what that means)\n")
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,12 @@ def summary(report: Any) -> list[tuple[str, str]]:
         ("files", f"{len(report.sources)}"),
         ("tensors", tensors),
         ("elements", f"{t.numel:,}"),
+    ]
+    if report.loss_scale is not None:
+        s = f"{report.loss_scale:g}"
+        s = s if float(s) == report.loss_scale else repr(report.loss_scale)
+        lines.append(("loss scale", f"{s} removed ({'from metadata' if report.loss_scale_from == 'metadata' else '--loss-scale'})"))
+    lines += [
         ("global L2", num(t.l2, 8)),
         ("global L1", num(t.l1, 8)),
         ("global L∞", num(t.linf, 8)),
