@@ -112,3 +112,28 @@ def test_reducer_raises_no_warning_on_signalling_nan() -> None:
             assert [s.nan for s in Reducer(3).reduce_segments(np.concatenate([x[:4], np.ones(4, dtype)]), [4, 4])] == [4, 0]
             if np.dtype(dtype).itemsize > 2:  # byte-swapped, as a big-endian .npy holds it
                 assert stats_of(x.astype(x.dtype.newbyteorder(">"))).nan == 64
+
+
+# --- 5. no object reprs in messages ------------------------------------------------------
+
+
+def _npy(path: Path, header: str) -> Path:
+    h = header.encode("latin1")
+    h += b" " * (-(len(h) + 11) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h + b"\0" * 16)
+    return path
+
+
+@pytest.mark.parametrize("header,fragment", [
+    ("{'descr': foo(), 'fortran_order': False, 'shape': (2,), }", "not a Python literal"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': [1, 2] + [3]}", "not a Python literal"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (2,", "not a Python literal"),
+    ("{'descr': '<f4', 'shape': (2,)}", "no 'fortran_order'"),
+    ("['<f4', False, (2,)]", "not a dict"),
+    ("{'descr': 5, 'fortran_order': False, 'shape': (2,), }", "descr 5 is not a dtype"),
+])
+def test_npy_header_errors_name_the_problem(tmp_path: Path, header: str, fragment: str) -> None:
+    r = run("norms", _npy(tmp_path / "h.npy", header))
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert fragment in r.stderr and "corrupt .npy header" in r.stderr
+    assert " object at 0x" not in r.stderr and "<ast." not in r.stderr
