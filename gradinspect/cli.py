@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from . import formats
+from .formats._escape import printable
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -60,7 +61,8 @@ class GradInspectGroup(click.Group):
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
+    """One line, whatever the path or name in ``message`` holds (control characters are escaped)."""
+    click.echo(f"Error: {printable(message)}", err=True)
     sys.exit(EXIT_INPUT)
 
 
@@ -110,7 +112,7 @@ def _warn(lines: list[str], quiet: bool = False) -> None:
     if quiet:
         return
     for line in lines:
-        click.echo(f"Warning: {line}", err=True)
+        click.echo(f"Warning: {printable(line)}", err=True)
 
 
 class _ProgressBar:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-
 from conftest import write_raw_safetensors
+
 from gradinspect.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +47,15 @@ def run(*args: object, env: dict[str, str] | None = None) -> Result:
 def run_bytes(*args: str | bytes, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """The real CLI in a subprocess: argv may hold bytes that are not UTF-8, stdout is checked as bytes."""
     full_env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gradinspect", *args], cwd=ROOT, env=full_env, capture_output=True)
+    return subprocess.run([sys.executable, "-m", "gradinspect", *args], cwd=ROOT, env=full_env, capture_output=True,
+                          check=False)
 
 
 def safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file whose header says exactly these names (any string, even lone surrogates)."""
     header: dict = {"__metadata__": metadata} if metadata is not None else {}
     data = b""
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16"}
+    codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64"}
     for name, a in tensors.items():
         raw = np.ascontiguousarray(a).tobytes()
         header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [len(data), len(data) + len(raw)]}
@@ -65,6 +66,7 @@ def safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
 @pytest.fixture
 def hostile(tmp_path: Path) -> Path:
     tensors = {name: np.array([0.0, np.nan], np.float32) for name in HOSTILE}  # every one a nonfinite finding
+    tensors["step\x1b]0;t\x07\n::error::x"] = np.array([1], np.int64)  # skipped, with a warning on stderr
     return safetensors(tmp_path / "hostile.safetensors", tensors, {"note\x1b]0;t\x07": "v\x1b[2J\nx\u202e"})
 
 
@@ -72,6 +74,179 @@ def _assert_safe(text: str) -> None:
     assert not RAW_CONTROL.search(text), repr(RAW_CONTROL.search(text))
     for line in text.split("\n"):
         assert not line.lstrip().startswith("::"), line
+
+
+# --- 1. hostile names in every format ------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["norms"], ["norms", "-f", "markdown"], ["info"], ["check"]],
+                         ids=["table", "markdown", "info", "check-text"])
+def test_human_formats_escape_control_characters(hostile: Path, args: list[str]) -> None:
+    r = run(args[0], hostile, *args[1:])
+    assert r.exit_code in (0, 1), r.output
+    _assert_safe(r.stdout)
+    _assert_safe(r.stderr)
+    if args[0] != "info":
+        assert "Warning: skipped step\\x1b]0;t\\x07\\n::error::x" in r.stderr
+    assert "osc.title\\x1b]0;pwned\\x07" in r.stdout
+    assert "forged\\n::error file=x::forged" in r.stdout
+    assert "bidi.\\u202eevil\\u2066" in r.stdout
+    assert "c1.\\x9b31m.del\\x7f" in r.stdout
+
+
+def test_info_metadata_is_escaped(hostile: Path) -> None:
+    r = run("info", hostile)
+    assert r.exit_code == 0
+    assert "note\\x1b]0;t\\x07=v\\x1b[2J\\nx\\u202e" in r.stdout
+
+
+def test_table_does_not_read_names_as_markup(hostile: Path) -> None:
+    r = run("norms", hostile)
+    assert "[bold]markup[/bold]" in r.stdout
+
+
+def test_diff_escapes_names(hostile: Path, tmp_path: Path) -> None:
+    other = safetensors(tmp_path / "b.safetensors", {"only\x1b[31mB": np.ones(2, np.float32),
+                                                     **{n: np.ones(2, np.float32) for n in HOSTILE[:3]}})
+    for fmt, shown in (("table", "only\\x1b[31mB"), ("markdown", "only\\\\x1b[31mB")):  # Markdown escapes "\\"
+        r = run("diff", hostile, other, "-f", fmt)
+        assert r.exit_code == 0, r.output
+        _assert_safe(r.stdout)
+        assert shown in r.stdout
+
+
+def test_markdown_rows_keep_their_columns(hostile: Path) -> None:
+    r = run("norms", hostile, "-f", "markdown")
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(HOSTILE)
+    # Unescaped pipes delimit the cells: every row has as many as the header.
+    assert {len(re.findall(r"(?<!\\)\|", row)) for row in rows} == {len(re.findall(r"\|", rows[0]))}
+    assert "`pipe\\|in\\|name`" in r.stdout
+
+
+def test_github_commands_cannot_be_forged(hostile: Path) -> None:
+    r = run("check", hostile, "-f", "github")
+    assert r.exit_code == 1
+    lines = r.stdout.splitlines()
+    commands = [line for line in lines if line.lstrip().startswith("::")]
+    assert len(commands) == len(HOSTILE) and all(c.startswith("::error title=") for c in commands)
+    assert not RAW_CONTROL.search(r.stdout)
+    # In the property, ':' and ',' are encoded, so the title cannot end early or add a property.
+    forged = next(c for c in commands if "forged" in c)
+    title = forged[len("::error title="):forged.index("::", 2)]
+    assert ":" not in title and "," not in title and "%3A%3Aerror file=x%3A%3Aforged" in title
+
+
+def test_github_percent_is_encoded(tmp_path: Path) -> None:
+    path = safetensors(tmp_path / "p.safetensors", {"a%0Ab": np.array([np.nan], np.float32)})
+    r = run("check", path, "-f", "github")
+    assert "a%250Ab" in r.stdout and "a%0Ab" not in r.stdout.replace("a%250Ab", "")
+
+
+def test_junit_parses_and_shows_escapes(hostile: Path) -> None:
+    r = run("check", hostile, "-f", "junit")
+    assert r.exit_code == 1
+    root = ET.fromstring(r.stdout_bytes)
+    failure = root.find(".//failure")
+    assert failure is not None and failure.text is not None
+    assert "osc.title\\x1b]0;pwned\\x07" in failure.text
+    assert not RAW_CONTROL.search(failure.text)
+
+
+def test_csv_has_one_line_per_row_and_no_formulas(hostile: Path) -> None:
+    for cmd in ("norms", "info"):
+        r = run(cmd, hostile, "-f", "csv")
+        assert r.exit_code == 0
+        assert not RAW_CONTROL.search(r.stdout)
+        lines = r.stdout.splitlines()
+        assert len(lines) == 1 + len(HOSTILE) + (cmd == "info")  # a naive line reader sees one row per tensor
+        rows = list(csv.DictReader(io.StringIO(r.stdout)))
+        names = {row["name"] for row in rows}
+        assert "forged\\n::error file=x::forged" in names
+        assert "'=HYPERLINK(\"http://x\")" in names  # a spreadsheet shows it as text, never runs it
+        assert all(not row[c].startswith(("=", "+", "-", "@")) for row in rows for c in ("name", "source"))
+
+
+def test_csv_formula_guard_leaves_numbers_alone(tmp_path: Path) -> None:
+    a = safetensors(tmp_path / "a.safetensors", {"+w": np.array([1.0, 2.0], np.float32)})
+    b = safetensors(tmp_path / "b.safetensors", {"+w": np.array([-1.0, -2.0], np.float32)})
+    r = run("diff", a, b, "-f", "csv")
+    row = next(csv.DictReader(io.StringIO(r.stdout)))
+    assert row["name"] == "'+w" and row["cosine"] == "-1.0"
+
+
+# --- 2. invalid UTF-8 ------------------------------------------------------------------
+
+
+def _strict_json(stdout: bytes) -> dict:
+    def reject(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    text = stdout.decode("utf-8", errors="strict")
+    assert not re.search(r"(?<!\\)(\\\\)*\\u[dD][89a-fA-F]", text), "a surrogate escape: strict parsers reject it"
+    return json.loads(text, parse_constant=reject)
+
+
+def test_lone_surrogates_in_metadata_give_valid_json(tmp_path: Path) -> None:
+    path = safetensors(tmp_path / "s.safetensors", {"w": np.ones(2, np.float32)}, {"k\udc81": "v\udc82", "b\ud800": "c"})
+    r = run_bytes("info", str(path), "-f", "json")
+    assert r.returncode == 0 and r.stderr == b""
+    doc = _strict_json(r.stdout)
+    assert doc["metadata"][str(path)] == {"k\\x81": "v\\x82", "b\\ud800": "c"}
+    r = run_bytes("info", str(path))
+    assert r.returncode == 0
+    assert "k\\x81=v\\x82, b\\ud800=c" in r.stdout.decode("utf-8", errors="strict")
+
+
+def test_a_tensor_name_that_is_not_unicode_is_one_clean_error_line(tmp_path: Path) -> None:
+    # Refused by the loader (as safetensors itself does): the error line must still be valid and one line.
+    path = safetensors(tmp_path / "s.safetensors", {"w\udc80": np.ones(2, np.float32)})
+    r = run_bytes("norms", str(path), "-f", "json")
+    assert r.returncode == 2 and r.stdout == b""
+    err = r.stderr.decode("utf-8", errors="strict")
+    assert err.count("\n") == 1 and "not valid Unicode" in err and "w\\udc80" in err
+
+
+def test_a_path_that_is_not_utf8_gives_valid_output(tmp_path: Path) -> None:
+    path = os.fsencode(tmp_path) + b"/g\xff.safetensors"
+    safetensors(Path(os.fsdecode(path)), {"w": np.array([3.0, 4.0], np.float32)})
+    for cmd in ("norms", "check", "info"):
+        r = run_bytes(cmd, path, "-f", "json")
+        assert r.returncode == 0 and r.stderr == b"", r.stderr
+        doc = _strict_json(r.stdout)
+        sources = doc["report"]["sources"] if cmd == "check" else doc["sources"]
+        assert sources == [os.fsdecode(tmp_path) + "/g\\xff.safetensors"]
+    for fmt in ("table", "csv", "markdown"):
+        r = run_bytes("norms", path, "-f", fmt)
+        assert r.returncode == 0 and r.stderr == b""
+        r.stdout.decode("utf-8", errors="strict")
+    r = run_bytes("check", path, "-f", "junit")
+    assert r.returncode == 0
+    ET.fromstring(r.stdout)
+
+
+def test_json_keeps_other_unicode_and_escapes_terminal_controls(tmp_path: Path) -> None:
+    path = safetensors(tmp_path / "u.safetensors", {"ü.∞\u202e\x9b": np.ones(1, np.float32)})
+    r = run_bytes("norms", str(path), "-f", "json")
+    text = r.stdout.decode("utf-8")
+    assert not RAW_CONTROL.search(text) and "ü.∞" in text
+    assert _strict_json(r.stdout)["tensors"][0]["name"] == "ü.∞\u202e\x9b"  # JSON escapes are lossless
+
+
+# --- 3. one Error: line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["missing\ndir/x.safetensors", "bad\x1b]0;t\x07\n.safetensors", "bad\u2028.npy"])
+def test_error_is_one_line_whatever_the_path(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if "missing" not in name:
+        path.write_bytes(b"garbage that is no header at all")
+    for fmt in ("table", "json"):
+        r = run("norms", path, "-f", fmt)
+        assert r.exit_code == 2 and r.stdout == ""
+        assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1 and r.stderr.endswith("\n")
+        assert not RAW_CONTROL.search(r.stderr)
+        assert "\\n" in r.stderr or "\\u2028" in r.stderr
 
 
 # --- 4. numpy warnings --------------------------------------------------------------------
@@ -98,8 +273,9 @@ def test_signalling_nans_leave_stderr_empty(tmp_path: Path, args: list[str]) -> 
 
 
 def test_reducer_raises_no_warning_on_signalling_nan() -> None:
-    import ml_dtypes
     import warnings
+
+    import ml_dtypes
 
     from gradinspect.norms import Reducer, stats_of
 

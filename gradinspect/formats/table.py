@@ -1,8 +1,10 @@
 """The terminal table, drawn with rich.
 
 Readable at 80 columns: every column but the tensor name takes the width of
-its content and long names are elided in the middle.  No colour when NO_COLOR
-is set or the output is not a terminal (rich's own detection).
+its content and long names are elided in the middle.  Names, paths and
+metadata are shown with control characters escaped (:func:`~._escape.printable`),
+never as markup.  No colour when NO_COLOR is set or the output is not a
+terminal (rich's own detection).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rich.text import Text
 
 from . import RenderOptions
 from ..norms import general_p
+from ._escape import printable
 from ._human import bar, diff_summary, shard_columns, dtypes, middle_elide, nonfinite, norm_label, num, percent, shape, size, summary
 
 _BAR = 6
@@ -79,7 +82,7 @@ def _norms(con: Console, report: Any) -> None:
         cols.append(("NaN/inf", "right"))
 
     def cells(r: Any, i: int, bar_w: int) -> list[str]:
-        c = [str(i), r.name, shape(r.shape), r.dtype, num(r.l2), num(r.l1), num(r.linf)]
+        c = [str(i), shown[i - 1], shape(r.shape), r.dtype, num(r.l2), num(r.l1), num(r.linf)]
         if lp:
             c.append(num(r.norm))
         c.append(f"{bar(r.share, bar_w)} {percent(r.share):>6}" if bar_w else percent(r.share))
@@ -88,6 +91,7 @@ def _norms(con: Console, report: Any) -> None:
             c.append(nonfinite(r))
         return c
 
+    shown = [printable(r.name) for r in report.tensors]
     # Prefer the share bar; give it up, then tighten the gaps, before eliding names.
     for bar_w in (_BAR, 0):
         rows = [cells(r, i, bar_w) for i, r in enumerate(report.tensors, 1)]
@@ -114,10 +118,10 @@ def _norms(con: Console, report: Any) -> None:
             style = "yellow"
         if label == "non-finite" or (label in ("clip coef", "norm after clip") and not math.isfinite(report.clip.coef)):
             style = "bold red"
-        grid.add_row(Text(label), Text(value, style=style or ""))
+        grid.add_row(Text(label), Text(printable(value), style=style or ""))
     con.print(grid)
     if report.total.nonfinite:
-        bad = [r.name for r in report.tensors if r.nonfinite]
+        bad = [printable(r.name) for r in report.tensors if r.nonfinite]
         names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         con.print(Text(f"\nWARNING: NaN/Inf gradients in {names}", style="bold red"))
 
@@ -165,7 +169,7 @@ def _grid(con: Console, lines: list[tuple[str, str]], red: set[str] = frozenset(
     grid.add_column(style="bold")
     grid.add_column()
     for label, value in lines:
-        grid.add_row(Text(label), Text(value, style="bold red" if label in red else ""))
+        grid.add_row(Text(printable(label)), Text(printable(value), style="bold red" if label in red else ""))
     con.print(grid)
 
 
@@ -182,7 +186,7 @@ def _diff(con: Console, report: Any) -> None:
         cols.append(("", "left"))
     rows, styles = [], []
     for i, r in enumerate(report.tensors, 1):
-        c = [str(i), r.name, shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a), num(r.l2_b),
+        c = [str(i), printable(r.name), shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a), num(r.l2_b),
              num(r.l2_diff), num(r.rel), num(r.cosine, 6), num(r.linf_diff)]
         if tol:
             c.append("ok" if r.ok else "FAIL")
@@ -210,9 +214,9 @@ def _info(con: Console, report: Any) -> None:
         cols.append(("source", "left"))
     rows = []
     for i, t in enumerate(report.tensors, 1):
-        c = [str(i), t.name, shape(t.shape), t.dtype, f"{t.numel:,}", size(t.bytes)]
+        c = [str(i), printable(t.name), shape(t.shape), printable(t.dtype), f"{t.numel:,}", size(t.bytes)]
         if many:
-            c.append(os.path.basename(t.source))
+            c.append(printable(os.path.basename(t.source)))
         rows.append(c)
     if rows:
         _simple_table(con, cols, rows, [None] * len(rows), droppable=(6,) if many else ())
