@@ -93,17 +93,21 @@ def _format_option(kind: str) -> Any:
     )
 
 
-def _emit(fmt: str, kind: str, report: Any) -> None:
-    """Render fully in memory first: on any error nothing half-written reaches stdout."""
+def _emit(fmt: str, kind: str, report: Any, width: int | None = None) -> None:
+    """Render fully in memory first: on any error nothing half-written reaches stdout.
+
+    Names are elided to fit ``width`` (--width), else the terminal; output that
+    is not a terminal keeps them whole (laid out as for its COLUMNS or 80)."""
     buf = io.StringIO()
-    options = formats.RenderOptions()
+    options = formats.RenderOptions(width=width)
     if not formats.get(fmt).machine:
         # Let rich see the real stdout to detect width, colour and NO_COLOR.
         out = sys.stdout
         from .formats.table import console_for
 
         con = console_for(out, options)
-        options = formats.RenderOptions(width=con.width, color=con.is_terminal and not con.no_color)
+        options = formats.RenderOptions(width=con.width, color=con.is_terminal and not con.no_color,
+                                        elide=width is not None or con.is_terminal)
     formats.render(fmt, kind, report, buf, options)
     click.echo(buf.getvalue(), nl=False)
 
@@ -178,6 +182,12 @@ def _shards_option(f: Any) -> Any:
              "counted once. Without it, a repeated name is an error.")(f)
 
 
+def _width_option(f: Any) -> Any:
+    return click.option("--width", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Fit the table in N columns, eliding long names in the middle (default: the "
+                             "terminal's width; output that is not a terminal keeps names whole).")(f)
+
+
 def _paths_argument(f: Any) -> Any:
     return click.argument("paths", nargs=-1, required=True, metavar="PATH...")(f)
 
@@ -219,9 +229,10 @@ def _finite(name: str, value: float | None) -> None:
               help="One row per group of tensors sharing the first N dot-separated name parts.")
 @_shards_option
 @_jobs_option
+@_width_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool) -> None:
+          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool, width: int | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -252,7 +263,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
         )
     _warn(report.warnings(), quiet)
-    _emit(fmt, "norms", report)
+    _emit(fmt, "norms", report, width)
 
 
 _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
@@ -345,8 +356,9 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
               help="Different tensor sets or shapes do not fail the comparison.")
 @_selection_options
 @_format_option("diff")
+@_width_option
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
-         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, width: int | None) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -374,14 +386,15 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude)
     _warn([s.warning() for s in report.skipped])
-    _emit(fmt, "diff", report)
+    _emit(fmt, "diff", report, width)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
 @cli.command(context_settings=_CONTEXT)
 @_paths_argument
 @_format_option("info")
-def info(paths: tuple[str, ...], fmt: str) -> None:
+@_width_option
+def info(paths: tuple[str, ...], fmt: str, width: int | None) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -394,7 +407,7 @@ def info(paths: tuple[str, ...], fmt: str) -> None:
     """
     from .api import info as run_info
 
-    _emit(fmt, "info", run_info(list(paths)))
+    _emit(fmt, "info", run_info(list(paths)), width)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,8 +79,8 @@ def _assert_safe(text: str) -> None:
 # --- 1. hostile names in every format ------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["norms"], ["norms", "-f", "markdown"], ["info"], ["check"]],
-                         ids=["table", "markdown", "info", "check-text"])
+@pytest.mark.parametrize("args", [["norms"], ["norms", "-f", "markdown"], ["info"], ["check"], ["norms", "--width", "60"]],
+                         ids=["table", "markdown", "info", "check-text", "table-width"])
 def test_human_formats_escape_control_characters(hostile: Path, args: list[str]) -> None:
     r = run(args[0], hostile, *args[1:])
     assert r.exit_code in (0, 1), r.output
@@ -88,10 +88,11 @@ def test_human_formats_escape_control_characters(hostile: Path, args: list[str])
     _assert_safe(r.stderr)
     if args[0] != "info":
         assert "Warning: skipped step\\x1b]0;t\\x07\\n::error::x" in r.stderr
-    assert "osc.title\\x1b]0;pwned\\x07" in r.stdout
-    assert "forged\\n::error file=x::forged" in r.stdout
-    assert "bidi.\\u202eevil\\u2066" in r.stdout
-    assert "c1.\\x9b31m.del\\x7f" in r.stdout
+    if "--width" not in args:  # names in full: their visible escapes are there
+        assert "osc.title\\x1b]0;pwned\\x07" in r.stdout
+        assert "forged\\n::error file=x::forged" in r.stdout
+        assert "bidi.\\u202eevil\\u2066" in r.stdout
+        assert "c1.\\x9b31m.del\\x7f" in r.stdout
 
 
 def test_info_metadata_is_escaped(hostile: Path) -> None:
@@ -313,3 +314,97 @@ def test_npy_header_errors_name_the_problem(tmp_path: Path, header: str, fragmen
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert fragment in r.stderr and "corrupt .npy header" in r.stderr
     assert " object at 0x" not in r.stderr and "<ast." not in r.stderr
+
+
+# --- 6. name elision ------------------------------------------------------------------------
+
+GPT2 = [f"transformer.h.{i}.{part}.{kind}" for i in range(12)
+        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj") for kind in ("weight", "bias")]
+
+
+def _ambiguous(shown: str, names: list[str], me: str) -> list[str]:
+    """Names other than ``me`` that the elided ``shown`` could stand for."""
+    if "…" not in shown:
+        return []
+    head, tail = shown.split("…", 1)
+    return [n for n in names if n != me and n.startswith(head) and n.endswith(tail) and len(n) > len(head) + len(tail)]
+
+
+@pytest.mark.parametrize("width", range(22, 40))
+def test_elided_names_stay_distinct(width: int) -> None:
+    from gradinspect.formats._human import elide_names, middle_elide
+
+    names = GPT2 + ["transformer.wte.weight", "lm_head.weight"]
+    shown = elide_names(names, width)
+    assert all(len(s) <= width for s in shown)
+    assert len(set(shown)) == len(names)
+    # From 23 columns on, one cut can always tell a GPT-2 name apart; at 22, not for every name.
+    assert sum(1 for s, n in zip(shown, names) if _ambiguous(s, names, n)) <= (4 * 12 if width == 22 else 0)
+    # Names that need no help are elided as before (the golden tables depend on it).
+    for s, n in zip(shown, names):
+        if not _ambiguous(middle_elide(n, width), names, n):
+            assert s == middle_elide(n, width)
+
+
+@pytest.mark.parametrize("width", [8, 12, 16, 20])
+def test_narrow_elision_shows_more_distinct_names(width: int) -> None:
+    from gradinspect.formats._human import elide_names, middle_elide
+
+    names = GPT2
+    shown = elide_names(names, width)
+    assert all(len(s) <= width for s in shown)
+    assert len(set(shown)) > len({middle_elide(n, width) for n in names})
+
+
+def _stands_for(shown: str, names: list[str]) -> list[str]:
+    """The names a cell could be: itself, or every name the elided pattern fits."""
+    return [n for n in names if n == shown or _ambiguous(shown, [n], "")]
+
+
+def test_gpt2_names_at_80_columns(tmp_path: Path) -> None:
+    from gradinspect.formats._human import middle_elide
+
+    a, b = "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_proj.weight"
+    assert middle_elide(a, 29) == middle_elide(b, 29)  # what the table showed before
+    names = GPT2[:24]
+    path = safetensors(tmp_path / "g.safetensors", {n: np.full((4, 4), 0.5, np.float32) for n in names})
+    r = run("norms", path, "--width", "70")
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and max(map(len, lines)) <= 70
+    shown = [line.split()[1] for line in lines[1:25]]
+    assert any("…" in s for s in shown)
+    assert all(len(_stands_for(s, names)) == 1 for s in shown)
+    assert sorted(n for s in shown for n in _stands_for(s, names)) == sorted(names)
+
+
+def test_piped_output_never_elides(tmp_path: Path) -> None:
+    long = "model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight.main_grad.fp32"
+    path = safetensors(tmp_path / "l.safetensors", {long: np.ones(4, np.float32), "b": np.ones(2, np.float32)})
+    for cmd in ("norms", "info"):
+        r = run(cmd, path)  # CliRunner's stdout is not a terminal; COLUMNS=80
+        assert r.exit_code == 0 and long in r.stdout and "…" not in r.stdout
+    r = run("diff", path, path)
+    assert r.exit_code == 0 and long in r.stdout and "…" not in r.stdout
+    for cmd in ("norms", "info"):
+        r = run(cmd, path, "--width", "50")
+        assert r.exit_code == 0 and long not in r.stdout and "…" in r.stdout
+        assert max(map(len, r.stdout.splitlines())) <= 50
+    r = run("diff", path, path, "--width", "70")
+    assert "…" in r.stdout and max(map(len, r.stdout.splitlines())) <= 70
+
+
+def test_width_in_a_terminal(tmp_path: Path) -> None:
+    from test_cli import _in_a_terminal
+
+    long = "model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight.main_grad.fp32"
+    path = safetensors(tmp_path / "l.safetensors", {long: np.ones(4, np.float32)})
+    out = _in_a_terminal(["norms", str(path)], {"NO_COLOR": "1", "COLUMNS": "60"})
+    lines = out.replace("\r\n", "\n").splitlines()
+    assert "…" in out and max(map(len, lines)) <= 60
+    out = _in_a_terminal(["norms", str(path), "--width", "200"], {"NO_COLOR": "1", "COLUMNS": "60"})
+    assert long in out
+
+
+def test_width_must_be_positive() -> None:
+    r = run("norms", "x.safetensors", "--width", "0")
+    assert r.exit_code == 2 and "Invalid value for '--width'" in r.stderr
