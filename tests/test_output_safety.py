@@ -125,6 +125,12 @@ def test_markdown_rows_keep_their_columns(hostile: Path) -> None:
     assert "`pipe\\|in\\|name`" in r.stdout
 
 
+def test_markdown_code_spans_hold_backticks_and_backslashes(tmp_path: Path) -> None:
+    path = safetensors(tmp_path / "b.safetensors", {"a`b\\c": np.ones(2, np.float32), "`x": np.ones(1, np.float32)})
+    r = run("norms", path, "-f", "markdown")
+    assert "``a`b\\c``" in r.stdout and "`` `x ``" in r.stdout
+
+
 def test_github_commands_cannot_be_forged(hostile: Path) -> None:
     r = run("check", hostile, "-f", "github")
     assert r.exit_code == 1
@@ -224,6 +230,9 @@ def test_a_path_that_is_not_utf8_gives_valid_output(tmp_path: Path) -> None:
     r = run_bytes("check", path, "-f", "junit")
     assert r.returncode == 0
     ET.fromstring(r.stdout)
+    other = safetensors(tmp_path / "h.safetensors", {"v": np.ones(2, np.float32)})
+    r = run_bytes("info", path, str(other))  # two files: the table has a source column
+    assert r.returncode == 0 and "g\\xff.safetensors" in r.stdout.decode("utf-8", errors="strict")
 
 
 def test_json_keeps_other_unicode_and_escapes_terminal_controls(tmp_path: Path) -> None:
