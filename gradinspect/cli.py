@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from . import formats
+from .formats._escape import printable
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -78,7 +79,8 @@ class GradInspectGroup(click.Group):
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
+    """One line, whatever the path or name in ``message`` holds (control characters are escaped)."""
+    click.echo(f"Error: {printable(message)}", err=True)
     sys.exit(EXIT_INPUT)
 
 
@@ -112,17 +114,21 @@ def _format_option(kind: str) -> Any:
 _json_option = click.option("--json", "as_json", is_flag=True, help="Short for --format json.")
 
 
-def _emit(fmt: str, kind: str, report: Any) -> None:
-    """Render fully in memory first: on any error nothing half-written reaches stdout."""
+def _emit(fmt: str, kind: str, report: Any, width: int | None = None) -> None:
+    """Render fully in memory first: on any error nothing half-written reaches stdout.
+
+    Names are elided to fit ``width`` (--width), else the terminal; output that
+    is not a terminal keeps them whole (laid out as for its COLUMNS or 80)."""
     buf = io.StringIO()
-    options = formats.RenderOptions()
+    options = formats.RenderOptions(width=width)
     if not formats.get(fmt).machine:
         # Let rich see the real stdout to detect width, colour and NO_COLOR.
         out = sys.stdout
         from .formats.table import console_for
 
         con = console_for(out, options)
-        options = formats.RenderOptions(width=con.width, color=con.is_terminal and not con.no_color)
+        options = formats.RenderOptions(width=con.width, color=con.is_terminal and not con.no_color,
+                                        elide=width is not None or con.is_terminal)
     formats.render(fmt, kind, report, buf, options)
     click.echo(buf.getvalue(), nl=False)
 
@@ -131,7 +137,7 @@ def _warn(lines: list[str], quiet: bool | int = False) -> None:
     if quiet:
         return
     for line in lines:
-        click.echo(f"Warning: {line}", err=True)
+        click.echo(f"Warning: {printable(line)}", err=True)
 
 
 class _ProgressBar:
@@ -207,6 +213,12 @@ def _dedup_option(f: Any) -> Any:
              "from --shards slices are never compared.")(f)
 
 
+def _width_option(f: Any) -> Any:
+    return click.option("--width", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Fit the table in N columns, eliding long names in the middle (default: the "
+                             "terminal's width; output that is not a terminal keeps names whole).")(f)
+
+
 def _paths_argument(f: Any) -> Any:
     return click.argument("paths", nargs=-1, required=True, metavar="PATH...")(f)
 
@@ -261,10 +273,11 @@ def _finite(name: str, value: float | None) -> None:
 @_dedup_option
 @_loss_scale_option
 @_jobs_option
+@_width_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
           group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int) -> None:
+          jobs: int | None, quiet: int, width: int | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -302,7 +315,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         )
     _warn(report.input_warnings(), quiet >= 1)
     _warn(report.nonfinite_warnings(), quiet >= 2)
-    _emit(fmt, "norms", report)
+    _emit(fmt, "norms", report, width)
 
 
 _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
@@ -417,9 +430,10 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **opti
 @_selection_options
 @_format_option("diff")
 @_json_option
+@_width_option
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
-         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, as_json: bool) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, as_json: bool, width: int | None) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -454,7 +468,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
                       strip_prefix_b=strip_prefix_b)
     _warn(report.warnings())
-    _emit(fmt, "diff", report)
+    _emit(fmt, "diff", report, width)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
@@ -462,7 +476,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
 @_paths_argument
 @_format_option("info")
 @_json_option
-def info(paths: tuple[str, ...], fmt: str, as_json: bool) -> None:
+@_width_option
+def info(paths: tuple[str, ...], fmt: str, as_json: bool, width: int | None) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -479,7 +494,7 @@ def info(paths: tuple[str, ...], fmt: str, as_json: bool) -> None:
         fmt = "json"
     report = run_info(list(paths))
     _warn(list(report.notes))
-    _emit(fmt, "info", report)
+    _emit(fmt, "info", report, width)
 
 
 def main(argv: list[str] | None = None) -> None:

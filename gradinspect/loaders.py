@@ -493,15 +493,25 @@ def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tup
     hit = _NPY_CACHE.get(raw)
     if hit is not None:  # the members of an npz often share one header
         return hit
-    text = raw[start:].decode("utf-8" if major == 3 else "latin1")
     try:
+        text = raw[start:].decode("utf-8" if major == 3 else "latin1")
         d = ast.literal_eval(text)
+    except Exception:  # literal_eval's messages show AST nodes (<ast.Call object at 0x...>): say what is wrong
+        raise InputError(path, f"{where}corrupt .npy header (not a Python literal)") from None
+    try:
         if not isinstance(d, dict):
             raise ValueError("not a dict")
+        missing = [k for k in ("descr", "fortran_order", "shape") if k not in d]
+        if missing:
+            raise ValueError(f"no {missing[0]!r}")
         descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
         if not isinstance(shape, tuple) or not all(_is_int(s) for s in shape) or not isinstance(fortran, bool):
             raise ValueError("bad shape or fortran_order")
-        dtype = np.lib.format.descr_to_dtype(descr)
+        try:
+            dtype = np.lib.format.descr_to_dtype(descr)
+        except Exception:
+            shown = repr(descr)
+            raise ValueError(f"descr {shown if len(shown) <= 40 else shown[:39] + '…'} is not a dtype") from None
     except Exception as e:  # any malformed header is the file's fault
         raise InputError(path, f"{where}corrupt .npy header ({e})") from None
     if dtype.hasobject:

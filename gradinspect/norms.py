@@ -301,7 +301,11 @@ class Reducer:
             a = x if scratch else self._bits[: n * dtype.itemsize].view(dtype)
             np.abs(x, out=a)
             m = float(a.max())
-            np.copyto(w, a)
+            if m < math.inf:
+                np.copyto(w, a)
+            else:  # widening a signalling NaN raises "invalid": quietly, it is counted as NaN
+                with np.errstate(invalid="ignore"):
+                    np.copyto(w, a)
             return w, m
         ieee = _IEEE.get(dtype)
         if ieee is not None:  # bfloat16: clear the sign bit; the integer max finds NaN/inf too
@@ -309,14 +313,19 @@ class Reducer:
             a = self._bits[: n * dtype.itemsize].view(uint)
             np.bitwise_and(x.view(uint), uint(mask), out=a)
             top = a.max()
-            np.copyto(w, a.view(dtype), casting="unsafe")
-            return w, (math.nan if top >= inf_bits else float(np.asarray(top).view(dtype)))
+            if top < inf_bits:
+                np.copyto(w, a.view(dtype), casting="unsafe")
+                return w, float(np.asarray(top).view(dtype))
+            with np.errstate(invalid="ignore"):  # signalling NaNs, as above
+                np.copyto(w, a.view(dtype), casting="unsafe")
+            return w, math.nan
         table = _TABLES.get(dtype)
         if table is not None:  # 1-byte floats: a lookup table of magnitudes
             np.take(table, x.view(np.uint8), out=w, mode="clip")
             return w, float(w.max())
-        if dtype.kind == "f":
-            np.abs(x, out=w, casting="unsafe")
+        if dtype.kind == "f":  # byte-swapped or long double: rare, so always quiet about signalling NaNs
+            with np.errstate(invalid="ignore"):
+                np.abs(x, out=w, casting="unsafe")
             return w, float(w.max())
         raise TypeError(f"cannot compute norms of dtype {dtype}")
 

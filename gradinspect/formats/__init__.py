@@ -26,10 +26,17 @@ class FormatSpec:
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How a human-facing format may look: ``width`` and ``color`` None = detect."""
+    """How a human-facing format may look: ``width`` and ``color`` None = detect.
+
+    ``elide``: names too long for ``width`` are elided in the middle; False
+    keeps every name whole (the table may be wider than ``width``), as for
+    output that is not a terminal.  With ``width`` None, a stream that is not a
+    terminal is never elided.
+    """
 
     width: int | None = None
     color: bool | None = None
+    elide: bool = True
 
 
 _FORMATS = {

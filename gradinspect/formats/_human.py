@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..clip import DEFAULT_EPS
@@ -68,12 +70,64 @@ def middle_elide(text: str, width: int) -> str:
     if width <= 2:
         return text[:width - 1] + "…" if width == 2 else "…"[:width]
     cut = len(text) - (width - 1)
+    start = min(range(1, len(text) - cut), key=_cut_key(text, cut))
+    return text[:start] + "…" + text[start + cut:]
+
+
+def _cut_key(text: str, cut: int) -> Callable[[int], tuple[int, float]]:
+    """How good a cut of ``cut`` characters from ``start`` is: digits lost, then distance from the middle."""
     digits = [0]
     for ch in text:
         digits.append(digits[-1] + ch.isdigit())
     middle = len(text) / 2
-    start = min(range(1, len(text) - cut), key=lambda i: (digits[i + cut] - digits[i], abs(i + cut / 2 - middle)))
-    return text[:start] + "…" + text[start + cut:]
+    return lambda i: (digits[i + cut] - digits[i], abs(i + cut / 2 - middle))
+
+
+def elide_names(names: Sequence[str], width: int) -> list[str]:
+    """Each of ``names`` in at most ``width`` characters, elided so that distinct names stay distinct.
+
+    A name is cut as :func:`middle_elide` does unless the result, ``head…tail``,
+    could stand for another of ``names`` as well (another name starts with head
+    and ends with tail: ``transformer.h.0…c_proj.weight`` for both
+    ``…attn.c_proj…`` and ``…mlp.c_proj…``); then the best cut that tells it
+    apart wins (``transformer.h.0.a…proj.weight``).  When no cut at this width
+    does, the best one that at least shows differently from the other rows is taken.
+    """
+    out = [middle_elide(n, width) for n in names]
+    if width <= 2 or not any(len(n) > width for n in names):
+        return out
+    # An elided name shows width - 1 characters: a head of i, a tail of width - 1 - i.
+    # For each i, how many distinct names (of at least width characters) show each (head, tail).
+    candidates = [n for n in set(names) if len(n) >= width]
+    patterns: dict[int, Counter[tuple[str, str]]] = {}
+
+    def alone(name: str, i: int, cut: int) -> bool:
+        seen = patterns.get(i)
+        if seen is None:
+            k = width - 1 - i
+            seen = patterns[i] = Counter((o[:i], o[len(o) - k:]) for o in candidates)
+        return seen[name[:i], name[i + cut:]] == 1
+
+    shown = Counter(out)
+    for j, name in enumerate(names):
+        if len(name) <= width:
+            continue
+        cut = len(name) - (width - 1)
+        key = _cut_key(name, cut)
+        starts = range(1, len(name) - cut)
+        best = min(starts, key=key)  # middle_elide's cut
+        if alone(name, best, cut):
+            continue
+        ranked = sorted(starts, key=key)
+        pick = next((i for i in ranked if alone(name, i, cut)), None)
+        if pick is None:  # the best cut that no other row shows
+            texts = {i: name[:i] + "…" + name[i + cut:] for i in ranked}
+            pick = next((i for i in ranked if shown[texts[i]] == (texts[i] == out[j])), best)
+        text = name[:pick] + "…" + name[pick + cut:]
+        shown[out[j]] -= 1
+        shown[text] += 1
+        out[j] = text
+    return out
 
 
 def summary(report: Any) -> list[tuple[str, str]]:

@@ -1,4 +1,12 @@
-"""CSV: one row per tensor (or group), full-precision numbers; totals are in the JSON."""
+"""CSV: one row per tensor (or group), full-precision numbers; totals are in the JSON.
+
+Text cells (names, paths) are made safe for the readers CSV meets: control
+characters are shown as escapes (``\\n``, ``\\x1b``; :func:`~._escape.printable`), so
+every row is one line even for a reader that splits on newlines; and a cell
+starting with ``=``, ``+``, ``-`` or ``@`` gets a leading ``'`` so a spreadsheet
+shows it as text instead of running it as a formula.  Numbers are never changed.
+The JSON keeps names as they are (see there for text that is not UTF-8).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import csv
 from typing import Any, TextIO
 
 from . import RenderOptions
+from ._escape import printable
 
 NORMS_COLUMNS = ("name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite", "nan", "inf", "members",
                  "pieces", "replica_max_diff")
@@ -18,7 +27,17 @@ def _cell(value: Any) -> Any:
         return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return _text(value)
     return "" if value is None else value
+
+
+_FORMULA = ("=", "+", "-", "@")
+
+
+def _text(value: str) -> str:
+    value = printable(value)
+    return "'" + value if value.startswith(_FORMULA) else value
 
 
 DIFF_COLUMNS = ("name", "shape", "dtype_a", "dtype_b", "numel", "l2_a", "l2_b", "l2_diff", "rel", "cosine", "linf_diff", "ok")

@@ -1,7 +1,10 @@
 """GitHub Actions workflow commands: each finding an ``::error`` annotation.
 
 Escaping follows the runner's rules: in the message ``%``, CR and LF are
-percent-encoded; in property values ``:`` and ``,`` are too.
+percent-encoded; in property values ``:`` and ``,`` are too.  Control
+characters from tensor names are first shown as visible escapes
+(:func:`~gradinspect.formats._escape.printable`), so no output line can start a
+workflow command of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import io
 from typing import Any, TextIO
 
 from . import RenderOptions
+from ._escape import printable
 from .text import render_check as _verdict
 
 
@@ -24,7 +28,7 @@ def escape_property(text: str) -> str:
 def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
     for f in report.findings:
         title = f"gradinspect {f.rule}" + (f" {f.tensor}" if f.tensor else "")
-        out.write(f"::error title={escape_property(title)}::{escape_data(f.message)}\n")
+        out.write(f"::error title={escape_property(printable(title))}::{escape_data(printable(f.message))}\n")
     # The verdict as a plain log line: the findings are the annotations.
     buf = io.StringIO()
     _verdict(report, buf, options)

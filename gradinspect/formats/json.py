@@ -1,12 +1,24 @@
-"""Strict RFC 8259 JSON: non-finite numbers become the strings "NaN", "Infinity", "-Infinity"."""
+r"""Strict RFC 8259 JSON: non-finite numbers become the strings "NaN", "Infinity", "-Infinity".
+
+The output is always valid UTF-8.  Text from the input is kept exactly, with
+one exception: a lone surrogate cannot be UTF-8, and its JSON escape
+(``"\udc80"``) is rejected by strict parsers.  Python holds a byte that is not
+UTF-8 (in a file name, PEP 383) as a surrogate U+DC80..U+DCFF: it is written as
+the four characters ``\xNN`` of that byte (``"g\\xff.safetensors"`` in the JSON
+text); any other lone surrogate as the six characters ``\uNNNN``.  DEL, C1
+controls, U+2028/2029 and the bidi controls are written as JSON ``\u`` escapes,
+which parsers read back unchanged, so the text is safe on a terminal too.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, TextIO
 
 from . import RenderOptions
+from ._escape import escape_char
 
 
 def strict(value: Any) -> Any:
@@ -36,7 +48,20 @@ def dumps(doc: dict[str, Any]) -> str:
         text = json.dumps(doc, indent=indent, allow_nan=False, ensure_ascii=False)
     except ValueError:
         text = json.dumps(strict(doc), indent=indent, allow_nan=False, ensure_ascii=False)
+    if not text.isascii() or "\x7f" in text:
+        text = _UNSAFE.sub(_escape, text)
     return text + "\n"
+
+
+# _escape.UNSAFE but for C0 controls, which json.dumps escapes itself: these are only ever inside strings.
+_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    if "\ud800" <= c <= "\udfff":  # visible text, its backslash escaped for JSON
+        return escape_char(c).replace("\\", "\\\\")
+    return f"\\u{ord(c):04x}"
 
 
 def _render(report: Any, out: TextIO, options: RenderOptions) -> None:

@@ -7,14 +7,16 @@ import xml.etree.ElementTree as ET
 from typing import Any, TextIO
 
 from . import RenderOptions
+from ._escape import printable
 
 
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _x(text: str) -> str:
-    """``text`` with the characters XML 1.0 cannot hold (control characters, lone surrogates) replaced."""
-    return _NOT_XML.sub("\ufffd", text)
+    """``text`` with control characters and lone surrogates shown as escapes, and what else XML 1.0
+    cannot hold (U+FFFE, U+FFFF) replaced."""
+    return _NOT_XML.sub("\ufffd", printable(text))
 
 
 def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
@@ -33,7 +35,7 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
         if findings:
             fail = ET.SubElement(case, "failure", message=_x(findings[0].message) if len(findings) == 1
                                  else f"{len(findings)} findings", type=rule)
-            fail.text = _x("\n".join(f.message for f in findings))
+            fail.text = "\n".join(_x(f.message) for f in findings)
     ET.indent(suites)
     out.write('<?xml version="1.0" encoding="utf-8"?>\n')
     out.write(ET.tostring(suites, encoding="unicode"))

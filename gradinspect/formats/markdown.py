@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TextIO
 
 from . import RenderOptions
+from ._escape import printable
 from ..norms import general_p
 from ._human import bar, diff_summary, dtypes, shard_columns, nonfinite, norm_label, num, percent, shape, summary
 
 
 def _esc(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    """Text from the input, shown as it is: control characters as escapes, Markdown syntax escaped."""
+    return printable(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
+def _code(text: str) -> str:
+    """``text`` as a code span in a table cell: backslashes are literal there, only ``|`` is escaped,
+    and the fence is longer than any run of backticks inside."""
+    text = printable(text).replace("|", "\\|")
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _table(head: list[str], numeric: set[str], rows: list[list[str]], out: TextIO) -> None:
@@ -25,7 +37,7 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
     head = ["#", "tensor", "shape", "dtype", "L2 A", "L2 B", "L2 A−B", "rel", "cosine", "max abs diff"] + (["ok"] if tol else [])
     rows = []
     for i, r in enumerate(report.tensors, 1):
-        cells = [str(i), f"`{_esc(r.name)}`", shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a, 4), num(r.l2_b, 4),
+        cells = [str(i), _code(r.name), shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a, 4), num(r.l2_b, 4),
                  num(r.l2_diff, 4), num(r.rel, 4), num(r.cosine, 6), num(r.linf_diff, 4)]
         if tol:
             cells.append("✅" if r.ok else "❌")
@@ -43,7 +55,7 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
             + ["share"] + [h for h, _ in extra] + ["NaN/inf"])
     rows = []
     for i, r in enumerate(report.tensors, 1):
-        cells = [str(i), f"`{_esc(r.name)}`", shape(r.shape), r.dtype, num(r.l2, 4), num(r.l1, 4), num(r.linf, 4)]
+        cells = [str(i), _code(r.name), shape(r.shape), r.dtype, num(r.l2, 4), num(r.l1, 4), num(r.linf, 4)]
         if lp:
             cells.append(num(r.norm, 4))
         cells += [f"{bar(r.share, 5).rstrip()} {percent(r.share)}".strip(), *(f(r) for _, f in extra),
@@ -54,6 +66,6 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
         out.write(f"\n… and {report.omitted:,} more rows (--top).\n")
     out.write("\n")
     for label, value in summary(report):
-        out.write(f"- **{label}**: {value}\n")
+        out.write(f"- **{label}**: {_esc(value)}\n")
     for w in report.warnings():
         out.write(f"\n> ⚠️ **Warning:** {_esc(w)}\n")

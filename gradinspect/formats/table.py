@@ -1,8 +1,11 @@
 """The terminal table, drawn with rich.
 
 Readable at 80 columns: every column but the tensor name takes the width of
-its content and long names are elided in the middle.  No colour when NO_COLOR
-is set or the output is not a terminal (rich's own detection).
+its content and long names are elided in the middle, never so that two names
+look alike (:func:`~._human.elide_names`); output that is not a terminal keeps
+names whole unless a width is asked for.  Names, paths and metadata are shown
+with control characters escaped (:func:`~._escape.printable`), never as markup.
+No colour when NO_COLOR is set or the output is not a terminal (rich's own detection).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from rich.text import Text
 
 from . import RenderOptions
 from ..norms import general_p
-from ._human import bar, diff_summary, shard_columns, dtypes, middle_elide, nonfinite, norm_label, num, percent, shape, size, summary
+from ._escape import printable
+from ._human import (bar, diff_summary, shard_columns, dtypes, elide_names, nonfinite, norm_label, num, percent, shape, size,
+                     summary)
 
 _BAR = 6
 _MIN_NAME = 12
@@ -36,13 +41,14 @@ def console_for(out: TextIO, options: RenderOptions) -> Console:
 
 
 @contextmanager
-def _console(out: TextIO, options: RenderOptions) -> Iterator[Console]:
-    """A console whose output reaches ``out`` with trailing blanks removed."""
+def _console(out: TextIO, options: RenderOptions) -> Iterator[tuple[Console, bool]]:
+    """A console whose output reaches ``out`` with trailing blanks removed, and whether to elide names."""
     buf = io.StringIO()
     if options.width is None or options.color is None:  # detect on the real stream
         probe = console_for(out, options)
-        options = RenderOptions(width=probe.width, color=probe.is_terminal and not probe.no_color)
-    yield console_for(buf, options)
+        options = RenderOptions(width=probe.width, color=probe.is_terminal and not probe.no_color,
+                                elide=options.elide and (options.width is not None or probe.is_terminal))
+    yield console_for(buf, options), options.elide
     out.write("\n".join(line.rstrip(" ") for line in buf.getvalue().split("\n")))
 
 
@@ -59,11 +65,11 @@ def _layout(cols: list[tuple[str, str]], rows: list[list[str]], width: int) -> t
 
 
 def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
-    with _console(out, options) as con:
-        _norms(con, report)
+    with _console(out, options) as (con, elide):
+        _norms(con, report, elide)
 
 
-def _norms(con: Console, report: Any) -> None:
+def _norms(con: Console, report: Any, elide: bool) -> None:
     p = report.norm_type
     lp = general_p(p)
     any_bad = any(r.nonfinite for r in report.tensors)
@@ -79,7 +85,7 @@ def _norms(con: Console, report: Any) -> None:
         cols.append(("NaN/inf", "right"))
 
     def cells(r: Any, i: int, bar_w: int) -> list[str]:
-        c = [str(i), r.name, shape(r.shape), r.dtype, num(r.l2), num(r.l1), num(r.linf)]
+        c = [str(i), shown[i - 1], shape(r.shape), r.dtype, num(r.l2), num(r.l1), num(r.linf)]
         if lp:
             c.append(num(r.norm))
         c.append(f"{bar(r.share, bar_w)} {percent(r.share):>6}" if bar_w else percent(r.share))
@@ -88,6 +94,7 @@ def _norms(con: Console, report: Any) -> None:
             c.append(nonfinite(r))
         return c
 
+    shown = [printable(r.name) for r in report.tensors]
     # Prefer the share bar; give it up, then tighten the gaps, before eliding names.
     for bar_w in (_BAR, 0):
         rows = [cells(r, i, bar_w) for i, r in enumerate(report.tensors, 1)]
@@ -97,9 +104,8 @@ def _norms(con: Console, report: Any) -> None:
     if not bar_w:
         cols[share_col] = ("share", "right")
     styles = ["red" if r.nonfinite else ("dim" if r.all_zero else None) for r in report.tensors]
-    table = _draw(cols, rows, styles, fit or _squeezed(cols, rows, con.width))
     if rows:
-        con.print(table)
+        _print_table(con, cols, rows, styles, fit or _squeezed(cols, rows, con.width), elide)
     else:
         con.print(Text("no floating-point tensors selected", style="dim"))
     if report.omitted:
@@ -114,17 +120,17 @@ def _norms(con: Console, report: Any) -> None:
             style = "yellow"
         if label == "non-finite" or (label in ("clip coef", "norm after clip") and not math.isfinite(report.clip.coef)):
             style = "bold red"
-        grid.add_row(Text(label), Text(value, style=style or ""))
+        grid.add_row(Text(label), Text(printable(value), style=style or ""))
     con.print(grid)
     if report.total.nonfinite:
-        bad = [r.name for r in report.tensors if r.nonfinite]
+        bad = [printable(r.name) for r in report.tensors if r.nonfinite]
         names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         con.print(Text(f"\nWARNING: NaN/Inf gradients in {names}", style="bold red"))
 
 
 def _simple_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str]], styles: list[str | None],
-                  droppable: tuple[int, ...] = ()) -> None:
-    """A table whose column 1 holds names, elided in the middle to fit the console.
+                  elide: bool, droppable: tuple[int, ...] = ()) -> None:
+    """A table whose column 1 holds names, elided in the middle to fit the console (if ``elide``).
 
     Columns in ``droppable`` are left out, in that order, while the names would not fit.
     """
@@ -137,7 +143,7 @@ def _simple_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str
         fit = _layout(kc, kr, con.width)
         if fit:
             break
-    con.print(_draw(kc, kr, styles, fit or _squeezed(kc, kr, con.width)))
+    _print_table(con, kc, kr, styles, fit or _squeezed(kc, kr, con.width), elide)
 
 
 def _squeezed(cols: list[tuple[str, str]], rows: list[list[str]], width: int) -> tuple[list[int], int]:
@@ -147,17 +153,28 @@ def _squeezed(cols: list[tuple[str, str]], rows: list[list[str]], width: int) ->
     return widths, 1
 
 
-def _draw(cols: list[tuple[str, str]], rows: list[list[str]], styles: list[str | None],
-          layout: tuple[list[int], int]) -> Table:
-    """The table, names (column 1) elided in the middle to their width; cells are never markup."""
+def _print_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str]], styles: list[str | None],
+                 layout: tuple[list[int], int], elide: bool) -> None:
+    """The table, names (column 1) elided to their width, or whole and the table as wide as they need;
+    cells are never markup."""
     widths, gap = layout
+    if elide:
+        for c, name in zip(rows, elide_names([c[1] for c in rows], widths[1])):
+            c[1] = name
+    else:
+        widths = widths[:1] + [max([len(cols[1][0])] + [len(c[1]) for c in rows])] + widths[2:]
     table = Table(box=None, pad_edge=False, header_style="bold underline", padding=(0, 0, 0, gap))
     for j, (h, just) in enumerate(cols):
         table.add_column(h, justify=just, no_wrap=True, width=widths[j], overflow="crop")
     for c, style in zip(rows, styles):
-        c[1] = middle_elide(c[1], widths[1])
         table.add_row(*map(Text, c), style=style)
-    return table
+    need = sum(widths) + gap * (len(widths) - 1)
+    width = con.width
+    con.width = max(width, need)  # rich draws no table wider than its console
+    try:
+        con.print(table)
+    finally:
+        con.width = width
 
 
 def _grid(con: Console, lines: list[tuple[str, str]], red: set[str] = frozenset()) -> None:  # type: ignore[assignment]
@@ -165,16 +182,16 @@ def _grid(con: Console, lines: list[tuple[str, str]], red: set[str] = frozenset(
     grid.add_column(style="bold")
     grid.add_column()
     for label, value in lines:
-        grid.add_row(Text(label), Text(value, style="bold red" if label in red else ""))
+        grid.add_row(Text(printable(label)), Text(printable(value), style="bold red" if label in red else ""))
     con.print(grid)
 
 
 def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
-    with _console(out, options) as con:
-        _diff(con, report)
+    with _console(out, options) as (con, elide):
+        _diff(con, report, elide)
 
 
-def _diff(con: Console, report: Any) -> None:
+def _diff(con: Console, report: Any, elide: bool) -> None:
     tol = report.tolerances.any
     cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("L2 A", "right"),
             ("L2 B", "right"), ("L2 A−B", "right"), ("rel", "right"), ("cosine", "right"), ("max|A−B|", "right")]
@@ -182,14 +199,14 @@ def _diff(con: Console, report: Any) -> None:
         cols.append(("", "left"))
     rows, styles = [], []
     for i, r in enumerate(report.tensors, 1):
-        c = [str(i), r.name, shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a), num(r.l2_b),
+        c = [str(i), printable(r.name), shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a), num(r.l2_b),
              num(r.l2_diff), num(r.rel), num(r.cosine, 6), num(r.linf_diff)]
         if tol:
             c.append("ok" if r.ok else "FAIL")
         rows.append(c)
         styles.append("red" if r.ok is False else None)
     if rows:
-        _simple_table(con, cols, rows, styles, droppable=(3, 2, 9))  # dtype, shape, max|A−B|
+        _simple_table(con, cols, rows, styles, elide, droppable=(3, 2, 9))  # dtype, shape, max|A−B|
     else:
         con.print(Text("no tensor is in both sets with the same shape", style="dim"))
     con.print()
@@ -199,23 +216,23 @@ def _diff(con: Console, report: Any) -> None:
 
 
 def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
-    with _console(out, options) as con:
-        _info(con, report)
+    with _console(out, options) as (con, elide):
+        _info(con, report, elide)
 
 
-def _info(con: Console, report: Any) -> None:
+def _info(con: Console, report: Any, elide: bool) -> None:
     many = len(report.sources) > 1
     cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("numel", "right"), ("bytes", "right")]
     if many:
         cols.append(("source", "left"))
     rows = []
     for i, t in enumerate(report.tensors, 1):
-        c = [str(i), t.name, shape(t.shape), t.dtype, f"{t.numel:,}", size(t.bytes)]
+        c = [str(i), printable(t.name), shape(t.shape), printable(t.dtype), f"{t.numel:,}", size(t.bytes)]
         if many:
-            c.append(os.path.basename(t.source))
+            c.append(printable(os.path.basename(t.source)))
         rows.append(c)
     if rows:
-        _simple_table(con, cols, rows, [None] * len(rows), droppable=(6,) if many else ())
+        _simple_table(con, cols, rows, [None] * len(rows), elide, droppable=(6,) if many else ())
     else:
         con.print(Text("no tensors", style="dim"))
     con.print()

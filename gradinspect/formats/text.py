@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from . import RenderOptions
+from ._escape import printable
 from ._human import norm_label, num
 
 
 def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
     for f in report.findings:
-        out.write(f"FAIL  {f.message}\n")
+        out.write(f"FAIL  {printable(f.message)}\n")
     r = report.report
     t = r.total
     what = f"{t.tensors:,} tensors, global {norm_label(r.norm_type)} {num(t.norm, 6)}"
