@@ -409,9 +409,8 @@ def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tup
     hit = _NPY_CACHE.get(raw)
     if hit is not None:  # the members of an npz often share one header
         return hit
-    text = raw[start:].decode("utf-8" if major == 3 else "latin1")
     try:
-        d = ast.literal_eval(text)
+        d = ast.literal_eval(raw[start:].decode("utf-8" if major == 3 else "latin1"))
         if not isinstance(d, dict):
             raise ValueError("not a dict")
         descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
@@ -451,7 +450,17 @@ class _Window:
         return self.data[at : at + n]
 
 
-def _npy_entry(name: str, path: str, dtype: np.dtype, shape: tuple[int, ...], **loc: Any) -> TensorEntry:
+_VOID_HINTS = {
+    1: "numpy writes float8 types from ml_dtypes this way",
+    2: "numpy writes bfloat16 from ml_dtypes this way",
+}
+
+
+def _npy_entry(name: str, path: str, where: str, dtype: np.dtype, shape: tuple[int, ...], **loc: Any) -> TensorEntry:
+    if dtype.kind == "V" and dtype.fields is None:  # raw bytes: bfloat16 or float8 that np.save could not name
+        hint = _VOID_HINTS.get(dtype.itemsize, "numpy writes ml_dtypes types such as bfloat16 and float8 this way")
+        raise InputError(path, f"{where}raw void dtype {dtype.str} ({hint}); refusing to guess its type "
+                         "(save bfloat16/float8 gradients with safetensors)")
     numel = math.prod(shape)
     name_ = _dtype_name(dtype) if dtype.fields is None else "structured"
     reason = _skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient"
@@ -462,7 +471,7 @@ def _read_npy(path: str, fd: int, size: int) -> Source:
     head = _pread(fd, min(size, 12 + _MAX_NPY_HEADER), 0, path)
     dtype, shape, hlen, fortran = _parse_npy_header(head, "", path)
     name = os.path.splitext(os.path.basename(path))[0]
-    entry = _npy_entry(name, path, dtype, shape, _offset=hlen, _fortran=fortran)
+    entry = _npy_entry(name, path, "", dtype, shape, _offset=hlen, _fortran=fortran)
     if hlen + entry.nbytes > size:
         raise InputError(path, f"array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes of data, the file has {size - hlen}: truncated")
     return Source(path, "npy", [entry], {}, size)
@@ -571,13 +580,13 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
             head = _inflate_head(fd, data, csize, path, where)
         dtype, shape, hlen, fortran = _parse_npy_header(head, where, path)
         if method == 0:
-            entry = _npy_entry(tname, path, dtype, shape, _offset=data + hlen, _crc=crc,
+            entry = _npy_entry(tname, path, where, dtype, shape, _offset=data + hlen, _crc=crc,
                                _crc_head=zlib.crc32(head[:hlen]), _fortran=fortran)
             have = csize - hlen
             if have > entry.nbytes:
                 raise InputError(path, f"{where}{have - entry.nbytes} unexpected bytes after the array")
         else:
-            entry = _npy_entry(tname, path, dtype, shape, _offset=data, _method="deflate",
+            entry = _npy_entry(tname, path, where, dtype, shape, _offset=data, _method="deflate",
                                _stored_size=csize, _skip=hlen, _crc=crc, _fortran=fortran)
             have = usize - hlen
         if entry.nbytes > have:
