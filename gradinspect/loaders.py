@@ -301,9 +301,17 @@ class Source:
 
 
 def _inflate(fd: int, entry: TensorEntry, path: str) -> Iterator[bytes]:
-    """The decompressed bytes of a deflated zip member, a block at a time."""
+    """The decompressed bytes of a deflated zip member, a block at a time.
+
+    The member must inflate to exactly its declared size (its .npy header and data) and its
+    stream must end with its compressed bytes; a stream that would give more stops one byte
+    past the declared size, so a decompression bomb costs nothing.
+    """
     d = zlib.decompressobj(-15)
     pos, remaining = entry._offset, entry._stored_size
+    declared = entry._skip + entry.nbytes
+    where = f"member {entry.name + '.npy'!r}: "
+    got = 0
     tail = b""
     while not d.eof:
         if not tail:
@@ -313,12 +321,21 @@ def _inflate(fd: int, entry: TensorEntry, path: str) -> Iterator[bytes]:
             tail = _pread(fd, n, pos, path)
             pos, remaining = pos + n, remaining - n
         try:
-            out = d.decompress(tail, _INFLATE_IN * 4)
+            out = d.decompress(tail, min(_INFLATE_IN * 4, declared - got + 1))
         except zlib.error as e:
-            raise InputError(path, f"member {entry.name + '.npy'!r}: corrupt compressed data ({e})") from None
+            raise InputError(path, f"{where}corrupt compressed data ({e})") from None
         tail = d.unconsumed_tail
+        got += len(out)
+        if got > declared:
+            raise InputError(path, f"{where}inflates to more than the declared {declared} bytes")
         if out:
             yield out
+    if got < declared and d.eof:
+        raise InputError(path, f"{where}inflates to {got} bytes, fewer than the declared {declared}")
+    if not d.eof:
+        raise InputError(path, f"{where}compressed data ends early")
+    if remaining or tail or d.unused_data:
+        raise InputError(path, f"{where}the compressed stream ends before the declared compressed size")
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
@@ -495,6 +512,9 @@ def _parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tup
         return hit
     try:
         text = raw[start:].decode("utf-8" if major == 3 else "latin1")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"{where}corrupt .npy header ({e})") from None
+    try:
         d = ast.literal_eval(text)
     except Exception:  # literal_eval's messages show AST nodes (<ast.Call object at 0x...>): say what is wrong
         raise InputError(path, f"{where}corrupt .npy header (not a Python literal)") from None
@@ -545,7 +565,17 @@ class _Window:
         return self.data[at : at + n]
 
 
-def _npy_entry(name: str, path: str, dtype: np.dtype, shape: tuple[int, ...], **loc: Any) -> TensorEntry:
+_VOID_HINTS = {
+    1: "numpy writes float8 types from ml_dtypes this way",
+    2: "numpy writes bfloat16 from ml_dtypes this way",
+}
+
+
+def _npy_entry(name: str, path: str, where: str, dtype: np.dtype, shape: tuple[int, ...], **loc: Any) -> TensorEntry:
+    if dtype.kind == "V" and dtype.fields is None:  # raw bytes: bfloat16 or float8 that np.save could not name
+        hint = _VOID_HINTS.get(dtype.itemsize, "numpy writes ml_dtypes types such as bfloat16 and float8 this way")
+        raise InputError(path, f"{where}raw void dtype {dtype.str} ({hint}); refusing to guess its type "
+                         "(save bfloat16/float8 gradients with safetensors)")
     numel = math.prod(shape)
     name_ = _dtype_name(dtype) if dtype.fields is None else "structured"
     reason = _skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient"
@@ -556,7 +586,7 @@ def _read_npy(path: str, fd: int, size: int) -> Source:
     head = _pread(fd, min(size, 12 + _MAX_NPY_HEADER), 0, path)
     dtype, shape, hlen, fortran = _parse_npy_header(head, "", path)
     name = os.path.splitext(os.path.basename(path))[0]
-    entry = _npy_entry(name, path, dtype, shape, _offset=hlen, _fortran=fortran)
+    entry = _npy_entry(name, path, "", dtype, shape, _offset=hlen, _fortran=fortran)
     if hlen + entry.nbytes > size:
         raise InputError(path, f"array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes of data, the file has {size - hlen}: truncated")
     return Source(path, "npy", [entry], {}, size)
@@ -564,52 +594,113 @@ def _read_npy(path: str, fd: int, size: int) -> Source:
 
 _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOC = struct.Struct("<4sLQL")
+# APPNOTE 4.3.14: signature, size of the rest of the record, version made by, version needed, this disk,
+# disk of the central directory, entries on this disk, entries in all, central directory size, its offset.
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CDIR = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s5H3L2H")
+_ZIP64_LOCAL = struct.Struct("<HHQQ")  # the ZIP64 extra field of a local header: both sizes
+# A central directory above this size is refused (its entries take at least 46 bytes, most npz ones under
+# 100: millions of members fit); it is read in windows of _CD_WINDOW bytes, never whole.
+_MAX_ZIP_CD = 256 << 20
+_CD_WINDOW = 1 << 20
+
+# name, name as stored, flags, method, CRC-32, compressed size, uncompressed size, local header offset
+_Member = tuple[str, bytes, int, int, int, int, int, int]
 
 
-def _zip_directory(path: str, fd: int, size: int) -> list[tuple[str, int, int, int, int, int, int]]:
-    """(name, flags, method, crc, csize, usize, local header offset) of each member."""
+def _zip_end(path: str, fd: int, size: int) -> tuple[int, int, int, int]:
+    """(entries, central directory size, its offset, where it must end) from the end records.
+
+    The end-of-central-directory record is the one whose comment reaches exactly to the
+    end of the file; a second such record (a forged one inside the comment) is refused.
+    """
     tail_len = min(size, _EOCD.size + 0xFFFF)
-    tail = _pread(fd, tail_len, size - tail_len, path)
+    base = size - tail_len
+    tail = _pread(fd, tail_len, base, path)
+    found = []
     at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or at + _EOCD.size > len(tail):
+    while at >= 0:
+        if at + _EOCD.size <= tail_len and at + _EOCD.size + struct.unpack_from("<H", tail, at + 20)[0] == tail_len:
+            found.append(at)
+        at = tail.rfind(b"PK\x05\x06", 0, at)
+    if not found:
         raise InputError(path, "not a zip file (no end-of-central-directory record): corrupt or truncated")
-    _, _, _, _, count, cd_size, cd_off, _ = _EOCD.unpack_from(tail, at)
-    eocd_pos = size - tail_len + at
-    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:
-        loc_pos = eocd_pos - _EOCD64_LOC.size
-        if loc_pos < 0:
-            raise InputError(path, "corrupt zip64 directory")
-        sig, _, eocd64_pos, _ = _EOCD64_LOC.unpack(_pread(fd, _EOCD64_LOC.size, loc_pos, path))
-        if sig != b"PK\x06\x07" or eocd64_pos + _EOCD64.size > size:
-            raise InputError(path, "corrupt zip64 directory")
-        rec = _EOCD64.unpack(_pread(fd, _EOCD64.size, eocd64_pos, path))
-        if rec[0] != b"PK\x06\x06":
-            raise InputError(path, "corrupt zip64 directory")
-        count, cd_size, cd_off = rec[6], rec[7], rec[8]
-    if cd_off + cd_size > size:
-        raise InputError(path, "zip central directory runs past the end of the file: truncated")
-    cd = _pread(fd, cd_size, cd_off, path)
-    members = []
-    pos = 0
-    for _ in range(count):
-        if pos + _CDIR.size > len(cd) or cd[pos : pos + 4] != b"PK\x01\x02":
-            raise InputError(path, "corrupt zip central directory")
-        f = _CDIR.unpack_from(cd, pos)
+    if len(found) > 1:
+        raise InputError(path, f"{len(found)} end-of-central-directory records reach exactly to the end of the file "
+                         "(forged ones hide in the archive comment or in member data): refusing an ambiguous zip")
+    _, disk, cd_disk, on_disk, count, cd_size, cd_off, _ = _EOCD.unpack_from(tail, found[0])
+    end = eocd = base + found[0]
+    loc = eocd - _EOCD64_LOC.size
+    if loc >= 0 and _pread(fd, 4, loc, path) == b"PK\x06\x07":
+        _, _, end, disks = _EOCD64_LOC.unpack(_pread(fd, _EOCD64_LOC.size, loc, path))
+        if end + _EOCD64.size > loc:
+            raise InputError(path, "corrupt ZIP64 end-of-central-directory locator")
+        sig, rest, _, _, disk, cd_disk, on_disk64, count64, cd_size64, cd_off64 = _EOCD64.unpack(
+            _pread(fd, _EOCD64.size, end, path))
+        if sig != b"PK\x06\x06" or end + 12 + rest != loc or disks > 1:
+            raise InputError(path, "corrupt ZIP64 end-of-central-directory record")
+        for what, v32, v64, full in (("entries", count, count64, 0xFFFF),
+                                     ("central directory size", cd_size, cd_size64, 0xFFFFFFFF),
+                                     ("central directory offset", cd_off, cd_off64, 0xFFFFFFFF)):
+            if v32 not in (full, v64):  # 0xFFFF...: "see the ZIP64 record"
+                raise InputError(path, f"the end record and the ZIP64 end record disagree on the {what} "
+                                 f"({v32} vs {v64})")
+        on_disk, count, cd_size, cd_off = on_disk64, count64, cd_size64, cd_off64
+    if disk or cd_disk or on_disk != count:
+        raise InputError(path, "zip archives split over several disks are not supported")
+    return count, cd_size, cd_off, end
+
+
+def _zip_directory(path: str, fd: int, size: int) -> tuple[list[_Member], int]:
+    """The members the central directory lists, and where it starts.
+
+    The directory is walked by its recorded size and offset: it must end where the end
+    record begins and hold exactly the number of entries the end record counts.
+    """
+    count, cd_size, cd_off, cd_end = _zip_end(path, fd, size)
+    if cd_off + cd_size != cd_end:
+        where = "runs past" if cd_off + cd_size > cd_end else "ends before"
+        raise InputError(path, f"the central directory ({cd_size} bytes at byte {cd_off}) {where} the end record "
+                         f"at byte {cd_end}: corrupt, truncated or not a plain zip")
+    if cd_size > _MAX_ZIP_CD:
+        raise InputError(path, f"a zip central directory of {cd_size} bytes exceeds the {_MAX_ZIP_CD >> 20} MiB limit")
+    if count * _CDIR.size > cd_size:
+        raise InputError(path, f"the end record counts {count} entries, more than a central directory "
+                         f"of {cd_size} bytes can hold")
+    members: list[_Member] = []
+    buf, start = b"", cd_off  # buf holds the file's bytes from ``start`` on
+    pos = cd_off
+    while pos < cd_end:
+        if len(members) == count:
+            raise InputError(path, f"the end record counts {count} entries but the central directory holds more "
+                             f"({cd_end - pos} bytes of it are left over)")
+        at = pos - start
+        if at + _CDIR.size > len(buf):
+            buf, start, at = _pread(fd, min(_CD_WINDOW, cd_end - pos), pos, path), pos, 0
+        if at + _CDIR.size > len(buf) or buf[at : at + 4] != b"PK\x01\x02":
+            raise InputError(path, f"corrupt zip central directory (entry {len(members) + 1} of {count})")
+        f = _CDIR.unpack_from(buf, at)
         flags, method, crc, csize, usize = f[3], f[4], f[7], f[8], f[9]
         nlen, elen, clen, off = f[10], f[11], f[12], f[16]
+        n = _CDIR.size + nlen + elen + clen
+        if pos + n > cd_end:
+            raise InputError(path, f"corrupt zip central directory (entry {len(members) + 1} runs past its end)")
+        if at + n > len(buf):
+            buf, start, at = _pread(fd, min(max(n, _CD_WINDOW), cd_end - pos), pos, path), pos, 0
+        raw = buf[at + _CDIR.size : at + _CDIR.size + nlen]
         try:
-            name = cd[pos + _CDIR.size : pos + _CDIR.size + nlen].decode("utf-8" if flags & 0x800 else "cp437")
+            name = raw.decode("utf-8" if flags & 0x800 else "cp437")
         except UnicodeDecodeError:
             raise InputError(path, "a zip member name is not valid UTF-8") from None
-        extra = cd[pos + _CDIR.size + nlen : pos + _CDIR.size + nlen + elen]
         if 0xFFFFFFFF in (csize, usize, off):
+            extra = buf[at + _CDIR.size + nlen : at + _CDIR.size + nlen + elen]
             usize, csize, off = _zip64_extra(extra, usize, csize, off, path)
-        members.append((name, flags, method, crc, csize, usize, off))
-        pos += _CDIR.size + nlen + elen + clen
-    return members
+        members.append((name, raw, flags, method, crc, csize, usize, off))
+        pos += n
+    if len(members) != count:
+        raise InputError(path, f"the end record counts {count} entries but the central directory holds {len(members)}")
+    return members, cd_off
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, off: int, path: str) -> tuple[int, int, int]:
@@ -632,52 +723,103 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, off: int, path: str) -> t
     raise InputError(path, "corrupt zip64 extra field")
 
 
+def _check_local(path: str, where: str, local: tuple[Any, ...], lname: bytes, lextra: bytes, m: _Member) -> None:
+    """The local header must say what the central directory says about its member."""
+    _, raw, _, method, crc, csize, usize, _ = m
+    if lname != raw:
+        raise InputError(path, f"{where}its local header names it {lname.decode('utf-8', 'replace')!r}")
+    if local[3] != method:
+        raise InputError(path, f"{where}the local header says compression method {local[3]}, "
+                         f"the central directory {method}")
+    if local[2] & 8:  # sizes and CRC in a data descriptor after the data
+        return
+    lcrc, lcsize, lusize = local[6], local[7], local[8]
+    if lcsize == lusize == 0xFFFFFFFF and lextra[:4] == b"\x01\x00\x10\x00":  # np.savez: always ZIP64 locals
+        lusize, lcsize = struct.unpack_from("<QQ", lextra, 4)
+    elif 0xFFFFFFFF in (lcsize, lusize):
+        lusize, lcsize, _ = _zip64_extra(lextra, lusize, lcsize, 0, path)
+    for what, a, b in (("CRC-32", lcrc, crc), ("compressed size", lcsize, csize), ("uncompressed size", lusize, usize)):
+        if a != b:
+            raise InputError(path, f"{where}the local header and the central directory disagree on the {what} "
+                             f"({a} vs {b})")
+
+
 def _read_npz(path: str, fd: int, size: int) -> Source:
+    members, cd_off = _zip_directory(path, fd, size)
     window = _Window(fd, size, path)
     tensors = []
     seen: set[str] = set()
-    for name, flags, method, crc, csize, usize, off in _zip_directory(path, fd, size):
-        if name.endswith("/"):
-            continue
-        tname = name[:-4] if name.endswith(".npy") else name
+    spans = []
+    for m in members:
+        name, _, flags, method, crc, csize, usize, off = m
         where = f"member {name!r}: "
-        if tname in seen:
-            raise InputError(path, f"{where}appears twice in the archive")
-        seen.add(tname)
         if flags & 1:
             raise InputError(path, f"{where}is encrypted")
         if method not in (0, 8):
             raise InputError(path, f"{where}unsupported zip compression method {method}")
+        if method == 0 and csize != usize:
+            raise InputError(path, f"{where}stored, yet its sizes differ ({csize} stored, {usize} declared)")
         if off + _LOCAL.size > size:
             raise InputError(path, f"{where}local header past the end of the file: truncated")
-        local = _LOCAL.unpack(window.read(off, _LOCAL.size, ahead=csize < _Window.SIZE // 4))
+        ahead = csize < _Window.SIZE // 4
+        head = window.read(off, min(_LOCAL.size + len(m[1]) + 20, size - off), ahead=ahead)  # the usual extra: 20
+        local = _LOCAL.unpack_from(head)
         if local[0] != b"PK\x03\x04":
             raise InputError(path, f"{where}corrupt zip local header")
-        data = off + _LOCAL.size + local[9] + local[10]
+        nlen, hend = local[9], _LOCAL.size + local[9] + local[10]
+        data = off + hend
         if data + csize > size:
             raise InputError(path, f"{where}data runs past the end of the file: truncated")
+        if hend > len(head):
+            head = window.read(off, hend, ahead=ahead)
+        lname, lextra = head[_LOCAL.size : _LOCAL.size + nlen], head[_LOCAL.size + nlen : hend]
+        sizes = local[6:9]
+        if not (lname == m[1] and local[3] == method and (local[2] & 8 or sizes == (crc, csize, usize) or (
+                sizes == (crc, 0xFFFFFFFF, 0xFFFFFFFF) and lextra == _ZIP64_LOCAL.pack(1, 16, usize, csize)))):
+            _check_local(path, where, local, lname, lextra, m)  # says what disagrees
+        spans.append((off, data + csize, name))
+        if name.endswith("/"):
+            if usize:
+                raise InputError(path, f"{where}is named like a directory but holds {usize} bytes")
+            continue  # an empty directory entry
+        tname = name[:-4] if name.endswith(".npy") else name
+        if tname in seen:
+            raise InputError(path, f"{where}appears twice in the archive")
+        seen.add(tname)
         if not name.endswith(".npy"):
             tensors.append(TensorEntry(tname, path, "unknown", (), 0, 0, "not an .npy array"))
             continue
         if method == 0:
-            head = window.read(data, min(csize, 12 + _MAX_NPY_HEADER), ahead=csize < _Window.SIZE // 4)
+            head = window.read(data, min(csize, 12 + _MAX_NPY_HEADER), ahead=ahead)
         else:
-            head = _inflate_head(fd, data, csize, path, where)
+            head = _inflate_head(fd, data, csize, path, where)[:usize]
         dtype, shape, hlen, fortran = _parse_npy_header(head, where, path)
         if method == 0:
-            entry = _npy_entry(tname, path, dtype, shape, _offset=data + hlen, _crc=crc,
+            entry = _npy_entry(tname, path, where, dtype, shape, _offset=data + hlen, _crc=crc,
                                _crc_head=zlib.crc32(head[:hlen]), _fortran=fortran)
-            have = csize - hlen
-            if have > entry.nbytes:
-                raise InputError(path, f"{where}{have - entry.nbytes} unexpected bytes after the array")
         else:
-            entry = _npy_entry(tname, path, dtype, shape, _offset=data, _method="deflate",
+            entry = _npy_entry(tname, path, where, dtype, shape, _offset=data, _method="deflate",
                                _stored_size=csize, _skip=hlen, _crc=crc, _fortran=fortran)
-            have = usize - hlen
+        have = usize - hlen
+        if have > entry.nbytes:
+            raise InputError(path, f"{where}{have - entry.nbytes} unexpected bytes after the array")
         if entry.nbytes > have:
             raise InputError(path, f"{where}array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes, the member holds {have}: truncated")
         tensors.append(entry)
+    _check_spans(path, spans, cd_off)
     return Source(path, "npz", tensors, {}, size)
+
+
+def _check_spans(path: str, spans: list[tuple[int, int, str]], cd_off: int) -> None:
+    """Members (local header to end of data) may not overlap each other or the central directory."""
+    spans.sort()
+    end, last = 0, ""
+    for start, stop, name in spans:
+        if start < end:
+            raise InputError(path, f"members {last!r} and {name!r} overlap in the archive")
+        end, last = stop, name
+    if end > cd_off:
+        raise InputError(path, f"member {last!r} overlaps the zip central directory")
 
 
 def _inflate_head(fd: int, pos: int, csize: int, path: str, where: str) -> bytes:
