@@ -57,6 +57,7 @@ def inspect(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    allow_outside_index: bool = False,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -69,7 +70,8 @@ def inspect(
     shards, tensor-parallel splits), merged exactly; ``"replicas"``, copies
     of one tensor (data-parallel ranks), counted once, with the largest
     difference between the copies in ``replica_max_diff``.  Raises :class:`~gradinspect.errors.InputError` for
-    input that cannot be read.
+    input that cannot be read, and an index.json naming a shard outside its
+    directory unless ``allow_outside_index``.
 
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
@@ -78,7 +80,7 @@ def inspect(
     _check_options(max_norm, eps, sort, top, group_by)
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
-    sources = open_paths(_paths(paths), allow_repeats=shards is not None)
+    sources = open_paths(_paths(paths), allow_repeats=shards is not None, allow_outside_index=allow_outside_index)
     return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards)
 
 
@@ -362,18 +364,21 @@ def check(
     progress: Progress | None = None,
     jobs: int | None = None,
     shards: str | None = None,
+    allow_outside_index: bool = False,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
-                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards)
+                     exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards,
+                     allow_outside_index=allow_outside_index)
     return evaluate(report, rules if rules is not None else Rules())
 
 
-def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InfoReport:
+def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+         allow_outside_index: bool = False) -> InfoReport:
     """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names)."""
-    sources = open_paths(_paths(paths), allow_repeats=True)
+    sources = open_paths(_paths(paths), allow_repeats=True, allow_outside_index=allow_outside_index)
     return InfoReport(
         sources=tuple(s.path for s in sources),
         tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes) for s in sources for t in s.tensors),
@@ -392,6 +397,7 @@ def diff(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     progress: Progress | None = None,
+    allow_outside_index: bool = False,
 ) -> DiffReport:
     """Compare two gradient sets tensor by tensor and as a whole, streaming both.
 
@@ -407,7 +413,8 @@ def diff(
     if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
-    srcs_a, srcs_b = open_paths(_paths(a)), open_paths(_paths(b))
+    srcs_a = open_paths(_paths(a), allow_outside_index=allow_outside_index)
+    srcs_b = open_paths(_paths(b), allow_outside_index=allow_outside_index)
     chosen = select(include, exclude)
     where_b = {t.name: (s, t) for s in srcs_b for t in s.tensors if chosen(t.name)}
     names_a: set[str] = set()

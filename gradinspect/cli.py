@@ -164,8 +164,11 @@ class _ProgressBar:
 
 def _jobs_option(f: Any) -> Any:
     f = click.option("--quiet", "-q", is_flag=True, help="No progress bar and no warnings on stderr.")(f)
-    return click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
-                        help="Threads to use (default: one per core). Results are identical for every N.")(f)
+    from .config import MAX_JOBS
+
+    return click.option("--jobs", "-j", type=click.IntRange(1, MAX_JOBS), default=None, metavar="N",
+                        help=f"Threads to use, at most {MAX_JOBS} (default: one per core, at most {MAX_JOBS}). "
+                             "Results are identical for every N.")(f)
 
 
 def _shards_option(f: Any) -> Any:
@@ -174,6 +177,12 @@ def _shards_option(f: Any) -> Any:
         help="What a tensor name in several files means: slices = disjoint pieces of one tensor "
              "(ZeRO/FSDP, tensor parallel), merged exactly; replicas = copies (data-parallel ranks), "
              "counted once. Without it, a repeated name is an error.")(f)
+
+
+def _outside_option(f: Any) -> Any:
+    return click.option("--allow-outside-index", is_flag=True,
+                        help="Let a *.safetensors.index.json name shard files outside its own directory "
+                             "(an absolute path or one climbing out with ..); refused by default.")(f)
 
 
 def _paths_argument(f: Any) -> Any:
@@ -217,9 +226,11 @@ def _finite(name: str, value: float | None) -> None:
               help="One row per group of tensors sharing the first N dot-separated name parts.")
 @_shards_option
 @_jobs_option
+@_outside_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool) -> None:
+          group_by: int | None, shards: str | None, jobs: int | None, quiet: bool,
+          allow_outside_index: bool) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -248,6 +259,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
             group_by=group_by, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+            allow_outside_index=allow_outside_index,
         )
     _warn(report.warnings(), quiet)
     _emit(fmt, "norms", report)
@@ -277,6 +289,7 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @_format_option("check")
 @_shards_option
 @_jobs_option
+@_outside_option
 def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
@@ -325,7 +338,8 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
     with _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
-                           shards=options["shards"], jobs=options["jobs"], progress=bar)
+                           shards=options["shards"], jobs=options["jobs"], progress=bar,
+                           allow_outside_index=options["allow_outside_index"])
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
@@ -343,8 +357,9 @@ def check(paths: tuple[str, ...], config_file: str | None, **options: Any) -> No
               help="Different tensor sets or shapes do not fail the comparison.")
 @_selection_options
 @_format_option("diff")
+@_outside_option
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
-         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, allow_outside_index: bool) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -370,7 +385,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     for name, v in (("--rtol", rtol), ("--atol", atol), ("--min-cosine", min_cosine)):
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
-                      include=include, exclude=exclude)
+                      include=include, exclude=exclude, allow_outside_index=allow_outside_index)
     _warn([s.warning() for s in report.skipped])
     _emit(fmt, "diff", report)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
@@ -379,7 +394,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
 @cli.command(context_settings=_CONTEXT)
 @_paths_argument
 @_format_option("info")
-def info(paths: tuple[str, ...], fmt: str) -> None:
+@_outside_option
+def info(paths: tuple[str, ...], fmt: str, allow_outside_index: bool) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -392,7 +408,7 @@ def info(paths: tuple[str, ...], fmt: str) -> None:
     """
     from .api import info as run_info
 
-    _emit(fmt, "info", run_info(list(paths)))
+    _emit(fmt, "info", run_info(list(paths), allow_outside_index=allow_outside_index))
 
 
 def main(argv: list[str] | None = None) -> None:
