@@ -464,7 +464,10 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
         raise InputError(path, f"header length {n} exceeds the {_MAX_ST_HEADER}-byte limit")
     data_start = 8 + n
     try:
-        reader = _HeaderReader(path, _pread(fd, n, 8, path).decode("utf-8"), data_start, size - data_start)
+        raw = bytearray(n)  # decoded in place: one copy of the header less than _pread
+        _pread_into(fd, memoryview(raw), 8, path)
+        reader = _HeaderReader(path, raw.decode("utf-8"), data_start, size - data_start)
+        del raw
         text = reader.text
         if _not_an_object(text):
             raise InputError(path, "header is not a JSON object")
