@@ -167,7 +167,7 @@ def _jobs_option(f: Any) -> Any:
     from .config import MAX_JOBS
 
     return click.option("--jobs", "-j", type=click.IntRange(1, MAX_JOBS), default=None, metavar="N",
-                        help=f"Threads to use, at most {MAX_JOBS} (default: one per core, at most {MAX_JOBS}). "
+                        help=f"Threads to use (default: one per core, at most {MAX_JOBS}). "
                              "Results are identical for every N.")(f)
 
 
