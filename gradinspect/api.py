@@ -49,9 +49,11 @@ def _paths(paths: Any) -> list[str | os.PathLike[str]]:
 
 
 @contextlib.contextmanager
-def _opened(paths: Any, allow_repeats: bool = False, notes: list[str] | None = None) -> Iterator[list[Source]]:
+def _opened(paths: Any, allow_repeats: bool = False, notes: list[str] | None = None,
+            allow_outside_index: bool = False) -> Iterator[list[Source]]:
     """The sources of ``paths``, every one closed at the end, also on error; warnings to ``notes``."""
-    sources = open_paths(_paths(paths), allow_repeats=allow_repeats, notes=notes)
+    sources = open_paths(_paths(paths), allow_repeats=allow_repeats, notes=notes,
+                         allow_outside_index=allow_outside_index)
     try:
         yield sources
     finally:
@@ -75,6 +77,7 @@ def inspect(
     shards: str | None = None,
     dedup: bool = False,
     loss_scale: float | None = None,
+    allow_outside_index: bool = False,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -87,7 +90,8 @@ def inspect(
     shards, tensor-parallel splits), merged exactly; ``"replicas"``, copies
     of one tensor (data-parallel ranks), counted once, with the largest
     difference between the copies in ``replica_max_diff``.  Raises :class:`~gradinspect.errors.InputError` for
-    input that cannot be read, or when no floating-point tensor is selected.
+    input that cannot be read, or when no floating-point tensor is selected, and
+    for an index.json naming a shard outside its directory unless ``allow_outside_index``.
 
     A tensor whose bytes, dtype and shape equal an earlier one's (tied weights
     saved twice, e.g. GPT-2's ``lm_head.weight``) is a warning and names that
@@ -108,7 +112,8 @@ def inspect(
     if shards not in (None, *SHARDS):
         raise ValueError(f"shards must be one of {', '.join(SHARDS)}, not {shards!r}")
     notes: list[str] = []
-    with _opened(paths, allow_repeats=shards is not None, notes=notes) as sources:
+    with _opened(paths, allow_repeats=shards is not None, notes=notes,
+                 allow_outside_index=allow_outside_index) as sources:
         return _report(sources, p, max_norm, eps, include, exclude, group_by, sort, top, progress, jobs, shards,
                        notes=notes, loss_scale=_loss_scale(loss_scale, sources), group_sep=group_sep, dedup=dedup)
 
@@ -563,20 +568,22 @@ def check(
     shards: str | None = None,
     dedup: bool = False,
     loss_scale: float | None = None,
+    allow_outside_index: bool = False,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
                      exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards, dedup=dedup,
-                     loss_scale=loss_scale)
+                     loss_scale=loss_scale, allow_outside_index=allow_outside_index)
     return evaluate(report, rules if rules is not None else Rules())
 
 
-def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InfoReport:
+def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+         allow_outside_index: bool = False) -> InfoReport:
     """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names)."""
     notes: list[str] = []
-    with _opened(paths, allow_repeats=True, notes=notes) as sources:
+    with _opened(paths, allow_repeats=True, notes=notes, allow_outside_index=allow_outside_index) as sources:
         return InfoReport(
             sources=tuple(s.path for s in sources),
             tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes)
@@ -600,6 +607,7 @@ def diff(
     strip_prefix: Iterable[str] = (),
     strip_prefix_a: Iterable[str] = (),
     strip_prefix_b: Iterable[str] = (),
+    allow_outside_index: bool = False,
 ) -> DiffReport:
     """Compare two gradient sets tensor by tensor and as a whole, streaming both.
 
@@ -618,7 +626,8 @@ def diff(
         raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
     notes: list[str] = []
-    with _opened(a, notes=notes) as srcs_a, _opened(b, notes=notes) as srcs_b:
+    with _opened(a, notes=notes, allow_outside_index=allow_outside_index) as srcs_a, \
+            _opened(b, notes=notes, allow_outside_index=allow_outside_index) as srcs_b:
         return _diff(srcs_a, srcs_b, tol, include, exclude, progress, notes,
                      (*strip_prefix_a, *strip_prefix), (*strip_prefix_b, *strip_prefix))
 

@@ -193,8 +193,11 @@ def _jobs_option(f: Any) -> Any:
     f = click.option("--quiet", "-q", count=True,
                      help="-q: no progress bar and no warnings on stderr except those about NaN/Inf values; "
                           "-qq: none of those either (only Error lines).")(f)
-    return click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
-                        help="Threads to use (default: one per core). Results are identical for every N.")(f)
+    from .config import MAX_JOBS
+
+    return click.option("--jobs", "-j", type=click.IntRange(1, MAX_JOBS), default=None, metavar="N",
+                        help=f"Threads to use (default: one per core, at most {MAX_JOBS}). "
+                             "Results are identical for every N.")(f)
 
 
 def _shards_option(f: Any) -> Any:
@@ -211,6 +214,12 @@ def _dedup_option(f: Any) -> Any:
         help="Count exact copies once (tied weights saved twice, e.g. lm_head.weight = wte.weight), as "
              "model.parameters() does: a copy's row is left out. Without it, copies are a warning. Tensors merged "
              "from --shards slices are never compared.")(f)
+
+
+def _outside_option(f: Any) -> Any:
+    return click.option("--allow-outside-index", is_flag=True,
+                        help="Let a *.safetensors.index.json name shard files outside its own directory "
+                             "(an absolute path or one climbing out with ..); refused by default.")(f)
 
 
 def _width_option(f: Any) -> Any:
@@ -274,10 +283,11 @@ def _finite(name: str, value: float | None) -> None:
 @_loss_scale_option
 @_jobs_option
 @_width_option
+@_outside_option
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
           group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None) -> None:
+          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -311,7 +321,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
             group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
-            dedup=dedup, loss_scale=loss_scale,
+            dedup=dedup, loss_scale=loss_scale, allow_outside_index=allow_outside_index,
         )
     _warn(report.input_warnings(), quiet >= 1)
     _warn(report.nonfinite_warnings(), quiet >= 2)
@@ -350,6 +360,7 @@ _CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_n
 @_dedup_option
 @_loss_scale_option
 @_jobs_option
+@_outside_option
 def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
@@ -406,7 +417,8 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **opti
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
                            shards=options["shards"], jobs=options["jobs"], progress=bar,
-                           dedup=options["dedup"], loss_scale=options["loss_scale"])
+                           dedup=options["dedup"], loss_scale=options["loss_scale"],
+                           allow_outside_index=options["allow_outside_index"])
     _warn(result.report.input_warnings(), quiet)
     _emit(options["fmt"], "check", result)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
@@ -431,9 +443,11 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **opti
 @_format_option("diff")
 @_json_option
 @_width_option
+@_outside_option
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
-         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, as_json: bool, width: int | None) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, as_json: bool, width: int | None,
+         allow_outside_index: bool) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -466,7 +480,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
         _finite(name, v)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
-                      strip_prefix_b=strip_prefix_b)
+                      strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index)
     _warn(report.warnings())
     _emit(fmt, "diff", report, width)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
@@ -477,7 +491,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
 @_format_option("info")
 @_json_option
 @_width_option
-def info(paths: tuple[str, ...], fmt: str, as_json: bool, width: int | None) -> None:
+@_outside_option
+def info(paths: tuple[str, ...], fmt: str, as_json: bool, width: int | None, allow_outside_index: bool) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -492,7 +507,7 @@ def info(paths: tuple[str, ...], fmt: str, as_json: bool, width: int | None) -> 
 
     if as_json:
         fmt = "json"
-    report = run_info(list(paths))
+    report = run_info(list(paths), allow_outside_index=allow_outside_index)
     _warn(list(report.notes))
     _emit(fmt, "info", report, width)
 

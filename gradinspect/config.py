@@ -1,7 +1,9 @@
 """``[tool.gradinspect.check]`` settings from pyproject.toml or ``--config FILE``.
 
 Keys are the long option names with underscores.  An unknown key or a value of
-the wrong type is an error naming the key.
+the wrong type is an error naming the key.  A config file must be a regular file
+of at most ``MAX_CONFIG_BYTES`` (1 MiB); anything that cannot be parsed is a
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["ConfigError", "find_config", "load_check_config", "CHECK_KEYS"]
+__all__ = ["ConfigError", "find_config", "load_check_config", "CHECK_KEYS", "MAX_CONFIG_BYTES", "MAX_JOBS"]
 
 TABLE = ("tool", "gradinspect", "check")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_JOBS = 64  # threads: more buy nothing (reads and numpy saturate first) and cost ~5 MiB each
 
 
 class ConfigError(GradInspectError):
@@ -93,8 +97,8 @@ def _string(v: Any) -> str:
 
 
 def _jobs(v: Any) -> int:
-    if type(v) is not int or v < 1:
-        raise TypeError("a whole number >= 1")
+    if type(v) is not int or not 1 <= v <= MAX_JOBS:
+        raise TypeError(f"a whole number from 1 to {MAX_JOBS}")
     return v
 
 
@@ -121,12 +125,18 @@ CHECK_KEYS: dict[str, Callable[[Any], Any]] = {
 
 
 def _read(path: Path) -> dict[str, Any]:
+    from .errors import InputError
+    from .loaders import _read_small
+
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(path, (e.strerror or str(e)).lower()) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        data = _read_small(os.fspath(path), MAX_CONFIG_BYTES)  # a regular file; a FIFO cannot block
+    except InputError as e:
+        raise ConfigError(path, e.problem) from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ConfigError(path, "not valid TOML (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError; an integer past Python's digit limit
         raise ConfigError(path, f"not valid TOML ({e})") from None
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .config import MAX_JOBS
 from .loaders import ChunkBuffer, Source, TensorEntry, _pread_into
 from .norms import CHUNK, SMALL, Reducer, Stats, combine
 
@@ -188,7 +189,13 @@ def _batch(src: Source, entries: Sequence[TensorEntry], it: _Item, w: _Worker, p
 
 
 def _run(items: list[_Item], work: Callable[[_Worker, int], None], p: float, chunk: int, jobs: int) -> None:
-    """Run ``work`` on every item, on ``jobs`` threads; re-raise the first error."""
+    """Run ``work`` on every item, on ``jobs`` threads (at most ``MAX_JOBS``); re-raise the first error.
+
+    A thread that cannot be started (``RuntimeError``: a thread or memory limit), or
+    cannot get its buffers, is not an error: the threads that did start do the work,
+    or this thread alone.
+    """
+    jobs = min(jobs, MAX_JOBS)
     if jobs <= 1 or len(items) <= 1:
         w = _Worker(p, chunk)
         for n in range(len(items)):
@@ -198,8 +205,12 @@ def _run(items: list[_Item], work: Callable[[_Worker, int], None], p: float, chu
     next_item = [0]
     errors: list[BaseException] = []
 
-    def loop() -> None:
-        w = _Worker(p, chunk)
+    def loop(w: _Worker | None = None) -> None:
+        if w is None:
+            try:
+                w = _Worker(p, chunk)
+            except (MemoryError, OSError):  # no buffers for one more thread: the others do its share
+                return
         while not errors:
             with lock:
                 n = next_item[0]
@@ -212,11 +223,18 @@ def _run(items: list[_Item], work: Callable[[_Worker, int], None], p: float, chu
                 errors.append(e)
                 return
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(min(jobs, len(items)))]
-    for t in threads:
-        t.start()
+    threads = []
+    for _ in range(min(jobs, len(items))):
+        t = threading.Thread(target=loop, daemon=True)
+        try:
+            t.start()
+        except RuntimeError:  # "can't start new thread": make do with those that did
+            break
+        threads.append(t)
     for t in threads:
         t.join()
+    if not errors and next_item[0] < len(items):  # no thread started, or none could get its buffers
+        loop(_Worker(p, chunk))
     if errors:
         raise errors[0]
 

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import ast
 import glob
+import itertools
 import json
+import json.decoder
 import math
 import mmap
 import os
+import re
 import stat
 import struct
 import zlib
@@ -54,6 +57,13 @@ __all__ = [
 INDEX_SUFFIX = ".index.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _MAX_ST_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's limit
+# Limits on what one header or index may ask to be held in memory (a few hundred bytes per tensor):
+MAX_TENSORS = 1_000_000  # tensors in one file (a 70B model has ~1,000; large MoE checkpoints ~100,000)
+MAX_TOTAL_TENSORS = 2_000_000  # tensors in all the files of one call, and names in an index's weight_map
+MAX_METADATA_KEYS = 65_536  # keys in a safetensors __metadata__ object
+MAX_METADATA_VALUE = 1 << 20  # characters in one __metadata__ key or value
+MAX_INDEX_BYTES = 64 << 20  # size of a *.safetensors.index.json
+_MAX_USIZE = (1 << 64) - 1  # safetensors shapes and offsets are u64; so is a tensor's element count
 _MAX_NPY_HEADER = 1 << 16
 _INFLATE_IN = 1 << 20
 
@@ -415,6 +425,136 @@ def _is_int(v: object) -> bool:
     return type(v) is int and v >= 0  # not bool, which is an int subclass
 
 
+def _is_u64(v: object) -> bool:
+    return type(v) is int and 0 <= v <= _MAX_USIZE
+
+
+def _short(v: object, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for error messages about hostile values."""
+    if isinstance(v, list) and len(v) > limit:  # do not format a million elements to show eighty characters
+        v = v[:limit]
+    r = repr(v) if not (type(v) is int and v.bit_length() > 256) else f"<a {v.bit_length()}-bit integer>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+# --- incremental JSON objects -------------------------------------------------------
+# A safetensors header is read member by member: each tensor's entry is parsed and
+# turned into a TensorEntry at once, so the whole header never exists as Python
+# objects, and every count is checked before more is allocated.
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicate_keys)
+_scanstring = json.decoder.scanstring
+
+
+def _ws(s: str, pos: int) -> int:
+    return _WS.match(s, pos).end()  # type: ignore[union-attr]
+
+
+def _walk(s: str, pos: int, member: Any) -> int:
+    """Call ``member(key, value_pos) -> value_end`` for each member of the JSON object at
+    ``s[pos]`` (after whitespace), in order; return where the object ends.
+    Duplicate keys are the member function's to catch."""
+    pos = _ws(s, pos)
+    if not s.startswith("{", pos):
+        raise json.JSONDecodeError("Expecting '{'", s, pos)
+    pos = _ws(s, pos + 1)
+    if s.startswith("}", pos):
+        return pos + 1
+    while True:
+        if not s.startswith('"', pos):
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", s, pos)
+        key, pos = _scanstring(s, pos + 1, True)
+        pos = _ws(s, pos)
+        if not s.startswith(":", pos):
+            raise json.JSONDecodeError("Expecting ':' delimiter", s, pos)
+        pos = _ws(s, member(key, _ws(s, pos + 1)))
+        if s.startswith(",", pos):
+            pos = _ws(s, pos + 1)
+        elif s.startswith("}", pos):
+            return pos + 1
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter", s, pos)
+
+
+def _value(s: str, pos: int) -> tuple[Any, int]:
+    try:
+        return _DECODER.raw_decode(s, pos)
+    except StopIteration:  # pragma: no cover - raw_decode turns it into JSONDecodeError
+        raise json.JSONDecodeError("Expecting value", s, pos) from None
+
+
+def _string_object(s: str, pos: int, what: str, limit: int, too_many: str, not_strings: str,
+                   max_len: int | None = None, share: bool = False) -> tuple[dict[str, str], int]:
+    """The JSON object of strings at ``s[pos]`` and where it ends, refused (:class:`_Refusal`)
+    past ``limit`` keys or with a key or value longer than ``max_len``; ``share``: equal values
+    are one string object (an index names each shard thousands of times)."""
+    out: dict[str, str] = {}
+    shared: dict[str, str] = {}
+
+    def member(key: str, at: int) -> int:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        if len(out) >= limit:
+            raise _Refusal(too_many)
+        if not s.startswith('"', at):
+            raise _Refusal(not_strings)
+        v, end = _scanstring(s, at + 1, True)
+        if max_len is not None and len(key) > max_len:
+            raise _Refusal(f"{what} has a key longer than {max_len:,} characters")
+        if max_len is not None and len(v) > max_len:
+            raise _Refusal(f"{what} value of {_short(key)} is longer than {max_len:,} characters")
+        out[key] = shared.setdefault(v, v) if share else v
+        return end
+
+    return out, _walk(s, pos, member)
+
+
+class _Refusal(ValueError):
+    """A problem, found while parsing JSON, that is not a syntax error."""
+
+
+def _not_an_object(s: str) -> bool:
+    """Whether the JSON text ``s`` holds a value other than an object; a syntax error raises.
+    Only a short text is parsed whole to find its errors (a long array could take gigabytes)."""
+    pos = _ws(s, 0)
+    if s.startswith("{", pos):
+        return False
+    if len(s) <= 1 << 20:
+        end = _ws(s, _value(s, pos)[1])
+        if end != len(s):
+            raise json.JSONDecodeError("Extra data", s, end)
+    elif not s.startswith(tuple('["-0123456789tfn'), pos):
+        raise json.JSONDecodeError("Expecting value", s, pos)
+    return True
+
+
+def _read_small(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes.  The open cannot block (a FIFO
+    swapped in after the stat) and at most ``limit + 1`` bytes are read (a file that grows)."""
+    _regular_file(path)
+    fd = _open_fd(path)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(path, "not a regular file")
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            try:
+                b = os.read(fd, min(left, 1 << 20))
+            except OSError as e:
+                raise InputError(path, f"read failed: {_os_problem(e)}") from None
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise InputError(path, f"file is larger than the {limit}-byte limit")
+    return b"".join(chunks)
+
+
 def _read_safetensors(path: str, fd: int, size: int) -> Source:
     if size < 8:
         raise InputError(path, f"file is too short to be safetensors ({size} bytes)")
@@ -423,51 +563,32 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
         raise InputError(path, f"header length {n} runs past the end of the file ({size} bytes): truncated or not safetensors")
     if n > _MAX_ST_HEADER:
         raise InputError(path, f"header length {n} exceeds the {_MAX_ST_HEADER}-byte limit")
-    raw = _pread(fd, n, 8, path)
+    data_start = 8 + n
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        raw = bytearray(n)  # decoded in place: one copy of the header less than _pread
+        _pread_into(fd, memoryview(raw), 8, path)
+        reader = _HeaderReader(path, raw.decode("utf-8"), data_start, size - data_start)
+        del raw
+        text = reader.text
+        if _not_an_object(text):
+            raise InputError(path, "header is not a JSON object")
+        end = _ws(text, _walk(text, 0, reader.member))
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
+    except _Refusal as e:
+        raise InputError(path, str(e)) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(path, f"header is not valid JSON ({e})") from None
     except RecursionError:
         raise InputError(path, "header is not valid JSON (nested too deeply)") from None
-    if not isinstance(header, dict):
-        raise InputError(path, "header is not a JSON object")
-    meta = header.pop("__metadata__", None)
-    meta = {} if meta is None else meta
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise InputError(path, "__metadata__ is not an object of strings")
-    data_start = 8 + n
-    data_size = size - data_start
-    tensors = []
-    for name, info in header.items():
-        _check_name(name, path)
-        if not isinstance(info, dict):
-            raise InputError(path, f"tensor {name!r}: header entry is not an object")
-        st_dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(st_dtype, str):
-            raise InputError(path, f"tensor {name!r}: missing or invalid dtype")
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-            raise InputError(path, f"tensor {name!r}: invalid shape {shape!r}")
-        if not (type(offsets) is list and len(offsets) == 2 and _is_int(offsets[0]) and _is_int(offsets[1])
-                and offsets[0] <= offsets[1]):
-            raise InputError(path, f"tensor {name!r}: invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        numel = math.prod(shape)
-        dtype_name, np_dtype = _ST_DTYPES.get(st_dtype, (st_dtype, None))
-        if np_dtype is not None:
-            expected = numel * np_dtype.itemsize
-        elif st_dtype in _ST_PACKED:
-            expected = -(-numel * _ST_PACKED[st_dtype] // 8)
-        else:
-            expected = end - begin  # an unknown dtype: trust the offsets, skip the tensor
-        if end - begin != expected:
-            raise InputError(path, f"tensor {name!r}: shape {shape} of {st_dtype} needs {expected} bytes, but data_offsets span {end - begin}")
-        if end > data_size:
-            raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end} of the data, past the end of the file (the data holds {data_size} bytes): truncated?")
-        reason = _REASONS[st_dtype] if st_dtype in _REASONS else _skip_reason(dtype_name, np_dtype)
-        tensors.append(TensorEntry(name, path, dtype_name, tuple(shape), numel, end - begin,
-                                   reason or None, np_dtype, data_start + begin))
-    tensors.sort(key=lambda t: (t._offset, t._offset + t.nbytes))
+    except MemoryError:
+        raise InputError(path, "header is too large for the memory available") from None
+    del text, reader.text, reader.names
+    tensors = reader.tensors
+    if any(b._offset < a._offset or (b._offset == a._offset and b.nbytes < a.nbytes)
+           for a, b in itertools.pairwise(tensors)):
+        tensors.sort(key=_by_nbytes)  # two stable sorts: by (offset, end) without a tuple per tensor
+        tensors.sort(key=_by_offset)
     prev: TensorEntry | None = None
     for t in tensors:
         if not t.nbytes:
@@ -475,7 +596,105 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
         if prev is not None and t._offset < prev._offset + prev.nbytes:
             raise InputError(path, f"tensors {prev.name!r} and {t.name!r} overlap in the data")
         prev = t
-    return Source(path, "safetensors", tensors, dict(meta), size)
+    return Source(path, "safetensors", tensors, reader.meta or {}, size)
+
+
+def _by_offset(t: TensorEntry) -> int:
+    return t._offset
+
+
+def _by_nbytes(t: TensorEntry) -> int:
+    return t.nbytes
+
+
+class _HeaderReader:
+    """Turns each member of a safetensors header into a TensorEntry as it is parsed."""
+
+    _SHAPES = 4096  # distinct (dtype, shape) pairs whose tuple and sizes are shared
+
+    def __init__(self, path: str, text: str, data_start: int, data_size: int) -> None:
+        self.path, self.text, self.data_start, self.data_size = path, text, data_start, data_size
+        self.tensors: list[TensorEntry] = []
+        self.names: set[str] = set()
+        self.meta: dict[str, str] | None = None
+        self.seen_meta = False
+        self.shapes: dict[tuple[str, tuple[int, ...]], tuple[tuple[int, ...], int, int]] = {}
+        self.unknown: dict[str, tuple[str, str | None]] = {}
+
+    def member(self, name: str, at: int) -> int:
+        path = self.path
+        if name == "__metadata__":
+            if self.seen_meta:
+                raise ValueError("duplicate key '__metadata__'")
+            self.seen_meta = True
+            return self.metadata(at)
+        if name in self.names:
+            raise ValueError(f"duplicate key {name!r}")
+        if len(self.tensors) >= MAX_TENSORS:
+            raise InputError(path, f"the header lists more than {MAX_TENSORS:,} tensors (the limit per file)")
+        info, end = _value(self.text, at)
+        self.names.add(name)
+        _check_name(name, path)
+        if not isinstance(info, dict):
+            raise InputError(path, f"tensor {name!r}: header entry is not an object")
+        st_dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(st_dtype, str):
+            raise InputError(path, f"tensor {name!r}: missing or invalid dtype")
+        if type(shape) is not list or not all(_is_u64(d) for d in shape):
+            raise InputError(path, f"tensor {name!r}: invalid shape {_short(shape)}")
+        if not (type(offsets) is list and len(offsets) == 2 and _is_u64(offsets[0]) and _is_u64(offsets[1])
+                and offsets[0] <= offsets[1]):
+            raise InputError(path, f"tensor {name!r}: invalid data_offsets {_short(offsets)}")
+        begin, end_ = offsets
+        shape_t, numel, expected = self.sizes(name, st_dtype, shape, end_ - begin)
+        if end_ - begin != expected:
+            raise InputError(path, f"tensor {name!r}: shape {_short(shape)} of {st_dtype} needs {expected} "
+                             f"bytes, but data_offsets span {end_ - begin}")
+        if end_ > self.data_size:
+            raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end_} of the data, past the end of the file (the data holds {self.data_size} bytes): truncated?")
+        dtype_name, np_dtype = _ST_DTYPES.get(st_dtype, (st_dtype, None))
+        reason = _REASONS.get(st_dtype)
+        if reason is None:  # an unknown dtype: one name and one reason string for all its tensors
+            dtype_name, reason = self.unknown.setdefault(dtype_name, (dtype_name, _skip_reason(dtype_name, np_dtype)))
+        self.tensors.append(TensorEntry(name, path, dtype_name, shape_t, numel, expected,
+                                        reason or None, np_dtype, self.data_start + begin))
+        return end
+
+    def sizes(self, name: str, st_dtype: str, shape: list[int], span: int) -> tuple[tuple[int, ...], int, int]:
+        """The shape as a (shared) tuple, its element count and the bytes it needs."""
+        key = (st_dtype, tuple(shape))
+        hit = self.shapes.get(key)
+        if hit is not None:
+            return hit
+        numel = 1
+        for d in shape:  # not math.prod: a million dimensions of 2 would make a million-bit number
+            numel *= d
+            if numel > _MAX_USIZE:
+                if 0 in shape:
+                    numel = 0
+                    break
+                raise InputError(self.path, f"tensor {name!r}: invalid shape {_short(shape)} (more than 2**64 elements)")
+        np_dtype = _ST_DTYPES.get(st_dtype, (st_dtype, None))[1]
+        if np_dtype is not None:
+            expected = numel * np_dtype.itemsize
+        elif st_dtype in _ST_PACKED:
+            expected = -(-numel * _ST_PACKED[st_dtype] // 8)
+        else:
+            return key[1], numel, span  # an unknown dtype: trust the offsets, skip the tensor
+        if len(self.shapes) < self._SHAPES:
+            self.shapes[key] = (key[1], numel, expected)
+        return key[1], numel, expected
+
+    def metadata(self, at: int) -> int:
+        if not self.text.startswith("{", at):
+            v, end = _value(self.text, at)
+            if v is not None:
+                raise InputError(self.path, "__metadata__ is not an object of strings")
+            return end
+        self.meta, end = _string_object(
+            self.text, at, "__metadata__", MAX_METADATA_KEYS, f"__metadata__ holds more than {MAX_METADATA_KEYS:,} keys",
+            "__metadata__ is not an object of strings", MAX_METADATA_VALUE)
+        return end
 
 
 # --- .npy and .npz ---------------------------------------------------------
@@ -854,30 +1073,68 @@ def _suffix(path: str) -> str:
     return os.path.splitext(low)[1]
 
 
-def _index_shards(path: str) -> list[str]:
+def _index_shards(path: str, allow_outside: bool = False) -> list[str]:
     wm = _weight_map(path)
+    if not allow_outside:
+        for shard in dict.fromkeys(wm.values()):
+            if _outside(shard):
+                raise InputError(path, f"weight_map names shard {_short(shard, 300)} outside the index's directory "
+                                 "(use --allow-outside-index to allow)")
     return sorted({_shard_path(path, v) for v in wm.values()})
 
 
+def _outside(shard: str) -> bool:
+    """Whether a weight_map shard path leaves the index's directory: absolute, on another drive,
+    or climbing out with ``..``.  The check is on the path as written: symlinks in the directory
+    are followed, as its owner (not the index) made them (the Hugging Face cache links every
+    shard to ``../../blobs/<hash>``)."""
+    if os.path.isabs(shard) or os.path.splitdrive(shard)[0]:
+        return True
+    return os.path.normpath(shard).split(os.sep)[0] == os.pardir
+
+
+_NO_WEIGHT_MAP = "no \"weight_map\" object of tensor names to shard files"
+
+
 def _weight_map(path: str) -> dict[str, str]:
-    _regular_file(path)
+    raw = _read_small(path, MAX_INDEX_BYTES)
+    found: dict[str, dict[str, str]] = {}
+    seen: set[str] = set()
+
+    def member(key: str, at: int) -> int:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen.add(key)
+        if key == "weight_map" and text.startswith("{", at):
+            found[key], end = _string_object(text, at, "weight_map", MAX_TOTAL_TENSORS,
+                                             f"weight_map names more than {MAX_TOTAL_TENSORS:,} tensors",
+                                             _NO_WEIGHT_MAP, share=True)
+            return end
+        return _value(text, at)[1]
+
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise InputError(path, _os_problem(e)) from None
+        text = raw.decode("utf-8")
+        del raw
+        if not _not_an_object(text):
+            end = _ws(text, _walk(text, 0, member))
+            if end != len(text):
+                raise json.JSONDecodeError("Extra data", text, end)
+    except _Refusal as e:
+        raise InputError(path, str(e)) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(path, f"not valid JSON ({e})") from None
     except RecursionError:
         raise InputError(path, "not valid JSON (nested too deeply)") from None
-    wm = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-        raise InputError(path, "no \"weight_map\" object of tensor names to shard files")
+    except MemoryError:
+        raise InputError(path, "too large for the memory available") from None
+    wm = found.get("weight_map")
+    if wm is None:
+        raise InputError(path, _NO_WEIGHT_MAP)
     if not wm:
         raise InputError(path, "weight_map is empty")
-    for v in wm.values():
+    for v in dict.fromkeys(wm.values()):
         if "\0" in v or not v:
-            raise InputError(path, f"weight_map names an invalid shard file {v!r}")
+            raise InputError(path, f"weight_map names an invalid shard file {_short(v)}")
     return wm
 
 
@@ -898,9 +1155,11 @@ def _regular_file(path: str) -> os.stat_result:
     return st
 
 
-def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | None = None) -> list[str]:
+def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | None = None,
+                  allow_outside_index: bool = False) -> list[str]:
     """The files that ``paths`` name, in order: directories list their supported
-    files sorted by name, index files their shards, quoted globs their matches.
+    files sorted by name, index files their shards (refused outside the index's
+    directory unless ``allow_outside_index``), quoted globs their matches.
 
     A warning for each directory's other files is appended to ``notes``."""
     out: list[str] = []
@@ -910,7 +1169,7 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
             matches = sorted(glob.glob(p))
             if not matches:
                 raise InputError(p, "no file matches this pattern")
-            out.extend(resolve_paths(matches, notes))
+            out.extend(resolve_paths(matches, notes, allow_outside_index))
         elif os.path.isdir(p):
             try:
                 names = os.listdir(p)
@@ -926,7 +1185,7 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
                 notes.extend(_skipped_files(p, names))
             out.extend(found)
         elif _suffix(p) == INDEX_SUFFIX:
-            out.extend(_index_shards(p))
+            out.extend(_index_shards(p, allow_outside_index))
         else:
             out.append(p)
     return out
@@ -975,7 +1234,7 @@ def open_source(path: str) -> Source:
 
 
 def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = False,
-               notes: list[str] | None = None) -> list[Source]:
+               notes: list[str] | None = None, allow_outside_index: bool = False) -> list[Source]:
     """Sources for ``paths``; a tensor name in two files is refused unless ``allow_repeats``
     (``--shards slices`` / ``replicas`` say what such names mean).  Warnings go to ``notes``.
 
@@ -984,7 +1243,7 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
     """
     if not paths:
         raise ValueError("no paths given")
-    files = resolve_paths(paths, notes)
+    files = resolve_paths(paths, notes, allow_outside_index)
     seen: dict[tuple[int, int], str] = {}
     for f in files:
         st = _regular_file(f)
@@ -994,12 +1253,16 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
         seen[key] = f
     budget = _hold_budget() if len(files) > 1 else 1
     sources: list[Source] = []
+    count = 0
     try:
         for f in files:
             src = open_source(f)
             sources.append(src)
             if len(sources) > budget:
                 src.park()
+            count += len(src.tensors)
+            if count > MAX_TOTAL_TENSORS:
+                raise InputError(f, f"more than {MAX_TOTAL_TENSORS:,} tensors in all (the limit for one call)")
         owner: dict[str, str] = {}
         for src in sources:
             for t in src.tensors:
@@ -1023,11 +1286,11 @@ def close_all(sources: Sequence[Source]) -> None:
 
 def _check_index_names(paths: Sequence[str | os.PathLike[str]], sources: list[Source]) -> None:
     """Every tensor an index's weight_map names must be in the shard it names."""
+    indexes = [os.fspath(p) for p in paths if _suffix(os.fspath(p)) == INDEX_SUFFIX and os.path.isfile(p)]
+    if not indexes:  # no set of every tensor without need
+        return
     where = {(s.path, t.name) for s in sources for t in s.tensors}
-    for p in paths:
-        p = os.fspath(p)
-        if _suffix(p) != INDEX_SUFFIX or not os.path.isfile(p):
-            continue
+    for p in indexes:
         for name, shard in _weight_map(p).items():
             if (_shard_path(p, shard), name) not in where:
                 raise InputError(p, f"weight_map puts tensor {name!r} in {shard}, which does not hold it")
