@@ -26,11 +26,17 @@ Each case runs one of ``norms``, ``check``, ``info`` or ``diff FILE ORIGINAL``
 - or exit 2, nothing on stdout, exactly one stderr line starting ``Error: ``;
 - never a traceback, a hang (timeout), a crash by a signal, or MemoryError
   (the address space is capped with RLIMIT_AS);
+- no line starting ``::error::INJECTED`` (a GitHub workflow command smuggled
+  in through a file or tensor name) in stderr or in human-format stdout;
+- an unmutated seed, or a file whose data values alone were changed, is read
+  (exit 2 there is ``valid-input-refused``);
 - when ``norms``/``check`` accept a file, the global L2, L1, L∞, NaN/Inf
-  counts, tensor count and element count equal an independent oracle (the
-  ``safetensors`` library's parser, ``numpy.load(allow_pickle=False)``); when
-  the oracle refuses a file gradinspect accepts, the case is a *disagreement*
-  to review (saved, not a failure).
+  counts, tensor count, element count and tensor names equal an independent
+  oracle's (the ``safetensors`` library's parser, ``numpy.load(allow_pickle=
+  False)``, float64 sums with math.fsum); a different number is
+  ``wrong-result``.  When the oracle refuses a file gradinspect accepts, the
+  case is a *disagreement* to review (saved, not a failure); refusals of files
+  the oracle reads are counted by message ("refused where the oracle reads").
 
 How cases run (the default, ``--mode fork``): each job owns one long-lived
 driver interpreter (``python -c``, PYTHONPATH=--repo) that imports
@@ -203,7 +209,8 @@ def corpus(seed: int) -> dict[str, Seed]:
     one("safetensors-bf16", "g.safetensors", st_bytes(
         [("a.weight", "BF16", v((6, 5), ml_dtypes.bfloat16)), ("a.bias", "F16", v((7,), "f2")),
          ("mask", "BOOL", v((4,), "?"))]))
-    f8 = [("q.e4m3", "F8_E4M3", v((9,), ml_dtypes.float8_e4m3fn)), ("q.e5m2", "F8_E5M2", v((4, 3), ml_dtypes.float8_e5m2))]
+    f8 = [("q.e4m3", "F8_E4M3", v((9,), ml_dtypes.float8_e4m3fn)),
+          ("q.e5m2", "F8_E5M2", v((4, 3), ml_dtypes.float8_e5m2))]
     if "F8_E8M0" in _ST_NP:
         f8.append(("q.e8m0", "F8_E8M0", np.abs(v((5,), ml_dtypes.float8_e8m0fnu))))
     one("safetensors-f8", "g.safetensors", st_bytes(f8))
@@ -225,8 +232,10 @@ def corpus(seed: int) -> dict[str, Seed]:
     s1 = st_bytes([("layers.0.w", "F32", v((4, 4), "f4")), ("layers.0.b", "BF16", v((4,), ml_dtypes.bfloat16))])
     s2 = st_bytes([("layers.1.w", "F32", v((4, 4), "f4")), ("head.w", "F16", v((2, 4), "f2"))])
     index = {"metadata": {"total_size": len(s1) + len(s2)},
-             "weight_map": {"layers.0.w": "model-00001-of-00002.safetensors", "layers.0.b": "model-00001-of-00002.safetensors",
-                            "layers.1.w": "model-00002-of-00002.safetensors", "head.w": "model-00002-of-00002.safetensors"}}
+             "weight_map": {"layers.0.w": "model-00001-of-00002.safetensors",
+                            "layers.0.b": "model-00001-of-00002.safetensors",
+                            "layers.1.w": "model-00002-of-00002.safetensors",
+                            "head.w": "model-00002-of-00002.safetensors"}}
     out["index"] = Seed("index", {"ckpt/model.safetensors.index.json": json.dumps(index, indent=2).encode(),
                                   "ckpt/model-00001-of-00002.safetensors": s1,
                                   "ckpt/model-00002-of-00002.safetensors": s2},
@@ -361,8 +370,9 @@ def mut_st_header(r: random.Random, data: bytes) -> tuple[bytes, str]:
         if op == "drop":
             del header[name]
         elif op == "extra":
-            header["extra." + str(r.randrange(100))] = {"dtype": r.choice(["F32", "F64", "BF16"]), "shape": [2],
-                                                        "data_offsets": r.choice([[0, 8], [0, 4], [len(body), len(body) + 8]])}
+            header["extra." + str(r.randrange(100))] = {
+                "dtype": r.choice(["F32", "F64", "BF16"]), "shape": [2],
+                "data_offsets": r.choice([[0, 8], [0, 4], [len(body), len(body) + 8]])}
         elif op == "metadata":
             header["__metadata__"] = r.choice([{"k": 1}, [], None, "x", {r.choice(EVIL_NAMES): r.choice(EVIL_NAMES)},
                                                {"k": "v" * 100000}, {"a": {"b": "c"}}, {"": ""}])
@@ -412,7 +422,8 @@ def mut_st_header(r: random.Random, data: bytes) -> tuple[bytes, str]:
         elif kind == "trailing-comma":
             text = text[:-1] + b",}"
         elif kind == "nul-pad":
-            return _pack_st(text, body, pad=b"\x00") if len(text) % 8 else _pack_st(text + b"\x00", body), "st-header:raw:nul-pad"
+            packed = _pack_st(text, body, pad=b"\x00") if len(text) % 8 else _pack_st(text + b"\x00", body)
+            return packed, "st-header:raw:nul-pad"
         elif kind == "bad-utf8":
             i = text.find(name.encode()) or 2
             text = text[:i] + b"\xff\xfe" + text[i:]
@@ -439,7 +450,8 @@ def _pack_npy(major: int, text: bytes, body: bytes, length: int | None = None, m
     text = text.rstrip(b"\n ") + b" " * pad + b"\n" if not text.endswith(b"!") else text
     n = len(text) if length is None else length
     fmt = "<H" if start == 10 else "<I"
-    return b"\x93NUMPY" + bytes([major % 256, minor]) + struct.pack(fmt, n % (1 << (8 * struct.calcsize(fmt)))) + text + body
+    length = struct.pack(fmt, n % (1 << (8 * struct.calcsize(fmt))))
+    return b"\x93NUMPY" + bytes([major % 256, minor]) + length + text + body
 
 
 _DESCRS = ["<f4", "<f8", "<f2", ">f4", ">f8", "<f16", "<c8", "|b1", "<i8", "|u1", "|V4", "|V2", "<U3", "|S3", "<M8[s]",
@@ -534,7 +546,8 @@ def mut_values(r: random.Random, data: bytes, fmt: str) -> tuple[bytes, str]:
     for _ in range(r.choice([1, 2, n])):
         j = r.randrange(n)
         if kind in ("allbits", "random"):
-            raw = bytes([0xFF] * dt.itemsize) if kind == "allbits" else bytes(r.randrange(256) for _ in range(dt.itemsize))
+            raw = bytes([0xFF] * dt.itemsize) if kind == "allbits" else \
+                bytes(r.randrange(256) for _ in range(dt.itemsize))
         else:
             if kind == "nan":
                 val: Any = np.nan
@@ -578,7 +591,8 @@ def zip_fields(data: bytes) -> list[tuple[int, str, str]]:
     for i in range(min(count, 64)):
         if pos + 46 > len(data) or data[pos : pos + 4] != b"PK\x01\x02":
             break
-        for off, code, label in ((4, "H", "version"), (6, "H", "version_needed"), (8, "H", "flags"), (10, "H", "method"),
+        for off, code, label in ((4, "H", "version"), (6, "H", "version_needed"), (8, "H", "flags"),
+                                 (10, "H", "method"),
                                  (16, "I", "crc"), (20, "I", "csize"), (24, "I", "usize"), (28, "H", "name_len"),
                                  (30, "H", "extra_len"), (32, "H", "comment_len"), (34, "H", "disk"),
                                  (42, "I", "local_offset")):
@@ -652,7 +666,8 @@ def mut_zip_structure(r: random.Random, data: bytes) -> tuple[bytes, str]:
             parts = [p for p in cd.split(b"PK\x01\x02") if p]
             if len(parts) > 1:
                 r.shuffle(parts)
-                return data[:off] + b"".join(b"PK\x01\x02" + p for p in parts) + data[off + size :], "zip-struct:swap-cd"
+                cd = b"".join(b"PK\x01\x02" + p for p in parts)
+                return data[:off] + cd + data[off + size :], "zip-struct:swap-cd"
     return mut_generic(r, data)
 
 
@@ -895,7 +910,11 @@ class Truth:
         s2 = math.fsum(q * (s / m) ** 2 for s, q in self.scaled)
         with np.errstate(all="ignore"):
             l2 = float(np.float64(m) * np.sqrt(np.float64(s2)))
-        return {"l1": math.fsum(self.l1_parts), "l2": l2, "linf": self.linf}
+        try:
+            l1 = math.fsum(self.l1_parts)
+        except OverflowError:  # the exact sum is past the float range
+            l1 = math.inf
+        return {"l1": l1, "l2": l2, "linf": self.linf}
 
 
 def _is_float(dt: np.dtype) -> bool:
@@ -1000,7 +1019,8 @@ def _oracle(root: Path, arg: str) -> Truth:
     path = str(root / arg)
     if os.path.isdir(path):
         files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if n.lower().endswith((".safetensors", ".npz", ".npy")) and os.path.isfile(os.path.join(path, n)))
+                       if n.lower().endswith((".safetensors", ".npz", ".npy"))
+                       and os.path.isfile(os.path.join(path, n)))
         if not files:
             raise OracleRefused("empty directory")
     elif path.endswith(".index.json"):
@@ -1127,7 +1147,8 @@ def _env(repo: Path) -> dict[str, str]:
 
 
 class Runner:
-    """Runs CLI argv lists in ``cwd``: through a fork-server driver (``fork``) or a new interpreter each (``subprocess``)."""
+    """Runs CLI argv lists in ``cwd``: through a fork-server driver (``fork``) or a new interpreter
+    each (``subprocess``)."""
 
     def __init__(self, repo: Path, python: str, mode: str, timeout: float, mem: int, scratch: Path) -> None:
         self.repo, self.python, self.mode, self.timeout, self.mem = repo, python, mode, timeout, mem
@@ -1163,7 +1184,8 @@ class Runner:
     def _run_subprocess(self, argv: list[str], cwd: Path) -> Run:
         t0 = time.monotonic()
         try:
-            p = subprocess.run(check=False, args=[self.python, "-c", _SUBPROCESS.format(mem=self.mem), *argv], cwd=str(cwd),
+            p = subprocess.run(check=False, args=[self.python, "-c", _SUBPROCESS.format(mem=self.mem), *argv],
+                               cwd=str(cwd),
                                env=_env(self.repo), stdin=subprocess.DEVNULL, capture_output=True, timeout=self.timeout)
         except subprocess.TimeoutExpired as e:
             return Run(-9, e.stdout or b"", e.stderr or b"", True, time.monotonic() - t0)
@@ -1199,6 +1221,8 @@ class Verdict:
 
 def _valid_by_construction(mutation: str) -> bool:
     """Seeds, and mutations that only change values in the data of a well-formed file (zips rebuilt whole)."""
+    if "+filename:'devzero'" in mutation:
+        return False
     return mutation == "none" or mutation.startswith(("values:", "npz-member:values:"))
 
 
@@ -1244,9 +1268,12 @@ def judge(case: Case, run: Run, truth: Truth | None | OracleRefused) -> Verdict:
         last = [ln for ln in err.strip().splitlines() if ln and not ln.startswith(" ")][-1]
         kind = "memory" if "MemoryError" in err else "traceback"
         return Verdict("failure", fails + [(kind, last)])
-    for ln in (err + run.stdout.decode("utf-8", "replace")).split("\n"):
+    # A line starting "::error::" in a CI log is a GitHub workflow command.  JSON escapes newlines; a CSV field
+    # or XML text may legitimately hold one, so machine stdout is left to its own parser.
+    shown = err + ("" if fmt in ("json", "csv", "junit") else run.stdout.decode("utf-8", "replace"))
+    for ln in shown.split("\n"):
         if ln.startswith("::error::INJECTED"):
-            fails.append(("workflow-command-injection", ln))
+            fails.append(("workflow-command-injection", ("stderr: " if ln in err else "stdout: ") + ln))
             break
     if _CONTROL.search(err):
         fails.append(("control-char-stderr", repr(_CONTROL.search(err).group())))  # type: ignore[union-attr]
@@ -1341,7 +1368,7 @@ def _compare(rep: dict, truth: Truth, rows: bool) -> list[tuple[str, str]]:
             out.append(("wrong-result", f"total.{k} {counts[k]!r}, oracle {v!r}"))
     if rows and sorted(t["name"] for t in rep.get("tensors", [])) != sorted(truth.names):
         out.append(("wrong-result", "tensor names differ from the oracle's"))
-    return out
+    return [("wrong-result", "; ".join(d for _, d in out))] if out else []
 
 
 # --- the campaign ------------------------------------------------------------------------------------------------
@@ -1406,7 +1433,8 @@ def _shell_quote(a: str) -> str:
 
 def run(cases: int | None = None, seconds: float | None = None, seed: int = 0, jobs: int = 2,
         out: Path = DEFAULT_OUT, repo: Path = DEFAULT_REPO, python: str = sys.executable, mode: str = "fork",
-        timeout: float = 10.0, mem_mib: int = 2048, confirm: bool = True, log: Callable[[str], None] | None = None) -> Result:
+        timeout: float = 10.0, mem_mib: int = 2048, confirm: bool = True,
+        log: Callable[[str], None] | None = None) -> Result:
     """Run ``cases`` cases (or as many as fit in ``seconds``) and return the counts and distinct failures."""
     assert (cases is None) != (seconds is None), "give cases or seconds"
     out = Path(out)
@@ -1452,6 +1480,10 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 0, j
                     for kind, detail in v.failures:
                         sig = detail if kind in _DETAIL_KINDS or kind.startswith("signal") else \
                             r.stderr.decode("utf-8", "replace").split("\n")[0]
+                        if kind == "workflow-command-injection":
+                            sig = detail.split(":")[0]  # the stream; the message after the name varies
+                        elif kind == "wrong-result":
+                            sig = ",".join(sorted({d.split(" ")[0] for d in detail.split("; ")}))  # which totals
                         key = f"{case.command}|{kind}|{_norm_line(sig, str(root))}"
                         if key not in first:
                             info = _info(case, r, v, kind, detail, seed)
@@ -1464,7 +1496,7 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 0, j
                                 log(f"FAIL #{i} {case.fmt} {case.mutation} {case.command}: {kind}: {detail[:100]}")
                         res.failures[key]["count"] = res.failures[key].get("count", 0) + 1
                     if v.disagreement:
-                        key = _norm_line(v.disagreement, str(root))
+                        key = re.sub(r"`[^`]*`|'[^']*'", "X", _norm_line(v.disagreement, str(root)))
                         if key not in res.disagreements:
                             info = _info(case, r, v, "disagreement", v.disagreement, seed)
                             info["saved"] = _save(out, "disagreements", key, case, root, info)
@@ -1505,7 +1537,7 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 0, j
             res.stricter[re.sub(r"^Error: [^:]*: ", "Error: FILE: ", _norm_line(v.stricter, ""))[:120]] += 1
     if confirm and mode == "fork":
         runner = Runner(Path(repo), python, "subprocess", timeout, mem_mib << 20, work / "confirm")
-        for key, (case, r, v) in first.items():
+        for key, (case, _, _) in first.items():
             root = Path(res.failures[key]["saved"]) / "case"
             r2 = runner.run(case.argv, root)
             truth: Truth | OracleRefused | None = None
@@ -1514,7 +1546,10 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 0, j
                     truth = oracle(root, case.argv[1])
                 except OracleRefused as e:
                     truth = e
-            kinds = {k for k, _ in judge(case, r2, truth).failures}
+            try:
+                kinds = {k for k, _ in judge(case, r2, truth).failures}
+            except Exception as e:
+                kinds = {f"harness-error: {e}"}
             res.failures[key]["confirmed"] = res.failures[key]["kind"] in kinds
             Path(res.failures[key]["saved"], "failure.json").write_text(
                 json.dumps(res.failures[key], indent=2, ensure_ascii=True) + "\n")
@@ -1559,7 +1594,8 @@ def describe(res: Result, top_mutations: bool = True) -> str:
     lines.append("failures by kind: " + (", ".join(f"{k} {v}" for k, v in res.failure_kinds.most_common()) or "none"))
     for info in res.failures.values():
         conf = {True: " [confirmed]", False: " [NOT reproduced in a fresh interpreter]"}.get(info.get("confirmed"), "")
-        lines.append(f"  {info['kind']} x{info['count']} ({info['command']}, {info['format']}, {info['mutation']}){conf}")
+        where = f"{info['command']}, {info['format']}, {info['mutation']}"
+        lines.append(f"  {info['kind']} x{info['count']} ({where}){conf}")
         lines.append(f"      {info['detail'][:200]!r}")
         lines.append(f"      {info['reproduce']}")
     if res.disagreements:
@@ -1571,7 +1607,8 @@ def describe(res: Result, top_mutations: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cases", type=int, help="number of cases (deterministic for a seed)")
     g.add_argument("--seconds", type=float, help="run until this many seconds have passed")
