@@ -1143,6 +1143,7 @@ def _env(repo: Path) -> dict[str, str]:
     for k in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "GITHUB_ACTIONS", "PYTHONWARNINGS"):
         env.pop(k, None)
     env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave --repo as it was
     return env
 
 
