@@ -1367,8 +1367,9 @@ def _compare(rep: dict, truth: Truth, rows: bool) -> list[tuple[str, str]]:
     for k, v in expect.items():
         if counts[k] != v:
             out.append(("wrong-result", f"total.{k} {counts[k]!r}, oracle {v!r}"))
-    # zipfile cuts member names at a NUL byte; compare names the way it reads them.
-    if rows and sorted(t["name"].split("\0")[0] for t in rep.get("tensors", [])) != sorted(truth.names):
+    # zipfile cuts member names at a NUL byte; compare names (on both sides) the way it reads them.
+    if rows and sorted(t["name"].split("\0")[0] for t in rep.get("tensors", [])) != sorted(
+            n.split("\0")[0] for n in truth.names):
         out.append(("wrong-result", "tensor names differ from the oracle's"))
     return [("wrong-result", "; ".join(d for _, d in out))] if out else []
 
