@@ -85,6 +85,24 @@ class Exact:
             return total ** (1 / dp) if total else Decimal(0)
 
 
+def exact_sums(arr: np.ndarray) -> tuple[Fraction, Fraction]:
+    """Exact Σ|x| and Σx² of a large finite array with at most 24 mantissa bits (float32, bfloat16,
+    float16, float8), in integer arithmetic: vectorised, so usable where ``Exact(decode(x))`` is too slow."""
+    x = arr.reshape(-1).astype(np.float32).astype(np.float64)  # exact widening
+    assert np.all(np.isfinite(x)) and x.size < 1 << 29, "exact_sums: finite values, < 2^29 of them"
+    mant, exp = np.frexp(np.abs(x))
+    m = (mant * (1 << 24)).astype(np.int64)  # |x| = m · 2^(exp-24), m < 2^24 exactly
+    low = int(exp.min(initial=0))
+    group = exp - low  # a small range: float exponents
+    sq = m * m  # < 2^48: summed as two 24-bit halves, each sum < 2^53 so exact in float64 bincount
+    parts = [np.bincount(group, weights=w) for w in (m, sq >> 24, sq & ((1 << 24) - 1))]
+    s1, s2 = Fraction(0), Fraction(0)
+    for k, (a, hi, lo) in enumerate(zip(*(part.tolist() for part in parts)), start=low):
+        s1 += Fraction(int(a)) * Fraction(2) ** (k - 24)
+        s2 += Fraction((int(hi) << 24) + int(lo)) * Fraction(2) ** (2 * (k - 24))
+    return s1, s2
+
+
 def _dec(f: Fraction) -> Decimal:
     return Decimal(f.numerator) / Decimal(f.denominator)
 
