@@ -174,8 +174,15 @@ def test_clip_coef_nan() -> None:
 
 
 def test_bad_options() -> None:
-    for kwargs in ({"max_norm": 0.0}, {"eps": -1.0}, {"sort": "size"}, {"top": -1}, {"group_by": 0}, {"norm_type": 0}):
-        with pytest.raises(ValueError):
+    for kwargs, message in (
+        ({"max_norm": 0.0}, r"max_norm must be a finite number > 0, not 0\.0"),
+        ({"eps": -1.0}, r"eps must be a finite number >= 0, not -1\.0"),
+        ({"sort": "size"}, r"sort must be one of share, .*, not 'size'"),
+        ({"top": -1}, "top must be >= 0, not -1"),
+        ({"group_by": 0}, "group_by must be an integer >= 1 or a regular expression, not 0"),
+        ({"norm_type": 0}, "norm type must be 1, 2, inf or a number > 0, not 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
             gradinspect.compute_norms(_g(), **kwargs)  # type: ignore[arg-type]
 
 

@@ -195,9 +195,9 @@ def test_share_exact_when_sq_overflows() -> None:
 
 def test_reducer_rejects_oversized_chunk_and_integers() -> None:
     r = Reducer(2.0, chunk=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk of 5 elements exceeds the reducer's 4"):
         r.reduce(np.ones(5))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="cannot compute norms of dtype int32"):
         r.reduce(np.ones(3, np.int32))
 
 
@@ -220,7 +220,7 @@ def test_parse_norm_type(text: str, expected: float) -> None:
 
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "two", 0])
 def test_parse_norm_type_rejects(bad: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"norm type must be 1, 2, inf or a number > 0, not "):
         parse_norm_type(bad)  # type: ignore[arg-type]
 
 
