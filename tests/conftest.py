@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from decimal import Decimal, localcontext
 from fractions import Fraction
@@ -12,6 +13,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
+
+from gradinspect.cli import cli
 
 FLOAT_DTYPES = [
     np.dtype(np.float64),
@@ -97,7 +101,7 @@ def exact_sums(arr: np.ndarray) -> tuple[Fraction, Fraction]:
     sq = m * m  # < 2^48: summed as two 24-bit halves, each sum < 2^53 so exact in float64 bincount
     parts = [np.bincount(group, weights=w) for w in (m, sq >> 24, sq & ((1 << 24) - 1))]
     s1, s2 = Fraction(0), Fraction(0)
-    for k, (a, hi, lo) in enumerate(zip(*(part.tolist() for part in parts)), start=low):
+    for k, (a, hi, lo) in enumerate(zip(*(part.tolist() for part in parts), strict=True), start=low):
         s1 += Fraction(int(a)) * Fraction(2) ** (k - 24)
         s2 += Fraction((int(hi) << 24) + int(lo)) * Fraction(2) ** (2 * (k - 24))
     return s1, s2
@@ -130,6 +134,29 @@ def rel(ours: float, exact: Fraction | Decimal) -> float:
     if math.isinf(ours):
         return 0.0 if abs(ex) > _FLOAT_MAX else math.inf
     return float(abs(Fraction(ours) - ex) / abs(ex))
+
+
+# --- the CLI ------------------------------------------------------------------
+
+
+def run(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
+    """The CLI in-process (click's CliRunner), 80 columns, no colour; ``cwd`` is entered for the call."""
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1", **(env or {})})
+    finally:
+        os.chdir(old)
+
+
+def strict_json(text: str) -> dict:
+    """Parse JSON, failing on the non-standard NaN/Infinity tokens Python's json would accept."""
+
+    def reject(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=reject)
 
 
 # --- files ---------------------------------------------------------------------

@@ -257,7 +257,7 @@ def test_readme_python_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
             return [("w", Param())]
 
     monkeypatch.chdir(ROOT)
-    exec(compile(code, "README.md", "exec"), {"model": Model()})  # noqa: S102 - our own README
+    exec(compile(code, "README.md", "exec"), {"model": Model()})
 
 
 def test_readme_lists_every_keyword() -> None:

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
-from gradinspect.check import Rules, evaluate
+from conftest import run, strict_json
 from gradinspect.api import compute_norms
-from gradinspect.cli import cli
+from gradinspect.check import Rules, evaluate
 from gradinspect.formats.github import escape_data, escape_property
-
-
-def run(*args: object, cwd: Path | None = None) -> Result:
-    runner = CliRunner()
-    old = os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        return runner.invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
-    finally:
-        os.chdir(old)
-
-
-def strict_json(text: str) -> dict:
-    return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))
 
 
 @pytest.fixture

@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
-from gradinspect.cli import cli
-from conftest import write_raw_safetensors
-
-
-def run(*args: object, env: dict[str, str] | None = None) -> Result:
-    runner = CliRunner()
-    return runner.invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1", **(env or {})})
-
-
-def strict_json(text: str) -> dict:
-    def reject(token: str) -> None:
-        raise AssertionError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=reject)
+from conftest import run, strict_json, write_raw_safetensors
 
 
 @pytest.fixture
@@ -140,7 +124,7 @@ def test_max_norm_and_eps(grads: Path) -> None:
 
 
 def test_sort_top_include_exclude_group_by(grads: Path) -> None:
-    names = lambda *a: [t["name"] for t in strict_json(run("norms", grads, "--json", *a).stdout)["tensors"]]  # noqa: E731
+    names = lambda *a: [t["name"] for t in strict_json(run("norms", grads, "--json", *a).stdout)["tensors"]]
     assert names("--sort", "name") == ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.norm.weight"]
     assert names("--sort", "numel") == ["model.layers.0.mlp.weight", "model.norm.weight", "model.layers.1.mlp.weight"]
     assert names("--sort", "none") == ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.norm.weight"]

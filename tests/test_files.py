@@ -6,22 +6,18 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import run
 from gradinspect import api, engine, loaders
-from gradinspect.cli import cli
 from gradinspect.errors import InputError
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 def _fds() -> int:

@@ -16,20 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import run, write_raw_safetensors
 from gradinspect import api, loaders
-from gradinspect.cli import cli
 from gradinspect.errors import InputError
-from conftest import write_raw_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 def one_error_line(r: Result, fragment: str) -> None:

@@ -13,9 +13,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import FLOAT_DTYPES, Exact, decode, rel_sqrt, write_raw_safetensors
 from gradinspect.errors import InputError
 from gradinspect.loaders import open_paths, resolve_paths
-from conftest import FLOAT_DTYPES, Exact, decode, rel, rel_sqrt, write_raw_safetensors
 
 
 def _l2(arrays: dict[str, np.ndarray]) -> float:

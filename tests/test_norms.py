@@ -10,8 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gradinspect.norms import CHUNK, Reducer, Stats, combine, parse_norm_type, stats_of
 from conftest import FLOAT_DTYPES, Exact, decode, exact_sums, rel, rel_sqrt
+from gradinspect.norms import CHUNK, Reducer, Stats, combine, parse_norm_type, stats_of
 
 TOL = 1e-12
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 import subprocess
@@ -15,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from conftest import write_raw_safetensors
 
-from gradinspect.cli import cli
+from conftest import run, strict_json, write_raw_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,10 +35,6 @@ HOSTILE = [
     "=HYPERLINK(\"http://x\")",
     "[bold]markup[/bold]",
 ]
-
-
-def run(*args: object, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1", **(env or {})})
 
 
 def run_bytes(*args: str | bytes, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -186,12 +179,9 @@ def test_csv_formula_guard_leaves_numbers_alone(tmp_path: Path) -> None:
 
 
 def _strict_json(stdout: bytes) -> dict:
-    def reject(token: str) -> None:
-        raise AssertionError(f"non-standard JSON token {token}")
-
     text = stdout.decode("utf-8", errors="strict")
     assert not re.search(r"(?<!\\)(\\\\)*\\u[dD][89a-fA-F]", text), "a surrogate escape: strict parsers reject it"
-    return json.loads(text, parse_constant=reject)
+    return strict_json(text)
 
 
 def test_lone_surrogates_in_metadata_give_valid_json(tmp_path: Path) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import tempfile
+from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from safetensors.numpy import save_file
 

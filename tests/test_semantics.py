@@ -9,17 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import run
 from gradinspect import api
-from gradinspect.cli import cli
 from gradinspect.errors import InputError
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 def _save(path: Path, tensors: dict[str, np.ndarray]) -> Path:

@@ -11,16 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
 import gradinspect
-from gradinspect.cli import cli
+from conftest import run
 from gradinspect.errors import InputError
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 @pytest.fixture
