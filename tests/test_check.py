@@ -69,7 +69,7 @@ def test_nonfinite_rule_one_finding_per_tensor_with_counts() -> None:
 
 
 def test_rules_validation() -> None:
-    with pytest.raises(ValueError, match="max_share must be between 0 and 1, not 1.5"):
+    with pytest.raises(ValueError, match=r"max_share must be between 0 and 1, not 1\.5"):
         Rules(max_share=1.5)
     with pytest.raises(ValueError, match="max_total must be a number, not NaN"):
         Rules(max_total=math.nan)

@@ -101,7 +101,7 @@ def test_segments_equal_one_at_a_time(rng: np.random.Generator) -> None:
     r = Reducer(2.5)
     xs = [rng.standard_normal(k) for k in (5, 0, 17, 1, 300)]
     batched = r.reduce_segments(np.concatenate(xs), [x.size for x in xs])
-    for x, s in zip(xs, batched):
+    for x, s in zip(xs, batched, strict=True):
         alone = r.reduce_segments(x.copy(), [x.size])[0]
         assert s == alone
         ref = stats_of(x, 2.5)
@@ -119,7 +119,7 @@ def test_corrupt_small_member_detected_with_any_jobs(tmp_path: Path, rng: np.ran
     data[at + 3] ^= 0x10
     path.write_bytes(bytes(data))
     for jobs in (1, 2):
-        with pytest.raises(gradinspect.InputError, match="t7.npy.*CRC-32 mismatch"):
+        with pytest.raises(gradinspect.InputError, match=r"t7\.npy.*CRC-32 mismatch"):
             gradinspect.inspect(path, jobs=jobs)
 
 

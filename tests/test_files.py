@@ -168,7 +168,7 @@ def test_unchanged_files_open_once_and_close(tmp_path: Path, monkeypatch: pytest
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage!" * 4)
     for call in (lambda: gradinspect.inspect([*paths, bad]), lambda: api.diff(paths, [bad])):
-        with pytest.raises(InputError, match="bad.safetensors"):
+        with pytest.raises(InputError, match=r"bad\.safetensors"):
             call()
         assert _fds() == before
 

@@ -325,7 +325,7 @@ def test_corrupt_zip64_extra_field(tmp_path: Path, rng: np.random.Generator) -> 
     data[cd + 20 : cd + 24] = b"\xff\xff\xff\xff"  # compressed size: "see the zip64 extra field"
     data[cd + 30 : cd + 32] = b"\x00\x00"  # ... which has length 0
     path.write_bytes(bytes(data))
-    with pytest.raises(InputError, match="corrupt zip64 extra field$"):
+    with pytest.raises(InputError, match=r"corrupt zip64 extra field$"):
         gradinspect.inspect(path)
 
 

@@ -236,7 +236,7 @@ def test_extreme_p_on_many_elements(p: float, n: int) -> None:
     with localcontext() as ctx:
         ctx.prec = 80
         dp = Decimal(p)
-        total = sum(int(c) * Decimal(float(v)) ** dp for v, c in zip(values, counts))
+        total = sum(int(c) * Decimal(float(v)) ** dp for v, c in zip(values, counts, strict=True))
         exact = total ** (1 / dp)
     assert rel(s.norm, exact) <= TOL
 

@@ -333,14 +333,14 @@ def _ambiguous(shown: str, names: list[str], me: str) -> list[str]:
 def test_elided_names_stay_distinct(width: int) -> None:
     from gradinspect.formats._human import elide_names, middle_elide
 
-    names = GPT2 + ["transformer.wte.weight", "lm_head.weight"]
+    names = [*GPT2, "transformer.wte.weight", "lm_head.weight"]
     shown = elide_names(names, width)
     assert all(len(s) <= width for s in shown)
     assert len(set(shown)) == len(names)
     # From 23 columns on, one cut can always tell a GPT-2 name apart; at 22, not for every name.
-    assert sum(1 for s, n in zip(shown, names) if _ambiguous(s, names, n)) <= (4 * 12 if width == 22 else 0)
+    assert sum(1 for s, n in zip(shown, names, strict=True) if _ambiguous(s, names, n)) <= (4 * 12 if width == 22 else 0)
     # Names that need no help are elided as before (the golden tables depend on it).
-    for s, n in zip(shown, names):
+    for s, n in zip(shown, names, strict=True):
         if not _ambiguous(middle_elide(n, width), names, n):
             assert s == middle_elide(n, width)
 

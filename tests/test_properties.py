@@ -90,7 +90,7 @@ def test_sharding_across_files_gives_the_same_totals(xs: list[np.ndarray], shard
         save_file(tensors, str(Path(d) / "whole.safetensors"))
         paths = []
         for s in range(shards):
-            part = {k: v for (k, v), a in zip(tensors.items(), assign) if a == s}
+            part = {k: v for (k, v), a in zip(tensors.items(), assign, strict=True) if a == s}
             if part:
                 paths.append(Path(d) / f"shard{s}.safetensors")
                 save_file(part, str(paths[-1]))
