@@ -78,10 +78,13 @@ def test_group_by_merges_exactly() -> None:
 @pytest.mark.parametrize(
     "key,expected",
     [
-        ("share", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
-        ("norm", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
+        ("share", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight",
+                   "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
+        ("norm", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight",
+                  "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
         ("name", sorted(_g())),
-        ("numel", ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.layers.0.attn.weight", "lm_head.weight", "model.layers.1.attn.weight"]),
+        ("numel", ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.layers.0.attn.weight",
+                   "lm_head.weight", "model.layers.1.attn.weight"]),
         ("none", list(_g())),
     ],
 )
@@ -204,7 +207,8 @@ def test_report_to_dict_shape() -> None:
     d = gradinspect.compute_norms(_g()).to_dict()
     assert d["schema"] == "gradinspect.norms/1"
     assert set(d) >= {"schema", "sources", "norm_type", "tensors", "skipped", "total", "clip"}
-    assert set(d["tensors"][0]) >= {"name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite"}
+    assert set(d["tensors"][0]) >= {"name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq",
+                                    "share", "nonfinite"}
     assert set(d["total"]) >= {"tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite"}
     assert set(d["clip"]) == {"max_norm", "eps", "coef", "clipped", "norm_after"}
     assert d["norm_type"] == 2

@@ -191,7 +191,8 @@ def test_info_from_headers(tmp_path: Path) -> None:
 def test_info_on_a_huge_sparse_file_reads_only_the_header(tmp_path: Path) -> None:
     """A 1 TiB (sparse) file: header-only, so instant."""
     numel = (1 << 40) // 4
-    header = json.dumps({"g": {"dtype": "F32", "shape": [1 << 20, numel >> 20], "data_offsets": [0, 4 * numel]}}).encode()
+    entry = {"dtype": "F32", "shape": [1 << 20, numel >> 20], "data_offsets": [0, 4 * numel]}
+    header = json.dumps({"g": entry}).encode()
     path = tmp_path / "huge.safetensors"
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)

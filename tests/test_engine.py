@@ -135,5 +135,6 @@ def test_errors_in_worker_threads_reach_the_caller(tmp_path: Path, rng: np.rando
     save_file({"w": rng.standard_normal(4 * CHUNK)}, str(path))
     with open(path, "r+b") as f:  # truncate the data after the header was written
         f.truncate(path.stat().st_size - 100)
-    with pytest.raises(gradinspect.InputError, match=r"g\.safetensors: tensor 'w': data_offsets .* past the end of the file"):
+    with pytest.raises(gradinspect.InputError,
+                       match=r"g\.safetensors: tensor 'w': data_offsets .* past the end of the file"):
         gradinspect.inspect(path, jobs=2)

@@ -101,7 +101,8 @@ def test_index_json_lists_shards(tmp_path: Path, rng: np.random.Generator) -> No
     names = sorted(g)
     save_file({k: g[k] for k in names[:2]}, str(tmp_path / "m-1.safetensors"))
     save_file({k: g[k] for k in names[2:]}, str(tmp_path / "m-2.safetensors"))
-    index = {"metadata": {}, "weight_map": {k: ("m-1.safetensors" if k in names[:2] else "m-2.safetensors") for k in names}}
+    weight_map = {k: ("m-1.safetensors" if k in names[:2] else "m-2.safetensors") for k in names}
+    index = {"metadata": {}, "weight_map": weight_map}
     (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
     r = gradinspect.inspect(tmp_path / "m.safetensors.index.json")
     assert r.total.tensors == len(g)

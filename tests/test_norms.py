@@ -213,7 +213,9 @@ def test_non_contiguous_input() -> None:
     assert stats_of(x).l1 == float(np.abs(x).sum())
 
 
-@pytest.mark.parametrize("text,expected", [("1", 1.0), ("2", 2.0), ("inf", math.inf), ("Inf", math.inf), ("3.5", 3.5), (0.5, 0.5)])
+@pytest.mark.parametrize(
+    "text,expected", [("1", 1.0), ("2", 2.0), ("inf", math.inf), ("Inf", math.inf), ("3.5", 3.5), (0.5, 0.5)]
+)
 def test_parse_norm_type(text: str, expected: float) -> None:
     assert parse_norm_type(text) == expected
 

@@ -48,10 +48,12 @@ def safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     """A safetensors file whose header says exactly these names (any string, even lone surrogates)."""
     header: dict = {"__metadata__": metadata} if metadata is not None else {}
     data = b""
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64"}
+    codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16",
+             np.dtype(np.int64): "I64"}
     for name, a in tensors.items():
         raw = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     return write_raw_safetensors(path, header, data)
 
@@ -72,8 +74,11 @@ def _assert_safe(text: str) -> None:
 # --- 1. hostile names in every format ------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["norms"], ["norms", "-f", "markdown"], ["info"], ["check"], ["norms", "--width", "60"]],
-                         ids=["table", "markdown", "info", "check-text", "table-width"])
+@pytest.mark.parametrize(
+    "args",
+    [["norms"], ["norms", "-f", "markdown"], ["info"], ["check"], ["norms", "--width", "60"]],
+    ids=["table", "markdown", "info", "check-text", "table-width"],
+)
 def test_human_formats_escape_control_characters(hostile: Path, args: list[str]) -> None:
     r = run(args[0], hostile, *args[1:])
     assert r.exit_code in (0, 1), r.output
@@ -185,7 +190,8 @@ def _strict_json(stdout: bytes) -> dict:
 
 
 def test_lone_surrogates_in_metadata_give_valid_json(tmp_path: Path) -> None:
-    path = safetensors(tmp_path / "s.safetensors", {"w": np.ones(2, np.float32)}, {"k\udc81": "v\udc82", "b\ud800": "c"})
+    metadata = {"k\udc81": "v\udc82", "b\ud800": "c"}
+    path = safetensors(tmp_path / "s.safetensors", {"w": np.ones(2, np.float32)}, metadata)
     r = run_bytes("info", str(path), "-f", "json")
     assert r.returncode == 0 and r.stderr == b""
     doc = _strict_json(r.stdout)
@@ -285,7 +291,8 @@ def test_reducer_raises_no_warning_on_signalling_nan() -> None:
                                   (np.float16, np.uint16, 0x7C01), (np.float64, np.uint64, 0x7FF0000000000001)]:
             x = np.full(64, bits, uint).view(dtype)
             assert stats_of(x).nan == 64 and stats_of(x, 3).nan == 64
-            assert [s.nan for s in Reducer(3).reduce_segments(np.concatenate([x[:4], np.ones(4, dtype)]), [4, 4])] == [4, 0]
+            segments = Reducer(3).reduce_segments(np.concatenate([x[:4], np.ones(4, dtype)]), [4, 4])
+            assert [s.nan for s in segments] == [4, 0]
             if np.dtype(dtype).itemsize > 2:  # byte-swapped, as a big-endian .npy holds it
                 assert stats_of(x.astype(x.dtype.newbyteorder(">"))).nan == 64
 
@@ -318,7 +325,8 @@ def test_npy_header_errors_name_the_problem(tmp_path: Path, header: str, fragmen
 # --- 6. name elision ------------------------------------------------------------------------
 
 GPT2 = [f"transformer.h.{i}.{part}.{kind}" for i in range(12)
-        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj") for kind in ("weight", "bias")]
+        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        for kind in ("weight", "bias")]
 
 
 def _ambiguous(shown: str, names: list[str], me: str) -> list[str]:
@@ -338,7 +346,8 @@ def test_elided_names_stay_distinct(width: int) -> None:
     assert all(len(s) <= width for s in shown)
     assert len(set(shown)) == len(names)
     # From 23 columns on, one cut can always tell a GPT-2 name apart; at 22, not for every name.
-    assert sum(1 for s, n in zip(shown, names, strict=True) if _ambiguous(s, names, n)) <= (4 * 12 if width == 22 else 0)
+    ambiguous = sum(1 for s, n in zip(shown, names, strict=True) if _ambiguous(s, names, n))
+    assert ambiguous <= (4 * 12 if width == 22 else 0)
     # Names that need no help are elided as before (the golden tables depend on it).
     for s, n in zip(shown, names, strict=True):
         if not _ambiguous(middle_elide(n, width), names, n):

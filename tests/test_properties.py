@@ -74,7 +74,8 @@ def test_scaling_by_a_power_of_two(x: np.ndarray, k: int, p: float) -> None:
 normal64 = st.floats(-1e6, 1e6).filter(lambda v: v == 0 or abs(v) > 1e-290)  # norms far from subnormal
 
 
-@given(x=arrays(np.float64, st.integers(1, 200), elements=normal64), c=st.floats(-1e3, 1e3).filter(lambda c: abs(c) > 1e-3))
+@given(x=arrays(np.float64, st.integers(1, 200), elements=normal64),
+       c=st.floats(-1e3, 1e3).filter(lambda c: abs(c) > 1e-3))
 def test_scaling_by_any_constant(x: np.ndarray, c: float) -> None:
     a, b = stats_of(x), stats_of(x * c)
     assert close(b.l2, abs(c) * a.l2, 1e-12)

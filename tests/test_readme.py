@@ -84,5 +84,6 @@ def test_readme_block(block: list[str]) -> None:
         expected = [line.rstrip() for line in block[i + 1 : j]]
         out, code = _run(command, code)
         actual = [line.rstrip() for line in out.rstrip("\n").split("\n")] if out.strip() else []
-        assert _matches(expected, actual), f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
+        shown = f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
+        assert _matches(expected, actual), shown
         i = j
