@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.numpy import save_file
 
 import gradinspect
 from conftest import Exact, decode, exact_sums, rel, rel_sqrt
+from gradinspect import engine
 from gradinspect.engine import crc32_combine
 from gradinspect.norms import CHUNK, SMALL, Reducer, stats_of
 
@@ -130,7 +132,7 @@ def test_crc32_combine(split: int) -> None:
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
 
 
-def test_errors_in_worker_threads_reach_the_caller(tmp_path: Path, rng: np.random.Generator) -> None:
+def test_truncated_data_is_found_from_the_header(tmp_path: Path, rng: np.random.Generator) -> None:
     path = tmp_path / "g.safetensors"
     save_file({"w": rng.standard_normal(4 * CHUNK)}, str(path))
     with open(path, "r+b") as f:  # truncate the data after the header was written
@@ -138,3 +140,21 @@ def test_errors_in_worker_threads_reach_the_caller(tmp_path: Path, rng: np.rando
     with pytest.raises(gradinspect.InputError,
                        match=r"g\.safetensors: tensor 'w': data_offsets .* past the end of the file"):
         gradinspect.inspect(path, jobs=2)
+
+
+def test_errors_in_worker_threads_reach_the_caller(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read failing in a worker thread (say, an I/O error) is raised by the call, not lost or hung."""
+    path = tmp_path / "g.safetensors"
+    save_file({"w": rng.standard_normal(8 * CHUNK)}, str(path))
+    threads: set[str] = set()
+
+    def failing_read(fd: int, view: memoryview, offset: int, name: str) -> None:
+        threads.add(threading.current_thread().name)
+        raise gradinspect.InputError(name, "simulated read error")
+
+    monkeypatch.setattr(engine, "_pread_into", failing_read)
+    with pytest.raises(gradinspect.InputError, match=r"g\.safetensors: simulated read error$"):
+        gradinspect.inspect(path, jobs=2)
+    assert threads and threading.main_thread().name not in threads
