@@ -6,6 +6,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
@@ -138,6 +140,8 @@ def rel(ours: float, exact: Fraction | Decimal) -> float:
 
 # --- the CLI ------------------------------------------------------------------
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def run(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
     """The CLI in-process (click's CliRunner), 80 columns, no colour; ``cwd`` is entered for the call."""
@@ -148,6 +152,16 @@ def run(*args: object, env: dict[str, str] | None = None, cwd: Path | None = Non
         return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1", **(env or {})})
     finally:
         os.chdir(old)
+
+
+def run_process(
+    *args: str | bytes | os.PathLike[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """The real CLI in a subprocess, 80 columns, no colour: argv may hold bytes that are not UTF-8, the output is
+    bytes; a hang is a failure (TimeoutExpired), not a hung test run."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80", "NO_COLOR": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gradinspect", *args], cwd=cwd, env=full_env, capture_output=True,
+                          timeout=timeout, check=False)
 
 
 def strict_json(text: str) -> dict:

@@ -7,17 +7,13 @@ import csv
 import io
 import os
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run, strict_json, write_raw_safetensors
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import run, run_process, strict_json, write_raw_safetensors
 
 # Anything a terminal could act on, or that could split or reorder a line.
 RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
@@ -35,13 +31,6 @@ HOSTILE = [
     "=HYPERLINK(\"http://x\")",
     "[bold]markup[/bold]",
 ]
-
-
-def run_bytes(*args: str | bytes, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-    """The real CLI in a subprocess: argv may hold bytes that are not UTF-8, stdout is checked as bytes."""
-    full_env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gradinspect", *args], cwd=ROOT, env=full_env, capture_output=True,
-                          check=False)
 
 
 def safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
@@ -192,11 +181,11 @@ def _strict_json(stdout: bytes) -> dict:
 def test_lone_surrogates_in_metadata_give_valid_json(tmp_path: Path) -> None:
     metadata = {"k\udc81": "v\udc82", "b\ud800": "c"}
     path = safetensors(tmp_path / "s.safetensors", {"w": np.ones(2, np.float32)}, metadata)
-    r = run_bytes("info", str(path), "-f", "json")
+    r = run_process("info", str(path), "-f", "json")
     assert r.returncode == 0 and r.stderr == b""
     doc = _strict_json(r.stdout)
     assert doc["metadata"][str(path)] == {"k\\x81": "v\\x82", "b\\ud800": "c"}
-    r = run_bytes("info", str(path))
+    r = run_process("info", str(path))
     assert r.returncode == 0
     assert "k\\x81=v\\x82, b\\ud800=c" in r.stdout.decode("utf-8", errors="strict")
 
@@ -204,7 +193,7 @@ def test_lone_surrogates_in_metadata_give_valid_json(tmp_path: Path) -> None:
 def test_a_tensor_name_that_is_not_unicode_is_one_clean_error_line(tmp_path: Path) -> None:
     # Refused by the loader (as safetensors itself does): the error line must still be valid and one line.
     path = safetensors(tmp_path / "s.safetensors", {"w\udc80": np.ones(2, np.float32)})
-    r = run_bytes("norms", str(path), "-f", "json")
+    r = run_process("norms", str(path), "-f", "json")
     assert r.returncode == 2 and r.stdout == b""
     err = r.stderr.decode("utf-8", errors="strict")
     assert err.count("\n") == 1 and "not valid Unicode" in err and "w\\udc80" in err
@@ -214,26 +203,26 @@ def test_a_path_that_is_not_utf8_gives_valid_output(tmp_path: Path) -> None:
     path = os.fsencode(tmp_path) + b"/g\xff.safetensors"
     safetensors(Path(os.fsdecode(path)), {"w": np.array([3.0, 4.0], np.float32)})
     for cmd in ("norms", "check", "info"):
-        r = run_bytes(cmd, path, "-f", "json")
+        r = run_process(cmd, path, "-f", "json")
         assert r.returncode == 0 and r.stderr == b"", r.stderr
         doc = _strict_json(r.stdout)
         sources = doc["report"]["sources"] if cmd == "check" else doc["sources"]
         assert sources == [os.fsdecode(tmp_path) + "/g\\xff.safetensors"]
     for fmt in ("table", "csv", "markdown"):
-        r = run_bytes("norms", path, "-f", fmt)
+        r = run_process("norms", path, "-f", fmt)
         assert r.returncode == 0 and r.stderr == b""
         r.stdout.decode("utf-8", errors="strict")
-    r = run_bytes("check", path, "-f", "junit")
+    r = run_process("check", path, "-f", "junit")
     assert r.returncode == 0
     ET.fromstring(r.stdout)
     other = safetensors(tmp_path / "h.safetensors", {"v": np.ones(2, np.float32)})
-    r = run_bytes("info", path, str(other))  # two files: the table has a source column
+    r = run_process("info", path, str(other))  # two files: the table has a source column
     assert r.returncode == 0 and "g\\xff.safetensors" in r.stdout.decode("utf-8", errors="strict")
 
 
 def test_json_keeps_other_unicode_and_escapes_terminal_controls(tmp_path: Path) -> None:
     path = safetensors(tmp_path / "u.safetensors", {"ü.∞\u202e\x9b": np.ones(1, np.float32)})
-    r = run_bytes("norms", str(path), "-f", "json")
+    r = run_process("norms", str(path), "-f", "json")
     text = r.stdout.decode("utf-8")
     assert not RAW_CONTROL.search(text) and "ü.∞" in text
     assert _strict_json(r.stdout)["tensors"][0]["name"] == "ü.∞\u202e\x9b"  # JSON escapes are lossless
@@ -274,7 +263,7 @@ def _snan(path: Path) -> Path:
 def test_signalling_nans_leave_stderr_empty(tmp_path: Path, args: list[str]) -> None:
     path = _snan(tmp_path / "snan.safetensors")
     paths = [str(path)] * (2 if args[0] == "diff" else 1)
-    r = run_bytes(args[0], *paths, *args[1:], "-f", "json", *(["-qq"] if args[0] != "diff" else []))
+    r = run_process(args[0], *paths, *args[1:], "-f", "json", *(["-qq"] if args[0] != "diff" else []))
     assert r.returncode in (0, 1) and r.stderr == b"", r.stderr.decode()
 
 
