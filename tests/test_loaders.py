@@ -193,13 +193,18 @@ def test_npz_corruptions(tmp_path: Path, rng: np.random.Generator) -> None:
     _refused(tmp_path / "trunc.npz", "not a zip file")
 
 
+def _member_data_at(path: Path, name: str) -> int:
+    """Where a zip member's (stored or compressed) data starts: after its 30-byte local header, name and extra."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    return info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+
+
 def test_npz_corrupt_compressed_data_is_detected(tmp_path: Path, rng: np.random.Generator) -> None:
     path = tmp_path / "c.npz"
     np.savez_compressed(path, w=rng.standard_normal(5000))
     data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo("w.npy")
-    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 2000
+    start = _member_data_at(path, "w.npy") + 2000
     for i in range(start, start + 64):
         data[i] ^= 0x5A
     path.write_bytes(bytes(data))
@@ -262,9 +267,7 @@ def test_npz_stored_member_crc_is_verified(tmp_path: Path, rng: np.random.Genera
     path = tmp_path / "s.npz"
     np.savez(path, w=rng.standard_normal(5000))
     data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo("w.npy")
-    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 500] ^= 0x01
+    data[_member_data_at(path, "w.npy") + 500] ^= 0x01
     path.write_bytes(bytes(data))
     _refused(path, "CRC-32 mismatch")
 
