@@ -192,7 +192,6 @@ class Source:
     kind: str
     tensors: list[TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
-    size: int = 0
     _fd: int | None = field(default=None, repr=False)
     _ident: tuple[int, ...] | None = field(default=None, repr=False)  # (dev, ino, size, mtime_ns, ctime_ns)
     _park: bool = field(default=False, repr=False)  # close the descriptor after each session
@@ -596,7 +595,7 @@ def _read_safetensors(path: str, fd: int, size: int) -> Source:
         if prev is not None and t._offset < prev._offset + prev.nbytes:
             raise InputError(path, f"tensors {prev.name!r} and {t.name!r} overlap in the data")
         prev = t
-    return Source(path, "safetensors", tensors, reader.meta or {}, size)
+    return Source(path, "safetensors", tensors, reader.meta or {})
 
 
 def _by_offset(t: TensorEntry) -> int:
@@ -808,7 +807,7 @@ def _read_npy(path: str, fd: int, size: int) -> Source:
     entry = _npy_entry(name, path, "", dtype, shape, _offset=hlen, _fortran=fortran)
     if hlen + entry.nbytes > size:
         raise InputError(path, f"array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes of data, the file has {size - hlen}: truncated")
-    return Source(path, "npy", [entry], {}, size)
+    return Source(path, "npy", [entry], {})
 
 
 _EOCD = struct.Struct("<4s4H2LH")
@@ -1026,7 +1025,7 @@ def _read_npz(path: str, fd: int, size: int) -> Source:
             raise InputError(path, f"{where}array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes, the member holds {have}: truncated")
         tensors.append(entry)
     _check_spans(path, spans, cd_off)
-    return Source(path, "npz", tensors, {}, size)
+    return Source(path, "npz", tensors, {})
 
 
 def _check_spans(path: str, spans: list[tuple[int, int, str]], cd_off: int) -> None:

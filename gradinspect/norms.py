@@ -93,10 +93,6 @@ def norm_type_label(p: float) -> int | float | str:
 
 def general_p(p: float) -> bool:
     """True for a p other than 1, 2 and inf, whose p-norm is computed on its own."""
-    return _general_p(p)
-
-
-def _general_p(p: float) -> bool:
     return not (p == 1.0 or p == 2.0 or math.isinf(p))
 
 
@@ -202,7 +198,7 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     if len(parts) == 1 and parts[0].p == p:
         return parts[0]
     for s in parts:
-        if s.p != p and (_general_p(p) or _general_p(s.p)) and s.numel:
+        if s.p != p and (general_p(p) or general_p(s.p)) and s.numel:
             raise ValueError(f"cannot combine statistics for p={s.p} with p={p}")
     numel = sum(s.numel for s in parts)
     nan = sum(s.nan for s in parts)
@@ -219,7 +215,7 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     s1 = math.fsum(math.ldexp(s.s1, s.exp - e) for s in parts)
     s2 = math.fsum(math.ldexp(s.s2, 2 * (s.exp - e)) for s in parts)
     sp = 0.0
-    if _general_p(p) and linf > 0.0:
+    if general_p(p) and linf > 0.0:
         # Σ|x|^p relative to the largest magnitude: the largest part's term is >= 1.
         sp = math.fsum(s.sp * (s.linf / linf) ** p for s in parts if s.sp)
     return Stats(numel, 0, 0, linf, e, s1, s2, sp, p)
@@ -286,7 +282,7 @@ class Reducer:
     def __init__(self, p: float = 2.0, chunk: int = CHUNK) -> None:
         self.p = float(p)
         self.chunk = chunk
-        self._general = _general_p(self.p)
+        self._general = general_p(self.p)
         self._w = np.empty(chunk, np.float64)
         self._bits = np.empty(chunk * 8, np.uint8)
         self._tmp = np.empty(chunk, np.float64) if self._general else None

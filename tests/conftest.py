@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
@@ -12,6 +15,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
+
+from gradinspect.cli import cli
 
 FLOAT_DTYPES = [
     np.dtype(np.float64),
@@ -85,6 +91,24 @@ class Exact:
             return total ** (1 / dp) if total else Decimal(0)
 
 
+def exact_sums(arr: np.ndarray) -> tuple[Fraction, Fraction]:
+    """Exact Σ|x| and Σx² of a large finite array with at most 24 mantissa bits (float32, bfloat16,
+    float16, float8), in integer arithmetic: vectorised, so usable where ``Exact(decode(x))`` is too slow."""
+    x = arr.reshape(-1).astype(np.float32).astype(np.float64)  # exact widening
+    assert np.all(np.isfinite(x)) and x.size < 1 << 29, "exact_sums: finite values, < 2^29 of them"
+    mant, exp = np.frexp(np.abs(x))
+    m = (mant * (1 << 24)).astype(np.int64)  # |x| = m · 2^(exp-24), m < 2^24 exactly
+    low = int(exp.min(initial=0))
+    group = exp - low  # a small range: float exponents
+    sq = m * m  # < 2^48: summed as two 24-bit halves, each sum < 2^53 so exact in float64 bincount
+    parts = [np.bincount(group, weights=w) for w in (m, sq >> 24, sq & ((1 << 24) - 1))]
+    s1, s2 = Fraction(0), Fraction(0)
+    for k, (a, hi, lo) in enumerate(zip(*(part.tolist() for part in parts), strict=True), start=low):
+        s1 += Fraction(int(a)) * Fraction(2) ** (k - 24)
+        s2 += Fraction((int(hi) << 24) + int(lo)) * Fraction(2) ** (2 * (k - 24))
+    return s1, s2
+
+
 def _dec(f: Fraction) -> Decimal:
     return Decimal(f.numerator) / Decimal(f.denominator)
 
@@ -112,6 +136,41 @@ def rel(ours: float, exact: Fraction | Decimal) -> float:
     if math.isinf(ours):
         return 0.0 if abs(ex) > _FLOAT_MAX else math.inf
     return float(abs(Fraction(ours) - ex) / abs(ex))
+
+
+# --- the CLI ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
+    """The CLI in-process (click's CliRunner), 80 columns, no colour; ``cwd`` is entered for the call."""
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1", **(env or {})})
+    finally:
+        os.chdir(old)
+
+
+def run_process(
+    *args: str | bytes | os.PathLike[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """The real CLI in a subprocess, 80 columns, no colour: argv may hold bytes that are not UTF-8, the output is
+    bytes; a hang is a failure (TimeoutExpired), not a hung test run."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80", "NO_COLOR": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gradinspect", *args], cwd=cwd, env=full_env, capture_output=True,
+                          timeout=timeout, check=False)
+
+
+def strict_json(text: str) -> dict:
+    """Parse JSON, failing on the non-standard NaN/Infinity tokens Python's json would accept."""
+
+    def reject(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=reject)
 
 
 # --- files ---------------------------------------------------------------------

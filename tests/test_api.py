@@ -78,10 +78,13 @@ def test_group_by_merges_exactly() -> None:
 @pytest.mark.parametrize(
     "key,expected",
     [
-        ("share", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
-        ("norm", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
+        ("share", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight",
+                   "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
+        ("norm", ["model.layers.0.mlp.weight", "model.layers.1.attn.weight", "lm_head.weight",
+                  "model.layers.0.attn.weight", "model.layers.1.mlp.weight"]),
         ("name", sorted(_g())),
-        ("numel", ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.layers.0.attn.weight", "lm_head.weight", "model.layers.1.attn.weight"]),
+        ("numel", ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.layers.0.attn.weight",
+                   "lm_head.weight", "model.layers.1.attn.weight"]),
         ("none", list(_g())),
     ],
 )
@@ -174,8 +177,15 @@ def test_clip_coef_nan() -> None:
 
 
 def test_bad_options() -> None:
-    for kwargs in ({"max_norm": 0.0}, {"eps": -1.0}, {"sort": "size"}, {"top": -1}, {"group_by": 0}, {"norm_type": 0}):
-        with pytest.raises(ValueError):
+    for kwargs, message in (
+        ({"max_norm": 0.0}, r"max_norm must be a finite number > 0, not 0\.0"),
+        ({"eps": -1.0}, r"eps must be a finite number >= 0, not -1\.0"),
+        ({"sort": "size"}, r"sort must be one of share, .*, not 'size'"),
+        ({"top": -1}, "top must be >= 0, not -1"),
+        ({"group_by": 0}, "group_by must be an integer >= 1 or a regular expression, not 0"),
+        ({"norm_type": 0}, "norm type must be 1, 2, inf or a number > 0, not 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
             gradinspect.compute_norms(_g(), **kwargs)  # type: ignore[arg-type]
 
 
@@ -197,7 +207,8 @@ def test_report_to_dict_shape() -> None:
     d = gradinspect.compute_norms(_g()).to_dict()
     assert d["schema"] == "gradinspect.norms/1"
     assert set(d) >= {"schema", "sources", "norm_type", "tensors", "skipped", "total", "clip"}
-    assert set(d["tensors"][0]) >= {"name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite"}
+    assert set(d["tensors"][0]) >= {"name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq",
+                                    "share", "nonfinite"}
     assert set(d["total"]) >= {"tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite"}
     assert set(d["clip"]) == {"max_norm", "eps", "coef", "clipped", "norm_after"}
     assert d["norm_type"] == 2
@@ -250,7 +261,7 @@ def test_readme_python_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
             return [("w", Param())]
 
     monkeypatch.chdir(ROOT)
-    exec(compile(code, "README.md", "exec"), {"model": Model()})  # noqa: S102 - our own README
+    exec(compile(code, "README.md", "exec"), {"model": Model()})
 
 
 def test_readme_lists_every_keyword() -> None:

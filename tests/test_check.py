@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
-from gradinspect.check import Rules, evaluate
+from conftest import run, strict_json
 from gradinspect.api import compute_norms
-from gradinspect.cli import cli
+from gradinspect.check import Rules, evaluate
 from gradinspect.formats.github import escape_data, escape_property
-
-
-def run(*args: object, cwd: Path | None = None) -> Result:
-    runner = CliRunner()
-    old = os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        return runner.invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
-    finally:
-        os.chdir(old)
-
-
-def strict_json(text: str) -> dict:
-    return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))
 
 
 @pytest.fixture
@@ -83,13 +65,14 @@ def test_nonfinite_rule_one_finding_per_tensor_with_counts() -> None:
     assert "2 NaN and 1 inf" in result.findings[0].message
     assert evaluate(report, Rules(nonfinite=False)).ok
     # a NaN global norm fails the global limits too
-    assert [f.rule for f in evaluate(report, Rules(nonfinite=False, max_total=1e9, min_total=0.0)).findings] == ["max_total", "min_total"]
+    findings = evaluate(report, Rules(nonfinite=False, max_total=1e9, min_total=0.0)).findings
+    assert [f.rule for f in findings] == ["max_total", "min_total"]
 
 
 def test_rules_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_share must be between 0 and 1, not 1\.5"):
         Rules(max_share=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_total must be a number, not NaN"):
         Rules(max_total=math.nan)
 
 
@@ -147,7 +130,8 @@ def test_github_format(grads: Path) -> None:
     assert r.exit_code == 1
     lines = r.stdout.splitlines()
     assert lines[0] == "::error title=gradinspect max_total::global L2 5 > 1"
-    assert lines[1] == "::error title=gradinspect max_share other.weight::other.weight holds 64.0%25 of the squared L2 norm > 50.0%25"
+    assert lines[1] == ("::error title=gradinspect max_share other.weight::"
+                        "other.weight holds 64.0%25 of the squared L2 norm > 50.0%25")
     assert lines[2].startswith("FAIL  2 findings")
     assert escape_data("a%b\r\nc") == "a%25b%0D%0Ac"
     assert escape_property("x: y, z") == "x%3A y%2C z"
@@ -187,8 +171,8 @@ def test_config_from_nearest_pyproject(grads: Path, tmp_path: Path) -> None:
 
 def test_config_file_option_and_keys(grads: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "gate.toml"
-    cfg.write_text('[tool.gradinspect.check]\nnorm_type = "inf"\nmax_total = 3.5\nexclude = ["dead.*"]\nformat = "json"\n'
-                   'max_norm = 2.0\neps = 0.0\nfail_on_clip = true\n')
+    cfg.write_text('[tool.gradinspect.check]\nnorm_type = "inf"\nmax_total = 3.5\nexclude = ["dead.*"]\n'
+                   'format = "json"\nmax_norm = 2.0\neps = 0.0\nfail_on_clip = true\n')
     r = run("check", grads, "--config", cfg)
     doc = strict_json(r.stdout)
     assert doc["report"]["norm_type"] == "inf" and doc["report"]["total"]["tensors"] == 2
@@ -231,7 +215,8 @@ def test_broken_file_is_never_a_finding(tmp_path: Path) -> None:
 
 
 def test_boolean_flags_can_turn_config_off(grads: Path, tmp_path: Path) -> None:
-    _pyproject(tmp_path, "[tool.gradinspect.check]\nfail_on_zero = true\nfail_on_clip = true\nshards = 'slices'\njobs = 1\n")
+    _pyproject(tmp_path,
+               "[tool.gradinspect.check]\nfail_on_zero = true\nfail_on_clip = true\nshards = 'slices'\njobs = 1\n")
     assert run("check", grads, cwd=tmp_path).exit_code == 1
     assert run("check", grads, "--no-fail-on-zero", "--no-fail-on-clip", cwd=tmp_path).exit_code == 0
 

@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
-from gradinspect.cli import cli
-from conftest import write_raw_safetensors
-
-
-def run(*args: object, env: dict[str, str] | None = None) -> Result:
-    runner = CliRunner()
-    return runner.invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1", **(env or {})})
-
-
-def strict_json(text: str) -> dict:
-    def reject(token: str) -> None:
-        raise AssertionError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=reject)
+from conftest import run, strict_json, write_raw_safetensors
 
 
 @pytest.fixture
@@ -74,8 +58,10 @@ def test_json_is_strict_and_alone_on_stdout(grads: Path, nan_grads: Path, tmp_pa
     assert doc["schema"] == "gradinspect.norms/1"
     assert doc["sources"] == [str(grads)]
     assert doc["total"]["l2"] == 4.0 and doc["total"]["sq"] == 16.0 and doc["total"]["tensors"] == 3
-    assert doc["clip"] == {"max_norm": 1.0, "eps": 1e-6, "coef": 1.0 / (4.0 + 1e-6), "clipped": True, "norm_after": 4.0 / (4.0 + 1e-6)}
-    assert doc["skipped"] == [{"name": "step", "source": str(grads), "dtype": "int64", "reason": "not a floating-point dtype (int64)"}]
+    assert doc["clip"] == {"max_norm": 1.0, "eps": 1e-6, "coef": 1.0 / (4.0 + 1e-6), "clipped": True,
+                           "norm_after": 4.0 / (4.0 + 1e-6)}
+    assert doc["skipped"] == [{"name": "step", "source": str(grads), "dtype": "int64",
+                               "reason": "not a floating-point dtype (int64)"}]
     assert doc["metadata"] == {str(grads): {"step": "100"}}
     assert "Warning" in r.stderr  # warnings go to stderr ...
     assert "Warning" not in r.stdout  # ... never into the document
@@ -109,7 +95,8 @@ def test_csv(grads: Path) -> None:
     r = run("norms", grads, "-f", "csv")
     assert r.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert [row["name"] for row in rows] == ["model.layers.1.mlp.weight", "model.layers.0.mlp.weight", "model.norm.weight"]
+    assert [row["name"] for row in rows] == ["model.layers.1.mlp.weight", "model.layers.0.mlp.weight",
+                                             "model.norm.weight"]
     assert rows[0]["shape"] == "3" and rows[1]["shape"] == "4x4"
     assert float(rows[0]["sq"]) == 12.0 and float(rows[0]["share"]) == 0.75
     assert "Warning" not in r.stdout and "Warning" in r.stderr
@@ -125,7 +112,9 @@ def test_markdown(grads: Path) -> None:
     assert "- **global L2**: 4" in r.stdout
 
 
-@pytest.mark.parametrize("p,expected", [("1", 4 * 0.5 * 4 + 6.0), ("inf", 2.0), ("2", 4.0), ("3", (16 * 0.125 + 3 * 8) ** (1 / 3))])
+@pytest.mark.parametrize(
+    "p,expected", [("1", 4 * 0.5 * 4 + 6.0), ("inf", 2.0), ("2", 4.0), ("3", (16 * 0.125 + 3 * 8) ** (1 / 3))]
+)
 def test_norm_type(grads: Path, p: str, expected: float) -> None:
     doc = strict_json(run("norms", grads, "--json", "--norm-type", p).stdout)
     assert doc["total"]["norm"] == pytest.approx(expected, rel=1e-15)
@@ -140,7 +129,7 @@ def test_max_norm_and_eps(grads: Path) -> None:
 
 
 def test_sort_top_include_exclude_group_by(grads: Path) -> None:
-    names = lambda *a: [t["name"] for t in strict_json(run("norms", grads, "--json", *a).stdout)["tensors"]]  # noqa: E731
+    names = lambda *a: [t["name"] for t in strict_json(run("norms", grads, "--json", *a).stdout)["tensors"]]
     assert names("--sort", "name") == ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.norm.weight"]
     assert names("--sort", "numel") == ["model.layers.0.mlp.weight", "model.norm.weight", "model.layers.1.mlp.weight"]
     assert names("--sort", "none") == ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.norm.weight"]
@@ -160,7 +149,8 @@ def test_group_by_regex_and_sep(grads: Path) -> None:
     assert doc["group_by"] == r"layers\.(\d+)" and doc["group_sep"] == "."
     r = run("norms", grads, "--group-by", "2", "--sep", "layers")
     assert r.exit_code == 0 and "(--group-by 2 --sep layers)" in r.stdout
-    for args, match in ((("--group-by", "("), "not a valid regular expression"), (("--group-by", "0"), "group_by must be"),
+    for args, match in ((("--group-by", "("), "not a valid regular expression"),
+                        (("--group-by", "0"), "group_by must be"),
                         (("--sep", ""), "must not be empty")):
         r = run("norms", grads, *args)
         assert r.exit_code == 2 and match in r.stderr and r.stdout == ""
@@ -245,13 +235,16 @@ def test_tensor_names_are_not_markup(tmp_path: Path) -> None:
         (lambda d: _touch(d / "model.bin", b"\x80\x02"), "never loaded"),
         (lambda d: _touch(d / "t.safetensors", (10**6).to_bytes(8, "little") + b"{}"), "runs past the end"),
         (lambda d: _touch(d / "j.safetensors", (4).to_bytes(8, "little") + b"{{{{"), "not valid JSON"),
-        (lambda d: write_raw_safetensors(d / "o.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "past the end of the file"),
-        (lambda d: write_raw_safetensors(d / "v.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlap"),
+        (lambda d: write_raw_safetensors(d / "o.safetensors", {"w": _f32([4], [0, 16])}, b"\0" * 8),
+         "past the end of the file"),
+        (lambda d: write_raw_safetensors(d / "v.safetensors", {"a": _f32([2], [0, 8]), "b": _f32([2], [4, 12])},
+                                         b"\0" * 12), "overlap"),
         (lambda d: _touch(d / "z.npz", b"PK\x03\x04garbage"), "not a zip file"),
         (lambda d: _npz_object(d / "p.npz"), "refusing to unpickle"),
         (lambda d: _mkdir(d / "nothing"), "holds no .safetensors"),
     ],
-    ids=["missing", "empty", "extension", "pickle", "header-length", "header-json", "offsets", "overlap", "zip", "object", "empty-dir"],
+    ids=["missing", "empty", "extension", "pickle", "header-length", "header-json", "offsets", "overlap", "zip",
+         "object", "empty-dir"],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, make, fragment: str) -> None:  # type: ignore[no-untyped-def]
     path = make(tmp_path)
@@ -275,8 +268,9 @@ def test_duplicate_names_across_files_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["norms"], ["norms", "x", "-p", "0"], ["norms", "x", "-p", "abc"], ["norms", "x", "--max-norm", "0"], ["norms", "x", "--max-norm", "inf"],
-     ["norms", "x", "--eps", "-1"], ["norms", "x", "--sort", "size"], ["norms", "x", "--top", "0"], ["norms", "x", "-f", "xml"], ["frobnicate"]],
+    [["norms"], ["norms", "x", "-p", "0"], ["norms", "x", "-p", "abc"], ["norms", "x", "--max-norm", "0"],
+     ["norms", "x", "--max-norm", "inf"], ["norms", "x", "--eps", "-1"], ["norms", "x", "--sort", "size"],
+     ["norms", "x", "--top", "0"], ["norms", "x", "-f", "xml"], ["frobnicate"]],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
     r = run(*args)
@@ -298,6 +292,11 @@ def test_help_has_examples() -> None:
 def _touch(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def _f32(shape: list[int], offsets: list[int]) -> dict[str, object]:
+    """A float32 entry of a safetensors header."""
+    return {"dtype": "F32", "shape": shape, "data_offsets": offsets}
 
 
 def _mkdir(path: Path) -> Path:

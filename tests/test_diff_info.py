@@ -12,21 +12,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import run, strict_json
 from gradinspect.api import diff, info
-from gradinspect.cli import cli
 from gradinspect.diff import PairReducer, combine_pairs
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
-
-
-def strict_json(text: str) -> dict:
-    return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))
 
 
 def oracle(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -130,7 +121,7 @@ def test_diff_rtol_atol_rule() -> None:
     a = {"t": np.array([1.0, 0.0])}
     b = {"t": np.array([1.0, 0.1])}
     # l2_diff = 0.1, max(l2) = sqrt(1.01)
-    with_tol = lambda **kw: diff_mem(a, b, **kw).tensors[0].ok  # noqa: E731
+    with_tol = lambda **kw: diff_mem(a, b, **kw).tensors[0].ok
     assert with_tol(atol=0.1) is True and with_tol(atol=0.099) is False
     assert with_tol(rtol=0.1) is True and with_tol(rtol=0.09) is False
     assert with_tol(rtol=0.05, atol=0.05) is True
@@ -200,7 +191,8 @@ def test_info_from_headers(tmp_path: Path) -> None:
 def test_info_on_a_huge_sparse_file_reads_only_the_header(tmp_path: Path) -> None:
     """A 1 TiB (sparse) file: header-only, so instant."""
     numel = (1 << 40) // 4
-    header = json.dumps({"g": {"dtype": "F32", "shape": [1 << 20, numel >> 20], "data_offsets": [0, 4 * numel]}}).encode()
+    entry = {"dtype": "F32", "shape": [1 << 20, numel >> 20], "data_offsets": [0, 4 * numel]}
+    header = json.dumps({"g": entry}).encode()
     path = tmp_path / "huge.safetensors"
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
 import zlib
-from fractions import Fraction
 from pathlib import Path
 
 import ml_dtypes
@@ -13,30 +13,28 @@ import pytest
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import Exact, decode, exact_sums, rel, rel_sqrt
+from gradinspect import engine
 from gradinspect.engine import crc32_combine
 from gradinspect.norms import CHUNK, SMALL, Reducer, stats_of
-from conftest import Exact, decode, rel, rel_sqrt
-
 
 _ORACLE: dict[tuple[str, bytes], Exact] = {}
 
 
-class _FsumOracle:
-    """For large float32/float16 arrays: squares are exact in float64, fsum rounds once."""
+class _LargeOracle:
+    """For large finite float32/float16 arrays: the exact sums, vectorised (``Exact(decode(x))`` is too slow)."""
 
     nan = inf = 0
 
     def __init__(self, x: np.ndarray) -> None:
-        x64 = x.astype(np.float64)
-        self.s2 = Fraction(math.fsum((x64 * x64).tolist()))
-        self.s1 = Fraction(math.fsum(np.abs(x64).tolist()))
+        self.s1, self.s2 = exact_sums(x)
 
 
-def oracle(name: str, x: np.ndarray) -> Exact | _FsumOracle:
+def oracle(name: str, x: np.ndarray) -> Exact | _LargeOracle:
     key = (name, x.tobytes()[:64] + str(x.size).encode())
     if key not in _ORACLE:
         small_float = x.dtype in (np.float32, np.float16) and np.isfinite(x).all()
-        _ORACLE[key] = _FsumOracle(x) if x.size > SMALL and small_float else Exact(decode(x))  # type: ignore[assignment]
+        _ORACLE[key] = _LargeOracle(x) if x.size > SMALL and small_float else Exact(decode(x))  # type: ignore[assignment]
     return _ORACLE[key]
 
 
@@ -105,7 +103,7 @@ def test_segments_equal_one_at_a_time(rng: np.random.Generator) -> None:
     r = Reducer(2.5)
     xs = [rng.standard_normal(k) for k in (5, 0, 17, 1, 300)]
     batched = r.reduce_segments(np.concatenate(xs), [x.size for x in xs])
-    for x, s in zip(xs, batched):
+    for x, s in zip(xs, batched, strict=True):
         alone = r.reduce_segments(x.copy(), [x.size])[0]
         assert s == alone
         ref = stats_of(x, 2.5)
@@ -123,7 +121,7 @@ def test_corrupt_small_member_detected_with_any_jobs(tmp_path: Path, rng: np.ran
     data[at + 3] ^= 0x10
     path.write_bytes(bytes(data))
     for jobs in (1, 2):
-        with pytest.raises(gradinspect.InputError, match="t7.npy.*CRC-32 mismatch"):
+        with pytest.raises(gradinspect.InputError, match=r"t7\.npy.*CRC-32 mismatch"):
             gradinspect.inspect(path, jobs=jobs)
 
 
@@ -134,10 +132,29 @@ def test_crc32_combine(split: int) -> None:
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
 
 
-def test_errors_in_worker_threads_reach_the_caller(tmp_path: Path, rng: np.random.Generator) -> None:
+def test_truncated_data_is_found_from_the_header(tmp_path: Path, rng: np.random.Generator) -> None:
     path = tmp_path / "g.safetensors"
     save_file({"w": rng.standard_normal(4 * CHUNK)}, str(path))
     with open(path, "r+b") as f:  # truncate the data after the header was written
         f.truncate(path.stat().st_size - 100)
-    with pytest.raises(gradinspect.InputError):
+    with pytest.raises(gradinspect.InputError,
+                       match=r"g\.safetensors: tensor 'w': data_offsets .* past the end of the file"):
         gradinspect.inspect(path, jobs=2)
+
+
+def test_errors_in_worker_threads_reach_the_caller(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read failing in a worker thread (say, an I/O error) is raised by the call, not lost or hung."""
+    path = tmp_path / "g.safetensors"
+    save_file({"w": rng.standard_normal(8 * CHUNK)}, str(path))
+    threads: set[str] = set()
+
+    def failing_read(fd: int, view: memoryview, offset: int, name: str) -> None:
+        threads.add(threading.current_thread().name)
+        raise gradinspect.InputError(name, "simulated read error")
+
+    monkeypatch.setattr(engine, "_pread_into", failing_read)
+    with pytest.raises(gradinspect.InputError, match=r"g\.safetensors: simulated read error$"):
+        gradinspect.inspect(path, jobs=2)
+    assert threads and threading.main_thread().name not in threads

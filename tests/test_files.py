@@ -6,22 +6,18 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import run
 from gradinspect import api, engine, loaders
-from gradinspect.cli import cli
 from gradinspect.errors import InputError
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 def _fds() -> int:
@@ -164,7 +160,8 @@ def test_unchanged_files_open_once_and_close(tmp_path: Path, monkeypatch: pytest
         assert report.total.numel == 3 * sum(10 + k for k in range(n))
         assert calls["open"] == 3
         per_file.append(calls["stat"] / 3)
-    assert per_file[0] == per_file[1] <= 7  # resolve + header 4, and 3 checks: fstat at the header, fstat + stat at the end
+    # resolve + header 4, and 3 checks: fstat at the header, fstat + stat at the end
+    assert per_file[0] == per_file[1] <= 7
     assert _fds() == before
     api.info(paths)
     api.diff(paths, paths)
@@ -172,7 +169,7 @@ def test_unchanged_files_open_once_and_close(tmp_path: Path, monkeypatch: pytest
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage!" * 4)
     for call in (lambda: gradinspect.inspect([*paths, bad]), lambda: api.diff(paths, [bad])):
-        with pytest.raises(InputError, match="bad.safetensors"):
+        with pytest.raises(InputError, match=r"bad\.safetensors"):
             call()
         assert _fds() == before
 
@@ -256,7 +253,8 @@ def test_skipped_tensors_are_summarised(mixed: Path) -> None:
     r = run("norms", mixed)
     assert r.exit_code == 0, r.output
     doc = json.loads(run("norms", mixed, "--json").stdout)
-    assert sorted(s["name"] for s in doc["skipped"]) == sorted(["c", "mask0", "mask1", *(f"step{i}" for i in range(10))])
+    expected = ["c", "mask0", "mask1", *(f"step{i}" for i in range(10))]
+    assert sorted(s["name"] for s in doc["skipped"]) == sorted(expected)
     ints = [s["name"] for s in doc["skipped"] if s["name"] != "c"]  # in file order
     skipped = [line for line in r.stderr.splitlines() if "skipped" in line]
     assert sorted(skipped) == [

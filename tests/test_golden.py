@@ -30,6 +30,7 @@ def _check(name: str, text: str) -> None:
     path = GOLDEN / name
     if os.environ.get("GRADINSPECT_UPDATE_GOLDEN"):
         path.write_text(text, encoding="utf-8")
+        pytest.fail(f"golden file rewritten: {path}; review the diff and rerun without GRADINSPECT_UPDATE_GOLDEN")
     assert path.exists(), f"missing golden file {path}; run with GRADINSPECT_UPDATE_GOLDEN=1"
     assert text == path.read_text(encoding="utf-8")
 

@@ -16,20 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from safetensors.numpy import save_file
 
 import gradinspect
+from conftest import ROOT, run, run_process, write_raw_safetensors
 from gradinspect import api, loaders
-from gradinspect.cli import cli
 from gradinspect.errors import InputError
-from conftest import write_raw_safetensors
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 def one_error_line(r: Result, fragment: str) -> None:
@@ -37,13 +30,6 @@ def one_error_line(r: Result, fragment: str) -> None:
     assert r.stdout == ""
     assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
     assert fragment in r.stderr, r.stderr
-
-
-def subprocess_cli(*args: object, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """The CLI in a subprocess: a hang is a failure (TimeoutExpired), not a hung test run."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "gradinspect", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def cli_after_a_swap(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -104,8 +90,8 @@ def test_config_fifo_does_not_hang(grads: Path, tmp_path: Path) -> None:
         pytest.skip("no FIFOs on this platform")
     fifo = tmp_path / "cfg.toml"
     os.mkfifo(fifo)
-    r = subprocess_cli("check", grads, "--config", fifo, cwd=tmp_path)
-    assert r.returncode == 2 and r.stdout == "" and r.stderr == f"Error: {fifo}: not a regular file\n"
+    r = run_process("check", grads, "--config", fifo, cwd=tmp_path, timeout=30)
+    assert r.returncode == 2 and r.stdout == b"" and r.stderr.decode() == f"Error: {fifo}: not a regular file\n"
 
 
 def test_config_fifo_swapped_in_after_the_stat_does_not_hang(grads: Path, tmp_path: Path) -> None:

@@ -69,13 +69,15 @@ def test_one_gib_safetensors_in_constant_memory(tmp_path: Path) -> None:
 def test_compressed_npz_streams_through_the_decompressor(tmp_path: Path) -> None:
     numel = (256 << 20) // 8  # 256 MiB of float64 once inflated
     path = tmp_path / "big.npz"
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        with z.open("g.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (numel,)})
-            block = np.zeros(1 << 20)
-            block[7] = 2.0
-            for _ in range(numel // block.size):
-                f.write(block.tobytes())
+    with (
+        zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z,
+        z.open("g.npy", "w", force_zip64=True) as f,
+    ):
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (numel,)})
+        block = np.zeros(1 << 20)
+        block[7] = 2.0
+        for _ in range(numel // block.size):
+            f.write(block.tobytes())
     result = _probe(path)
     assert result["numel"] == numel and result["sq"] == 4.0 * (numel // (1 << 20))
     assert result["growth_mib"] < LIMIT_MIB, result

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from conftest import write_raw_safetensors
 
-from gradinspect.cli import cli
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import run, run_process, strict_json, write_raw_safetensors
 
 # Anything a terminal could act on, or that could split or reorder a line.
 RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
@@ -40,25 +33,16 @@ HOSTILE = [
 ]
 
 
-def run(*args: object, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1", **(env or {})})
-
-
-def run_bytes(*args: str | bytes, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-    """The real CLI in a subprocess: argv may hold bytes that are not UTF-8, stdout is checked as bytes."""
-    full_env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gradinspect", *args], cwd=ROOT, env=full_env, capture_output=True,
-                          check=False)
-
-
 def safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file whose header says exactly these names (any string, even lone surrogates)."""
     header: dict = {"__metadata__": metadata} if metadata is not None else {}
     data = b""
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64"}
+    codes = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16",
+             np.dtype(np.int64): "I64"}
     for name, a in tensors.items():
         raw = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     return write_raw_safetensors(path, header, data)
 
@@ -79,8 +63,11 @@ def _assert_safe(text: str) -> None:
 # --- 1. hostile names in every format ------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["norms"], ["norms", "-f", "markdown"], ["info"], ["check"], ["norms", "--width", "60"]],
-                         ids=["table", "markdown", "info", "check-text", "table-width"])
+@pytest.mark.parametrize(
+    "args",
+    [["norms"], ["norms", "-f", "markdown"], ["info"], ["check"], ["norms", "--width", "60"]],
+    ids=["table", "markdown", "info", "check-text", "table-width"],
+)
 def test_human_formats_escape_control_characters(hostile: Path, args: list[str]) -> None:
     r = run(args[0], hostile, *args[1:])
     assert r.exit_code in (0, 1), r.output
@@ -186,21 +173,19 @@ def test_csv_formula_guard_leaves_numbers_alone(tmp_path: Path) -> None:
 
 
 def _strict_json(stdout: bytes) -> dict:
-    def reject(token: str) -> None:
-        raise AssertionError(f"non-standard JSON token {token}")
-
     text = stdout.decode("utf-8", errors="strict")
     assert not re.search(r"(?<!\\)(\\\\)*\\u[dD][89a-fA-F]", text), "a surrogate escape: strict parsers reject it"
-    return json.loads(text, parse_constant=reject)
+    return strict_json(text)
 
 
 def test_lone_surrogates_in_metadata_give_valid_json(tmp_path: Path) -> None:
-    path = safetensors(tmp_path / "s.safetensors", {"w": np.ones(2, np.float32)}, {"k\udc81": "v\udc82", "b\ud800": "c"})
-    r = run_bytes("info", str(path), "-f", "json")
+    metadata = {"k\udc81": "v\udc82", "b\ud800": "c"}
+    path = safetensors(tmp_path / "s.safetensors", {"w": np.ones(2, np.float32)}, metadata)
+    r = run_process("info", str(path), "-f", "json")
     assert r.returncode == 0 and r.stderr == b""
     doc = _strict_json(r.stdout)
     assert doc["metadata"][str(path)] == {"k\\x81": "v\\x82", "b\\ud800": "c"}
-    r = run_bytes("info", str(path))
+    r = run_process("info", str(path))
     assert r.returncode == 0
     assert "k\\x81=v\\x82, b\\ud800=c" in r.stdout.decode("utf-8", errors="strict")
 
@@ -208,7 +193,7 @@ def test_lone_surrogates_in_metadata_give_valid_json(tmp_path: Path) -> None:
 def test_a_tensor_name_that_is_not_unicode_is_one_clean_error_line(tmp_path: Path) -> None:
     # Refused by the loader (as safetensors itself does): the error line must still be valid and one line.
     path = safetensors(tmp_path / "s.safetensors", {"w\udc80": np.ones(2, np.float32)})
-    r = run_bytes("norms", str(path), "-f", "json")
+    r = run_process("norms", str(path), "-f", "json")
     assert r.returncode == 2 and r.stdout == b""
     err = r.stderr.decode("utf-8", errors="strict")
     assert err.count("\n") == 1 and "not valid Unicode" in err and "w\\udc80" in err
@@ -218,26 +203,26 @@ def test_a_path_that_is_not_utf8_gives_valid_output(tmp_path: Path) -> None:
     path = os.fsencode(tmp_path) + b"/g\xff.safetensors"
     safetensors(Path(os.fsdecode(path)), {"w": np.array([3.0, 4.0], np.float32)})
     for cmd in ("norms", "check", "info"):
-        r = run_bytes(cmd, path, "-f", "json")
+        r = run_process(cmd, path, "-f", "json")
         assert r.returncode == 0 and r.stderr == b"", r.stderr
         doc = _strict_json(r.stdout)
         sources = doc["report"]["sources"] if cmd == "check" else doc["sources"]
         assert sources == [os.fsdecode(tmp_path) + "/g\\xff.safetensors"]
     for fmt in ("table", "csv", "markdown"):
-        r = run_bytes("norms", path, "-f", fmt)
+        r = run_process("norms", path, "-f", fmt)
         assert r.returncode == 0 and r.stderr == b""
         r.stdout.decode("utf-8", errors="strict")
-    r = run_bytes("check", path, "-f", "junit")
+    r = run_process("check", path, "-f", "junit")
     assert r.returncode == 0
     ET.fromstring(r.stdout)
     other = safetensors(tmp_path / "h.safetensors", {"v": np.ones(2, np.float32)})
-    r = run_bytes("info", path, str(other))  # two files: the table has a source column
+    r = run_process("info", path, str(other))  # two files: the table has a source column
     assert r.returncode == 0 and "g\\xff.safetensors" in r.stdout.decode("utf-8", errors="strict")
 
 
 def test_json_keeps_other_unicode_and_escapes_terminal_controls(tmp_path: Path) -> None:
     path = safetensors(tmp_path / "u.safetensors", {"ü.∞\u202e\x9b": np.ones(1, np.float32)})
-    r = run_bytes("norms", str(path), "-f", "json")
+    r = run_process("norms", str(path), "-f", "json")
     text = r.stdout.decode("utf-8")
     assert not RAW_CONTROL.search(text) and "ü.∞" in text
     assert _strict_json(r.stdout)["tensors"][0]["name"] == "ü.∞\u202e\x9b"  # JSON escapes are lossless
@@ -278,7 +263,7 @@ def _snan(path: Path) -> Path:
 def test_signalling_nans_leave_stderr_empty(tmp_path: Path, args: list[str]) -> None:
     path = _snan(tmp_path / "snan.safetensors")
     paths = [str(path)] * (2 if args[0] == "diff" else 1)
-    r = run_bytes(args[0], *paths, *args[1:], "-f", "json", *(["-qq"] if args[0] != "diff" else []))
+    r = run_process(args[0], *paths, *args[1:], "-f", "json", *(["-qq"] if args[0] != "diff" else []))
     assert r.returncode in (0, 1) and r.stderr == b"", r.stderr.decode()
 
 
@@ -295,7 +280,8 @@ def test_reducer_raises_no_warning_on_signalling_nan() -> None:
                                   (np.float16, np.uint16, 0x7C01), (np.float64, np.uint64, 0x7FF0000000000001)]:
             x = np.full(64, bits, uint).view(dtype)
             assert stats_of(x).nan == 64 and stats_of(x, 3).nan == 64
-            assert [s.nan for s in Reducer(3).reduce_segments(np.concatenate([x[:4], np.ones(4, dtype)]), [4, 4])] == [4, 0]
+            segments = Reducer(3).reduce_segments(np.concatenate([x[:4], np.ones(4, dtype)]), [4, 4])
+            assert [s.nan for s in segments] == [4, 0]
             if np.dtype(dtype).itemsize > 2:  # byte-swapped, as a big-endian .npy holds it
                 assert stats_of(x.astype(x.dtype.newbyteorder(">"))).nan == 64
 
@@ -328,7 +314,8 @@ def test_npy_header_errors_name_the_problem(tmp_path: Path, header: str, fragmen
 # --- 6. name elision ------------------------------------------------------------------------
 
 GPT2 = [f"transformer.h.{i}.{part}.{kind}" for i in range(12)
-        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj") for kind in ("weight", "bias")]
+        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        for kind in ("weight", "bias")]
 
 
 def _ambiguous(shown: str, names: list[str], me: str) -> list[str]:
@@ -343,14 +330,15 @@ def _ambiguous(shown: str, names: list[str], me: str) -> list[str]:
 def test_elided_names_stay_distinct(width: int) -> None:
     from gradinspect.formats._human import elide_names, middle_elide
 
-    names = GPT2 + ["transformer.wte.weight", "lm_head.weight"]
+    names = [*GPT2, "transformer.wte.weight", "lm_head.weight"]
     shown = elide_names(names, width)
     assert all(len(s) <= width for s in shown)
     assert len(set(shown)) == len(names)
     # From 23 columns on, one cut can always tell a GPT-2 name apart; at 22, not for every name.
-    assert sum(1 for s, n in zip(shown, names) if _ambiguous(s, names, n)) <= (4 * 12 if width == 22 else 0)
+    ambiguous = sum(1 for s, n in zip(shown, names, strict=True) if _ambiguous(s, names, n))
+    assert ambiguous <= (4 * 12 if width == 22 else 0)
     # Names that need no help are elided as before (the golden tables depend on it).
-    for s, n in zip(shown, names):
+    for s, n in zip(shown, names, strict=True):
         if not _ambiguous(middle_elide(n, width), names, n):
             assert s == middle_elide(n, width)
 

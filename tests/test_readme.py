@@ -7,15 +7,11 @@ done in Python (jq need not be installed); `echo $?` prints the previous exit co
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, run_process
 
 
 def _blocks() -> list[list[str]]:
@@ -44,15 +40,14 @@ def _run(command: str, last_code: int) -> tuple[str, int]:
     command = command.split("  #")[0].strip()
     args = shlex.split(command)
     assert args[0] == "gradinspect"
-    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gradinspect", *args[1:]], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    out = proc.stderr + proc.stdout  # warnings are written before the report
+    proc = run_process(*args[1:])
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    out = stderr + stdout  # warnings are written before the report
     if jq is not None and proc.returncode == 0:
-        value = json.loads(proc.stdout)
+        value = json.loads(stdout)
         for key in jq.strip(".").split("."):
             value = value[key]
-        out = proc.stderr + json.dumps(value) + "\n"
+        out = stderr + json.dumps(value) + "\n"
     return out, proc.returncode
 
 
@@ -84,5 +79,6 @@ def test_readme_block(block: list[str]) -> None:
         expected = [line.rstrip() for line in block[i + 1 : j]]
         out, code = _run(command, code)
         actual = [line.rstrip() for line in out.rstrip("\n").split("\n")] if out.strip() else []
-        assert _matches(expected, actual), f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
+        shown = f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
+        assert _matches(expected, actual), shown
         i = j

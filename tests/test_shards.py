@@ -11,21 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
 import gradinspect
-from gradinspect.cli import cli
+from conftest import run
 from gradinspect.errors import InputError
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 @pytest.fixture
 def full(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"a.weight": rng.standard_normal((7, 5)).astype(np.float32), "b.bias": rng.standard_normal(9).astype(np.float32)}
+    return {"a.weight": rng.standard_normal((7, 5)).astype(np.float32),
+            "b.bias": rng.standard_normal(9).astype(np.float32)}
 
 
 def _exact_l2(arrays: list[np.ndarray]) -> float:
@@ -34,7 +30,8 @@ def _exact_l2(arrays: list[np.ndarray]) -> float:
 
 def test_slices_merge_exactly(tmp_path: Path, full: dict[str, np.ndarray]) -> None:
     for rank in range(3):  # uneven thirds of every flattened tensor
-        save_file({k: np.array_split(v.reshape(-1), 3)[rank] for k, v in full.items()}, str(tmp_path / f"rank{rank}.safetensors"))
+        shard = {k: np.array_split(v.reshape(-1), 3)[rank] for k, v in full.items()}
+        save_file(shard, str(tmp_path / f"rank{rank}.safetensors"))
     r = gradinspect.inspect(str(tmp_path / "rank*.safetensors"), shards="slices", sort="name")
     assert r.total.tensors == 2 and r.total.numel == 44
     assert r.total.l2 == pytest.approx(_exact_l2(list(full.values())), rel=1e-15)
@@ -64,7 +61,8 @@ def test_replicas_that_differ_warn(tmp_path: Path, full: dict[str, np.ndarray]) 
     assert r.exit_code == 0
     doc = json.loads(r.stdout)
     rows = {t["name"]: t for t in doc["tensors"]}
-    assert rows["b.bias"]["replica_max_diff"] == pytest.approx(0.5, rel=1e-6) and rows["a.weight"]["replica_max_diff"] == 0.0
+    assert rows["b.bias"]["replica_max_diff"] == pytest.approx(0.5, rel=1e-6)
+    assert rows["a.weight"]["replica_max_diff"] == 0.0
     assert "Warning: the 2 copies of b.bias differ: max |difference| 0.5" in r.stderr
     assert "Warning" not in r.stdout
 
@@ -140,7 +138,8 @@ def _with_terminal_stderr(args: list[str]) -> tuple[str, str]:
 
 
 def test_progress_bar_on_a_terminal_stderr_never_in_json(tmp_path: Path, rng: np.random.Generator) -> None:
-    save_file({f"t{i}": rng.standard_normal(400_000).astype(np.float32) for i in range(8)}, str(tmp_path / "g.safetensors"))
+    tensors = {f"t{i}": rng.standard_normal(400_000).astype(np.float32) for i in range(8)}
+    save_file(tensors, str(tmp_path / "g.safetensors"))
     out, err = _with_terminal_stderr(["norms", str(tmp_path / "g.safetensors"), "--json"])
     assert "reading" in err  # the bar was drawn on stderr ...
     assert json.loads(out)["total"]["tensors"] == 8  # ... and stdout is the document alone

@@ -18,10 +18,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
 import gradinspect
-from gradinspect.cli import cli
+from conftest import run
 from gradinspect.engine import crc32_combine
 from gradinspect.errors import InputError
 from gradinspect.loaders import open_source
@@ -29,10 +28,6 @@ from gradinspect.loaders import open_source
 _LOCAL = struct.Struct("<4s5H3L2H")
 _CDIR = struct.Struct("<4s6H3L5H2L")
 _EOCD = struct.Struct("<4s4H2LH")
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 def _refused_by_cli(*args: object, match: str) -> str:
