@@ -20,6 +20,7 @@ from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
 from .loaders import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
 from .norms import Reducer, Stats, combine, parse_norm_type, unscaled
+from .options import COSINE, EPS, LOSS_SCALE, MAX_NORM, NON_NEGATIVE, Range
 from .report import (
     CheckReport,
     Clip,
@@ -169,16 +170,14 @@ def _loss_scale(given: float | None, sources: Sequence[Source]) -> tuple[float, 
 
 def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | str | None,
                    group_sep: str = ".", loss_scale: float | None = None) -> None:
-    if loss_scale is not None and not 0.0 < loss_scale < math.inf:
-        raise ValueError(f"loss_scale must be a finite number > 0, not {loss_scale}")
-    if not max_norm > 0 or math.isinf(max_norm):
-        raise ValueError(f"max_norm must be a finite number > 0, not {max_norm}")
-    if not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, not {eps}")
+    if loss_scale is not None:
+        LOSS_SCALE.range.check("loss_scale", loss_scale)  # type: ignore[union-attr]
+    MAX_NORM.range.check("max_norm", max_norm)  # type: ignore[union-attr]
+    EPS.range.check("eps", eps)  # type: ignore[union-attr]
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
-    if top is not None and top < 0:
-        raise ValueError(f"top must be >= 0, not {top}")
+    if top is not None:
+        Range(0, integer=True).check("top", top)
     compile_group_by(group_by)
     if not isinstance(group_sep, str) or not group_sep:
         raise ValueError(f"group_sep must be a non-empty string, not {group_sep!r}")
@@ -619,11 +618,9 @@ def diff(
     ``strip_prefix_a`` (A) or ``strip_prefix_b`` (B), then of ``strip_prefix``
     (both sides); ``include``/``exclude`` and the report see those names.
     """
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if v is not None and not 0 <= v < math.inf:
-            raise ValueError(f"{name} must be a finite number >= 0, not {v}")
-    if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
-        raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
+    for name, v, rng in (("rtol", rtol, NON_NEGATIVE), ("atol", atol, NON_NEGATIVE), ("min_cosine", min_cosine, COSINE)):
+        if v is not None:
+            rng.check(name, v)
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
     notes: list[str] = []
     with _opened(a, notes=notes, allow_outside_index=allow_outside_index) as srcs_a, \

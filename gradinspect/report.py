@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .norms import norm_type_label
 
@@ -180,6 +180,8 @@ class NormsReport:
     ``total`` is over every selected tensor, shown or not.
     """
 
+    kind: ClassVar[str] = "norms"
+
     sources: tuple[str, ...]
     norm_type: float
     tensors: tuple[TensorNorms, ...]
@@ -274,6 +276,8 @@ class Finding:
 class CheckReport:
     """The result of ``gradinspect check``: ``ok`` exactly when there is no finding."""
 
+    kind: ClassVar[str] = "check"
+
     rules: tuple[str, ...]
     findings: tuple[Finding, ...]
     report: NormsReport
@@ -362,6 +366,8 @@ class Tolerances:
 @dataclass(frozen=True)
 class DiffReport:
     """The result of ``gradinspect diff A B``; rows sorted by ``rel``, worst first."""
+
+    kind: ClassVar[str] = "diff"
 
     a: tuple[str, ...]
     b: tuple[str, ...]
@@ -453,6 +459,8 @@ class InfoTotals:
 @dataclass(frozen=True)
 class InfoReport:
     """A header-only listing of every tensor in the sources, in file order."""
+
+    kind: ClassVar[str] = "info"
 
     sources: tuple[str, ...]
     tensors: tuple[InfoTensor, ...]

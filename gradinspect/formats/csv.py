@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 from typing import Any, TextIO
 
-from . import RenderOptions
+from . import Format, RenderOptions, write_with
 from ._escape import printable
 
 NORMS_COLUMNS = ("name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite", "nan", "inf", "members",
@@ -63,3 +63,17 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
     _rows(report.tensors, INFO_COLUMNS, out)
+
+
+class CsvFormat(Format):
+    name = "csv"
+    suffixes = ('.csv',)
+    kinds = ('norms', 'diff', 'info')
+    machine = True
+    help = "one row per tensor"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return write_with({"norms": render_norms, "diff": render_diff, "info": render_info}, report, options)
+
+
+FORMAT = CsvFormat()
