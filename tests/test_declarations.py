@@ -212,3 +212,38 @@ def test_every_rule_is_an_option_a_config_key_and_a_rules_field() -> None:
     found = evaluate(report, on)
     assert [(f.rule, f.message) for f in found.findings] == [
         ("max_total", "global L2 5 > 1"), ("clip", "clipping at max_norm 1 scales gradients by 0.2 (global L2 5)")]
+
+
+# --- statistics: keywords, and CSV columns from the report's fields ---------------------------
+
+
+def test_statistics_are_built_with_keywords() -> None:
+    from gradinspect.norms import Stats, stats_of
+    from gradinspect.report import DiffRow, TensorNorms, Totals
+
+    for cls in (Stats, TensorNorms, Totals, DiffRow):
+        with pytest.raises(TypeError, match="positional"):
+            cls(1, 2, 3, 4, 5, 6, 7, 8, 9)  # type: ignore[misc]
+    report = api.compute_norms({"w": np.array([3.0, -4.0])})
+    st = stats_of(np.array([3.0, -4.0]))
+    assert report.total == Totals.from_stats(st, tensors=1)
+    assert report.tensors[0] == TensorNorms.from_stats(st, name="w", source="<memory>", shape=(2,), dtype="float64",
+                                                       share=1.0)
+
+
+def test_csv_columns_are_the_json_fields(grads: Path) -> None:
+    from gradinspect.formats.csv import columns
+    from gradinspect.report import DiffRow, InfoTensor, TensorNorms
+
+    norms = json.loads(run("norms", grads, "--json").stdout)["tensors"][0]
+    assert list(norms) == list(TensorNorms.FIELDS)
+    header = run("norms", grads, "-f", "csv").stdout.splitlines()[0].split(",")
+    assert header == list(columns(TensorNorms.FIELDS))
+    assert header == ["name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share",
+                      "nonfinite", "nan", "inf", "members", "pieces", "replica_max_diff"]
+    diff = json.loads(run("diff", grads, grads, "--json").stdout)
+    assert list(diff["tensors"][0]) == list(DiffRow.FIELDS) == run("diff", grads, grads, "-f", "csv").stdout.split(
+        "\n")[0].split(",")
+    assert list(diff["total"]) == list(DiffRow.TOTAL_FIELDS)
+    info = json.loads(run("info", grads, "--json").stdout)["tensors"][0]
+    assert list(info) == list(InfoTensor.FIELDS) == run("info", grads, "-f", "csv").stdout.split("\n")[0].split(",")
