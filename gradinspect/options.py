@@ -44,7 +44,7 @@ class Range:
     integer: bool = False
     finite: bool = True
 
-    def contains(self, x: float) -> bool:
+    def contains(self, x: Any) -> bool:
         if self.integer and (isinstance(x, bool) or not isinstance(x, numbers.Integral)):
             return False
         if math.isnan(x) or (self.finite and math.isinf(x)):
