@@ -20,6 +20,7 @@ from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
 from .loaders import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
 from .norms import Reducer, Stats, combine, parse_norm_type, unscaled
+from .options import COSINE, EPS, LOSS_SCALE, MAX_NORM, NON_NEGATIVE, Range
 from .report import (
     CheckReport,
     Clip,
@@ -169,16 +170,14 @@ def _loss_scale(given: float | None, sources: Sequence[Source]) -> tuple[float, 
 
 def _check_options(max_norm: float, eps: float, sort: str, top: int | None, group_by: int | str | None,
                    group_sep: str = ".", loss_scale: float | None = None) -> None:
-    if loss_scale is not None and not 0.0 < loss_scale < math.inf:
-        raise ValueError(f"loss_scale must be a finite number > 0, not {loss_scale}")
-    if not max_norm > 0 or math.isinf(max_norm):
-        raise ValueError(f"max_norm must be a finite number > 0, not {max_norm}")
-    if not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, not {eps}")
+    if loss_scale is not None:
+        LOSS_SCALE.range.check("loss_scale", loss_scale)  # type: ignore[union-attr]
+    MAX_NORM.range.check("max_norm", max_norm)  # type: ignore[union-attr]
+    EPS.range.check("eps", eps)  # type: ignore[union-attr]
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
-    if top is not None and top < 0:
-        raise ValueError(f"top must be >= 0, not {top}")
+    if top is not None:
+        Range(0, integer=True).check("top", top)
     compile_group_by(group_by)
     if not isinstance(group_sep, str) or not group_sep:
         raise ValueError(f"group_sep must be a non-empty string, not {group_sep!r}")
@@ -400,9 +399,8 @@ def _report(
         norm_type=p,
         tensors=tuple(rows),
         skipped=tuple(skipped),
-        total=Totals(len(records), total.numel, total.l1, total.l2, total.linf, norm, total.sq,
-                     total.nan, total.inf),
-        clip=Clip(max_norm, eps, coef, coef < 1.0, norm * coef),
+        total=Totals.from_stats(total, tensors=len(records)),
+        clip=Clip(max_norm=max_norm, eps=eps, coef=coef, clipped=coef < 1.0, norm_after=norm * coef),
         metadata={s.path: s.metadata for s in sources if s.metadata},
         omitted=omitted,
         group_by=group_by,
@@ -419,8 +417,9 @@ def _row(r: _Record, base: Stats, name: str | None = None, members: int = 1,
          duplicate_of: str | None = None) -> TensorNorms:
     s = r.stats
     share = math.nan if s.nonfinite else s.share_of(base)
-    return TensorNorms(name or r.name, r.source, r.shape, r.dtype, s.numel, s.l1, s.l2, s.linf, s.norm, s.sq, share,
-                       s.nan, s.inf, members, r.replica_diff, r.pieces, duplicate_of)
+    return TensorNorms.from_stats(s, name=name or r.name, source=r.source, shape=r.shape, dtype=r.dtype, share=share,
+                                  members=members, replica_max_diff=r.replica_diff, pieces=r.pieces,
+                                  duplicate_of=duplicate_of)
 
 
 def _copies(records: list[_Record], sources: Sequence[Source]) -> dict[str, str]:
@@ -586,7 +585,8 @@ def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     with _opened(paths, allow_repeats=True, notes=notes, allow_outside_index=allow_outside_index) as sources:
         return InfoReport(
             sources=tuple(s.path for s in sources),
-            tensors=tuple(InfoTensor(t.name, t.source, t.dtype, t.shape, t.numel, t.nbytes)
+            tensors=tuple(InfoTensor(name=t.name, source=t.source, dtype=t.dtype, shape=t.shape, numel=t.numel,
+                                     bytes=t.nbytes)
                           for s in sources for t in s.tensors),
             metadata={s.path: s.metadata for s in sources if s.metadata},
             notes=tuple(notes),
@@ -619,11 +619,9 @@ def diff(
     ``strip_prefix_a`` (A) or ``strip_prefix_b`` (B), then of ``strip_prefix``
     (both sides); ``include``/``exclude`` and the report see those names.
     """
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if v is not None and not 0 <= v < math.inf:
-            raise ValueError(f"{name} must be a finite number >= 0, not {v}")
-    if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
-        raise ValueError(f"min_cosine must be between -1 and 1, not {min_cosine}")
+    for name, v, rng in (("rtol", rtol, NON_NEGATIVE), ("atol", atol, NON_NEGATIVE), ("min_cosine", min_cosine, COSINE)):
+        if v is not None:
+            rng.check(name, v)
     tol = Tolerances(rtol, atol, min_cosine, allow_missing)
     notes: list[str] = []
     with _opened(a, notes=notes, allow_outside_index=allow_outside_index) as srcs_a, \
@@ -680,7 +678,8 @@ def _diff(srcs_a: list[Source], srcs_b: list[Source], tol: Tolerances, include: 
     total = _diff_row(None, None, None, None, combine_pairs(stats), Tolerances())
     if not rows:  # nothing compared: no global number means anything (JSON: null)
         nan = math.nan
-        total = DiffRow(None, None, None, None, 0, nan, nan, nan, nan, nan, nan)
+        total = DiffRow(name=None, shape=None, dtype_a=None, dtype_b=None, numel=0, l2_a=nan, l2_b=nan, l2_diff=nan,
+                        rel=nan, cosine=nan, linf_diff=nan)
     rows.sort(key=lambda r: _desc(r.rel))
     return DiffReport(
         a=tuple(s.path for s in srcs_a),
@@ -721,7 +720,7 @@ def _named(sources: Sequence[Source], chosen: Callable[[str], bool],
 
 def _diff_row(name: str | None, shape: tuple[int, ...] | None, dtype_a: str | None, dtype_b: str | None,
               ps: Any, tol: Tolerances) -> DiffRow:
-    l2_a, l2_b, l2_d, rel, cos = ps.a.l2, ps.b.l2, ps.d.l2, ps.rel, ps.cosine
+    l2_a, l2_b, l2_d, cos = ps.a.l2, ps.b.l2, ps.d.l2, ps.cosine
     ok: bool | None = None
     if tol.any:
         ok = True
@@ -730,4 +729,4 @@ def _diff_row(name: str | None, shape: tuple[int, ...] | None, dtype_a: str | No
             ok = bool(l2_d <= (tol.atol or 0.0) + (tol.rtol or 0.0) * max(l2_a, l2_b))
         if tol.min_cosine is not None:
             ok = ok and bool(cos >= tol.min_cosine)
-    return DiffRow(name, shape, dtype_a, dtype_b, ps.a.numel, l2_a, l2_b, l2_d, rel, cos, ps.d.linf, ok)
+    return DiffRow.from_pair(ps, name=name, shape=shape, dtype_a=dtype_a, dtype_b=dtype_b, ok=ok)

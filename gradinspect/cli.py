@@ -7,7 +7,6 @@ stdout).
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import sys
@@ -15,9 +14,11 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__
-from . import formats
+from . import __version__, formats
+from . import options as o
+from .check import COMMAND_OPTIONS, COMMAND_OPTIONS_AFTER
 from .formats._escape import printable
+from .options import FINITE, Option, Range
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -102,36 +103,148 @@ def cli() -> None:
     """
 
 
-def _format_option(kind: str) -> Any:
-    choices = formats.names(kind)
-    helps = "; ".join(f"{n}: {formats.get(n).help}" for n in choices)
-    return click.option(
-        "--format", "-f", "fmt", type=click.Choice(choices), default=choices[0], show_default=True,
-        help=f"Output format ({helps}).",
-    )
+
+class _Ranged(click.FloatRange):
+    """A float option limited by an :class:`~gradinspect.options.Range` (shown in --help as click does)."""
+
+    def __init__(self, rng: Range) -> None:
+        super().__init__(rng.lo, rng.hi, min_open=rng.lo_open, max_open=rng.hi_open)
+        self.range = rng
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        x = click.FLOAT.convert(value, param, ctx)
+        problem = self.range.problem(x)
+        if problem:
+            self.fail(problem, param, ctx)
+        return x
 
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Short for --format json.")
+class _RangedInt(click.IntRange):
+    """An integer option limited by an :class:`~gradinspect.options.Range`."""
+
+    def __init__(self, rng: Range) -> None:
+        super().__init__(rng.lo, rng.hi, min_open=rng.lo_open, max_open=rng.hi_open)  # type: ignore[arg-type]
+        self.range = rng
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        x = click.INT.convert(value, param, ctx)
+        problem = self.range.problem(x)
+        if problem:
+            self.fail(problem, param, ctx)
+        return x
 
 
-def _emit(fmt: str, kind: str, report: Any, width: int | None = None) -> None:
-    """Render fully in memory first: on any error nothing half-written reaches stdout.
+class _Finite(click.ParamType):
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        x = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(x):
+            self.fail("must be finite", param, ctx)
+        return x
+
+
+def _type(opt: Option) -> Any:
+    if opt.kind in ("float", "int"):
+        rng = opt.range or FINITE
+        if opt.kind == "int":
+            return _RangedInt(rng)
+        return _Ranged(rng) if rng.notation() else _Finite()
+    if opt.kind == "choice":
+        return click.Choice(list(opt.choices))
+    if opt.kind == "norm_type":
+        return NormType()
+    return None
+
+
+def _click(opt: Option) -> Any:
+    """The click option of a declared :class:`~gradinspect.options.Option`."""
+    kw: dict[str, Any] = {"help": opt.help}
+    if opt.metavar:
+        kw["metavar"] = opt.metavar
+    if opt.kind == "count":
+        kw["count"] = True
+    else:
+        kw["default"] = opt.default
+        kw["show_default"] = opt.show_default
+    if opt.kind == "bool":
+        kw["is_flag"] = True
+    elif opt.kind == "globs":
+        kw["multiple"] = True
+    else:
+        t = _type(opt)
+        if t is not None:
+            kw["type"] = t
+    return click.option(*opt.flags, opt.name, **kw)
+
+
+def _options(*opts: Option | Any) -> Any:
+    """Apply options (declared ones or click decorators) so that --help lists them in this order."""
+
+    def apply(f: Any) -> Any:
+        for opt in reversed(opts):
+            f = (_click(opt) if isinstance(opt, Option) else opt)(f)
+        return f
+
+    return apply
+
+
+def _output_format(kind: str, fmt: str, given: bool, output: str | None) -> str:
+    """The format to write: ``fmt`` when given, else the one --output's suffix implies, else the default.
+
+    Also refuses, before any work, an --output that is a directory or in a directory that does not exist."""
+    if output is None:
+        return fmt
+    if os.path.isdir(output):
+        _fail(f"{output}: is a directory")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        _fail(f"{output}: no such directory {parent}")
+    if given:
+        return fmt
+    inferred = formats.for_suffix(kind, output)
+    if inferred is None:
+        raise click.UsageError(
+            f"cannot tell the format of --output {output} from its suffix (known: "
+            f"{', '.join(formats.suffixes(kind))}); give --format")
+    return inferred
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: str | None = None) -> None:
+    """Render fully in memory first: on any error nothing half-written reaches stdout or ``output``.
 
     Names are elided to fit ``width`` (--width), else the terminal; output that
-    is not a terminal keeps them whole (laid out as for its COLUMNS or 80)."""
-    buf = io.StringIO()
+    is not a terminal keeps them whole (laid out as for its COLUMNS or 80).
+    With ``output``, the report replaces that file atomically, without colour."""
+    f = formats.get(fmt)
+    if output is not None:
+        data = f.render(report, formats.RenderOptions(width=width, color=False, elide=width is not None))
+        try:
+            formats.write_file(output, data)
+        except OSError as e:
+            _fail(f"{output}: cannot write the report ({e.strerror or e})")
+        return
     options = formats.RenderOptions(width=width)
-    if not formats.get(fmt).machine:
+    if not f.machine:
         # Let rich see the real stdout to detect width, colour and NO_COLOR.
-        out = sys.stdout
         from .formats.table import console_for
 
-        con = console_for(out, options)
+        con = console_for(sys.stdout, options)
         options = formats.RenderOptions(width=con.width, color=con.is_terminal and not con.no_color,
                                         elide=width is not None or con.is_terminal)
-    formats.render(fmt, kind, report, buf, options)
-    click.echo(buf.getvalue(), nl=False)
-
+    data = f.render(report, options)
+    if isinstance(data, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        click.echo(data, nl=False)
 
 def _warn(lines: list[str], quiet: bool | int = False) -> None:
     if quiet:
@@ -171,8 +284,14 @@ class _ProgressBar:
                 if self._now() - self.start < self.DELAY:
                     return
                 from rich.console import Console
-                from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                           TransferSpeedColumn)
+                from rich.progress import (
+                    BarColumn,
+                    DownloadColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                    TransferSpeedColumn,
+                )
 
                 self._bar = Progress(TextColumn("reading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                                      TimeRemainingColumn(), console=Console(stderr=True), transient=True)
@@ -189,105 +308,32 @@ class _ProgressBar:
             self._bar.stop()
 
 
-def _jobs_option(f: Any) -> Any:
-    f = click.option("--quiet", "-q", count=True,
-                     help="-q: no progress bar and no warnings on stderr except those about NaN/Inf values; "
-                          "-qq: none of those either (only Error lines).")(f)
-    from .config import MAX_JOBS
-
-    return click.option("--jobs", "-j", type=click.IntRange(1, MAX_JOBS), default=None, metavar="N",
-                        help=f"Threads to use (default: one per core, at most {MAX_JOBS}). "
-                             "Results are identical for every N.")(f)
 
 
-def _shards_option(f: Any) -> Any:
-    return click.option(
-        "--shards", type=click.Choice(["slices", "replicas"]), default=None,
-        help="What a tensor name in several files means: slices = disjoint pieces of one tensor "
-             "(ZeRO/FSDP, tensor parallel), merged exactly; replicas = copies (data-parallel ranks), "
-             "counted once. Without it, a repeated name is an error.")(f)
-
-
-def _dedup_option(f: Any) -> Any:
-    return click.option(
-        "--dedup/--no-dedup", default=False,
-        help="Count exact copies once (tied weights saved twice, e.g. lm_head.weight = wte.weight), as "
-             "model.parameters() does: a copy's row is left out. Without it, copies are a warning. Tensors merged "
-             "from --shards slices are never compared.")(f)
-
-
-def _outside_option(f: Any) -> Any:
-    return click.option("--allow-outside-index", is_flag=True,
-                        help="Let a *.safetensors.index.json name shard files outside its own directory "
-                             "(an absolute path or one climbing out with ..); refused by default.")(f)
-
-
-def _width_option(f: Any) -> Any:
-    return click.option("--width", type=click.IntRange(min=1), default=None, metavar="N",
-                        help="Fit the table in N columns, eliding long names in the middle (default: the "
-                             "terminal's width; output that is not a terminal keeps names whole).")(f)
-
-
-def _paths_argument(f: Any) -> Any:
-    return click.argument("paths", nargs=-1, required=True, metavar="PATH...")(f)
-
-
-def _norm_options(f: Any) -> Any:
-    for opt in reversed([
-        click.option("--norm-type", "-p", type=NormType(), default="2", show_default=True,
-                     help="The norm: 1, 2, inf, or any number > 0."),
-        click.option("--max-norm", "-c", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
-                     help="The clip threshold, as clip_grad_norm_(max_norm)."),
-        click.option("--eps", type=click.FloatRange(0), default=1e-6, show_default=True,
-                     help="Added to the norm as torch does; 0 gives optax's formula."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _loss_scale_option(f: Any) -> Any:
-    return click.option(
-        "--loss-scale", type=click.FloatRange(0, min_open=True), default=None, metavar="S",
-        help="Gradients saved before the AMP loss scale was removed: divide every norm by S (the clip is "
-             "computed on the result). Default: the safetensors metadata key loss_scale, when the files have it.")(f)
-
-
-def _selection_options(f: Any) -> Any:
-    f = click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")(f)
-    return click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")(f)
-
-
-def _finite(name: str, value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter("must be finite", param_hint=name)
+_PATHS = click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+_TOP = Option("top", ("--top",), "int", None, "Show only N rows (totals still cover every selected tensor).",
+              metavar="N", range=Range(1, integer=True))
 
 
 @cli.command(context_settings=_CONTEXT)
-@_paths_argument
-@_norm_options
-@_format_option("norms")
-@_json_option
-@click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
-              show_default=True, help="Row order; none keeps file order.")
-@click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Show only N rows (totals still cover every selected tensor).")
-@_selection_options
-@click.option("--group-by", type=GroupBy(), default=None, metavar="N|REGEX",
-              help="One row per group: tensors sharing the first N name parts (split on --sep), or the text "
-                   "a REGEX captures in the name (its groups joined by --sep, or the whole match; a name it "
-                   "does not match is a row of its own).")
-@click.option("--sep", "group_sep", default=".", show_default=True, metavar="TEXT",
-              help="What --group-by N splits names on (JAX names use /).")
-@_shards_option
-@_dedup_option
-@_loss_scale_option
-@_jobs_option
-@_width_option
-@_outside_option
-def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, fmt: str, as_json: bool,
+@_PATHS
+@_options(
+    *o.NORM_OPTIONS, o.format_option("norms"), o.JSON,
+    click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
+                 show_default=True, help="Row order; none keeps file order."),
+    _TOP, *o.SELECTION_OPTIONS,
+    click.option("--group-by", type=GroupBy(), default=None, metavar="N|REGEX",
+                 help="One row per group: tensors sharing the first N name parts (split on --sep), or the text "
+                      "a REGEX captures in the name (its groups joined by --sep, or the whole match; a name it "
+                      "does not match is a row of its own)."),
+    click.option("--sep", "group_sep", default=".", show_default=True, metavar="TEXT",
+                 help="What --group-by N splits names on (JAX names use /)."),
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+)
+def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
           group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool) -> None:
+          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -310,13 +356,10 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     """
     from .api import inspect
 
-    if as_json:
-        fmt = "json"
     if not group_sep:
         raise click.BadParameter("must not be empty", param_hint="--sep")
-    _finite("--max-norm", max_norm)
-    _finite("--eps", eps)
-    _finite("--loss-scale", loss_scale)
+    fmt = _output_format("norms", "json" if as_json else format, as_json or _given(click.get_current_context(), "format"),
+                         output)
     with _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
@@ -325,43 +368,18 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         )
     _warn(report.input_warnings(), quiet >= 1)
     _warn(report.nonfinite_warnings(), quiet >= 2)
-    _emit(fmt, "norms", report, width)
-
-
-_CHECK_OPTIONS = ("norm_type", "max_norm", "eps", "include", "exclude", "allow_nonfinite", "max_total", "min_total",
-                  "fail_on_clip", "max_share", "fail_on_zero", "max_tensor_norm", "max_replica_diff", "fmt", "shards",
-                  "dedup", "jobs", "quiet")
+    _emit(fmt, "norms", report, width, output)
 
 
 @cli.command(context_settings=_CONTEXT)
-@_paths_argument
-@_norm_options
-@_selection_options
-@click.option("--allow-nonfinite/--no-allow-nonfinite", default=False, help="Turn off the nonfinite rule (NaN/Inf in a tensor).")
-@click.option("--max-total", type=float, default=None, metavar="X", help="Fail when the global norm > X.")
-@click.option("--min-total", type=float, default=None, metavar="X",
-              help="Fail when the global norm < X (vanishing gradients, a detached loss).")
-@click.option("--fail-on-clip/--no-fail-on-clip", default=False,
-              help="Fail when clipping at --max-norm would scale the gradients.")
-@click.option("--max-share", type=click.FloatRange(0, 1), default=None, metavar="F",
-              help="Fail when a tensor holds more than F (0..1) of the squared L2 norm.")
-@click.option("--fail-on-zero/--no-fail-on-zero", default=False,
-              help="Fail when a tensor's gradient is all zeros (frozen or disconnected).")
-@click.option("--max-tensor-norm", type=float, default=None, metavar="X", help="Fail when a tensor's norm > X.")
-@click.option("--max-replica-diff", type=click.FloatRange(0), default=None, metavar="X",
-              help="With --shards replicas (rule replicas_differ, on with it): tolerate copies of a tensor that "
-                   "differ by max |difference| <= X (default 0: copies must be identical; NaN/Inf in a copy "
-                   "always fails).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml.")
-@_format_option("check")
-@_json_option
-@_shards_option
-@_dedup_option
-@_loss_scale_option
-@_jobs_option
-@_outside_option
-def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **options: Any) -> None:
+@_PATHS
+@_options(
+    *COMMAND_OPTIONS,
+    click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                 help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml."),
+    o.format_option("check"), o.JSON, *COMMAND_OPTIONS_AFTER, o.OUTPUT,
+)
+def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output: str | None, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
     Computes what `norms` does and evaluates the rules turned on below (only
@@ -386,28 +404,18 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **opti
     Exit status: 0 every rule holds, 1 at least one finding, 2 unreadable
     input or bad usage (a broken file is never a mere finding).
     """
-    from click.core import ParameterSource
-
     from .api import check as run_check
     from .check import rules_from
-    from .config import ConfigError, find_config, load_check_config
+    from .config import check_options, find_config, load_check_config
 
     ctx = click.get_current_context()
     path = config_file or find_config()
     settings = load_check_config(path) if path else {}
-    if "format" in settings:
-        if settings["format"] not in formats.names("check"):
-            raise ConfigError(path, f"[tool.gradinspect.check] format must be one of {', '.join(formats.names('check'))}")
-        settings["fmt"] = settings.pop("format")
-    if settings.get("shards") not in (None, "slices", "replicas"):
-        raise ConfigError(path, '[tool.gradinspect.check] shards must be "slices" or "replicas"')
-    for name in _CHECK_OPTIONS:
-        if name in settings and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
-            options[name] = settings[name]
-    if as_json:
-        options["fmt"] = "json"
-    for name in ("max_norm", "eps", "max_total", "min_total", "max_tensor_norm", "max_replica_diff", "loss_scale"):
-        _finite("--" + name.replace("_", "-"), options[name])
+    for opt in check_options():
+        if opt.name in settings and not _given(ctx, opt.name):
+            options[opt.name] = settings[opt.name]
+    given = as_json or _given(ctx, "format") or "format" in settings
+    fmt = _output_format("check", "json" if as_json else options["format"], given, output)
     try:
         rules = rules_from(options)
     except ValueError as e:
@@ -420,34 +428,32 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, **opti
                            dedup=options["dedup"], loss_scale=options["loss_scale"],
                            allow_outside_index=options["allow_outside_index"])
     _warn(result.report.input_warnings(), quiet)
-    _emit(options["fmt"], "check", result)
+    _emit(fmt, "check", result, output=output)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
 
 
 @cli.command(context_settings=_CONTEXT)
 @click.argument("a", metavar="A")
 @click.argument("b", metavar="B")
-@click.option("--rtol", type=click.FloatRange(0), default=None, metavar="R",
-              help="A tensor fails when l2_diff > atol + R * max(l2_a, l2_b).")
-@click.option("--atol", type=click.FloatRange(0), default=None, metavar="A", help="See --rtol.")
-@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, metavar="C",
-              help="A tensor fails when its cosine similarity < C.")
-@click.option("--allow-missing", is_flag=True,
-              help="Different tensor sets or shapes do not fail the comparison (nothing compared still does).")
-@click.option("--strip-prefix", multiple=True, metavar="PREFIX",
-              help="Match names without PREFIX (e.g. module.), on both sides; the first matching one is removed "
-                   "(repeatable). --include/--exclude and the report see the stripped names.")
-@click.option("--strip-prefix-a", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for A only.")
-@click.option("--strip-prefix-b", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for B only.")
-@_selection_options
-@_format_option("diff")
-@_json_option
-@_width_option
-@_outside_option
+@_options(
+    Option("rtol", ("--rtol",), "float", None, "A tensor fails when l2_diff > atol + R * max(l2_a, l2_b).",
+           metavar="R", range=o.NON_NEGATIVE),
+    Option("atol", ("--atol",), "float", None, "See --rtol.", metavar="A", range=o.NON_NEGATIVE),
+    Option("min_cosine", ("--min-cosine",), "float", None, "A tensor fails when its cosine similarity < C.",
+           metavar="C", range=o.COSINE),
+    click.option("--allow-missing", is_flag=True,
+                 help="Different tensor sets or shapes do not fail the comparison (nothing compared still does)."),
+    click.option("--strip-prefix", multiple=True, metavar="PREFIX",
+                 help="Match names without PREFIX (e.g. module.), on both sides; the first matching one is removed "
+                      "(repeatable). --include/--exclude and the report see the stripped names."),
+    click.option("--strip-prefix-a", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for A only."),
+    click.option("--strip-prefix-b", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for B only."),
+    *o.SELECTION_OPTIONS, o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+)
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
-         include: tuple[str, ...], exclude: tuple[str, ...], fmt: str, as_json: bool, width: int | None,
-         allow_outside_index: bool) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], format: str, as_json: bool, width: int | None,
+         allow_outside_index: bool, output: str | None) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -474,25 +480,21 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     """
     from .api import diff as run_diff
 
-    if as_json:
-        fmt = "json"
-    for name, v in (("--rtol", rtol), ("--atol", atol), ("--min-cosine", min_cosine)):
-        _finite(name, v)
+    fmt = _output_format("diff", "json" if as_json else format, as_json or _given(click.get_current_context(), "format"),
+                         output)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
                       strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index)
     _warn(report.warnings())
-    _emit(fmt, "diff", report, width)
+    _emit(fmt, "diff", report, width, output)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
 @cli.command(context_settings=_CONTEXT)
-@_paths_argument
-@_format_option("info")
-@_json_option
-@_width_option
-@_outside_option
-def info(paths: tuple[str, ...], fmt: str, as_json: bool, width: int | None, allow_outside_index: bool) -> None:
+@_PATHS
+@_options(o.format_option("info"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT)
+def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, allow_outside_index: bool,
+         output: str | None) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -505,11 +507,11 @@ def info(paths: tuple[str, ...], fmt: str, as_json: bool, width: int | None, all
     """
     from .api import info as run_info
 
-    if as_json:
-        fmt = "json"
+    fmt = _output_format("info", "json" if as_json else format, as_json or _given(click.get_current_context(), "format"),
+                         output)
     report = run_info(list(paths), allow_outside_index=allow_outside_index)
     _warn(list(report.notes))
-    _emit(fmt, "info", report, width)
+    _emit(fmt, "info", report, width, output)
 
 
 def main(argv: list[str] | None = None) -> None:

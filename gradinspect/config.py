@@ -8,24 +8,25 @@ of at most ``MAX_CONFIG_BYTES`` (1 MiB); anything that cannot be parsed is a
 
 from __future__ import annotations
 
-import math
 import os
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import GradInspectError
+from .options import MAX_JOBS, Option
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["ConfigError", "find_config", "load_check_config", "CHECK_KEYS", "MAX_CONFIG_BYTES", "MAX_JOBS"]
+__all__ = ["ConfigError", "find_config", "load_check_config", "CHECK_KEYS", "MAX_CONFIG_BYTES", "MAX_JOBS",
+           "check_options"]
 
 TABLE = ("tool", "gradinspect", "check")
 MAX_CONFIG_BYTES = 1 << 20
-MAX_JOBS = 64  # threads: more buy nothing (reads and numpy saturate first) and cost ~5 MiB each
 
 
 class ConfigError(GradInspectError):
@@ -35,93 +36,32 @@ class ConfigError(GradInspectError):
         super().__init__(f"{path}: {problem}")
 
 
-def _number(v: Any) -> float:
-    """A finite number (TOML allows inf and nan, and integers past the float range)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError("a finite number")
-    try:
-        x = float(v)
-    except OverflowError:
-        raise TypeError("a finite number") from None
-    if not math.isfinite(x):
-        raise TypeError("a finite number")
-    return x
+def check_options() -> tuple[Option, ...]:
+    """The ``[tool.gradinspect.check]`` keys: ``gradinspect check``'s options marked ``config``, in --help order."""
+    from . import check
+    from .options import format_option
+
+    return tuple(opt for opt in (*check.COMMAND_OPTIONS, format_option("check"), *check.COMMAND_OPTIONS_AFTER)
+                 if opt.config)
 
 
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError("true or false")
-    return v
+class _Keys(Mapping[str, Callable[[Any], Any]]):
+    """``CHECK_KEYS``: {key: converter raising TypeError}, built from the option table when first used."""
+
+    def _keys(self) -> dict[str, Callable[[Any], Any]]:
+        return {opt.name: opt.from_config for opt in check_options()}
+
+    def __getitem__(self, key: str) -> Callable[[Any], Any]:
+        return self._keys()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
 
 
-def _globs(v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        return (v,)
-    if isinstance(v, list) and all(isinstance(x, str) for x in v):
-        return tuple(v)
-    raise TypeError("a string or a list of strings")
-
-
-def _norm_type(v: Any) -> float:
-    from .norms import parse_norm_type
-
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise TypeError('1, 2, "inf" or a number > 0')
-    try:
-        return parse_norm_type(v)
-    except (ValueError, OverflowError):
-        raise TypeError('1, 2, "inf" or a number > 0') from None
-
-
-def _within(ok: Callable[[float], bool], what: str) -> Callable[[Any], float]:
-    """A validator of finite numbers for which ``ok`` holds."""
-
-    def check(v: Any) -> float:
-        x = _number(v)
-        if not ok(x):
-            raise TypeError(what)
-        return x
-
-    return check
-
-
-_share = _within(lambda x: 0.0 <= x <= 1.0, "a number from 0 to 1")
-_positive = _within(lambda x: x > 0.0, "a finite number > 0")
-_non_negative = _within(lambda x: x >= 0.0, "a finite number >= 0")
-
-
-def _string(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError("a string")
-    return v
-
-
-def _jobs(v: Any) -> int:
-    if type(v) is not int or not 1 <= v <= MAX_JOBS:
-        raise TypeError(f"a whole number from 1 to {MAX_JOBS}")
-    return v
-
-
-CHECK_KEYS: dict[str, Callable[[Any], Any]] = {
-    "norm_type": _norm_type,
-    "max_norm": _positive,
-    "eps": _non_negative,
-    "include": _globs,
-    "exclude": _globs,
-    "allow_nonfinite": _bool,
-    "max_total": _number,
-    "min_total": _number,
-    "fail_on_clip": _bool,
-    "max_share": _share,
-    "fail_on_zero": _bool,
-    "max_tensor_norm": _number,
-    "max_replica_diff": _non_negative,
-    "format": _string,
-    "shards": _string,
-    "dedup": _bool,
-    "jobs": _jobs,
-    "quiet": _bool,
-}
+CHECK_KEYS: Mapping[str, Callable[[Any], Any]] = _Keys()
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -169,11 +109,12 @@ def load_check_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(path, "tool.gradinspect.check is not a table")
     out: dict[str, Any] = {}
+    keys = dict(CHECK_KEYS)
     for key, value in table.items():
-        if key not in CHECK_KEYS:
-            raise ConfigError(path, f"unknown key {key!r} in [tool.gradinspect.check] (known: {', '.join(CHECK_KEYS)})")
+        if key not in keys:
+            raise ConfigError(path, f"unknown key {key!r} in [tool.gradinspect.check] (known: {', '.join(keys)})")
         try:
-            out[key] = CHECK_KEYS[key](value)
+            out[key] = keys[key](value)
         except TypeError as e:
             raise ConfigError(path, f"[tool.gradinspect.check] {key} must be {e}, not {value!r}") from None
     return out

@@ -106,7 +106,7 @@ class PairReducer:
         sa, sb = self._r.reduce(a), self._r.reduce(b)
         if sa.nonfinite or sb.nonfinite:
             nan = math.nan
-            return PairStats(sa, sb, Stats(n, 0, 0, nan, 0, nan, nan, nan), Dot(0, nan))
+            return PairStats(sa, sb, Stats(numel=n, linf=nan, s1=nan, s2=nan, sp=nan), Dot(0, nan))
         x = to_float64(a, self._a)
         y = to_float64(b, self._b)
         d = self._d[:n]

@@ -32,7 +32,7 @@ with :func:`math.fsum`, which is correctly rounded and independent of order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import numpy as np
@@ -96,7 +96,7 @@ def general_p(p: float) -> bool:
     return not (p == 1.0 or p == 2.0 or math.isinf(p))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Stats:
     """Norm statistics of a set of elements; see the module docstring."""
 
@@ -206,7 +206,7 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     if nan or inf or any(not math.isfinite(s.s2) for s in parts):
         bad = math.nan if nan or any(math.isnan(s.s2) for s in parts) else math.inf
         linf = math.nan if nan else max((s.linf for s in parts), default=0.0)
-        return Stats(numel, nan, inf, linf, 0, bad, bad, bad, p)
+        return Stats(numel=numel, nan=nan, inf=inf, linf=linf, exp=0, s1=bad, s2=bad, sp=bad, p=p)
     linf = max((s.linf for s in parts), default=0.0)
     # Shared exponent: that of the largest Σ|x|, so every rescaled sum is <= 1
     # per part (and Σx² <= (Σ|x|)²); far smaller parts may underflow, harmlessly.
@@ -218,7 +218,7 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     if general_p(p) and linf > 0.0:
         # Σ|x|^p relative to the largest magnitude: the largest part's term is >= 1.
         sp = math.fsum(s.sp * (s.linf / linf) ** p for s in parts if s.sp)
-    return Stats(numel, 0, 0, linf, e, s1, s2, sp, p)
+    return Stats(numel=numel, linf=linf, exp=e, s1=s1, s2=s2, sp=sp, p=p)
 
 
 # --- reducing arrays -------------------------------------------------------
@@ -355,7 +355,7 @@ class Reducer:
         # the machine's BLAS threads, so results are the same everywhere.
         s1 = float(np.add.reduce(w))
         s2 = float(np.add.reduce(np.square(w, out=w)))
-        return Stats(n, 0, 0, m, e, s1, s2, sp, self.p)
+        return Stats(numel=n, linf=m, exp=e, s1=s1, s2=s2, sp=sp, p=self.p)
 
     def reduce_segments(self, x: np.ndarray, lengths: list[int], scratch: bool = False) -> list[Stats]:
         """Statistics of consecutive segments of the 1-d chunk ``x`` (many small tensors at once).
@@ -390,7 +390,7 @@ class Reducer:
         for j, i in enumerate(nonempty):
             m = mxl[j]
             if m < math.inf and (m == 0.0 or _SAFE_LO <= m <= _SAFE_HI):
-                out[i] = Stats(lengths[i], 0, 0, m, 0, s1l[j], s2[j], sp[j] if sp else 0.0, self.p)
+                out[i] = Stats(numel=lengths[i], linf=m, s1=s1l[j], s2=s2[j], sp=sp[j] if sp else 0.0, p=self.p)
             else:  # NaN/inf or extreme float64: the careful path, one segment at a time
                 redo.append((i, int(starts[j])))
         for i, a in redo:
@@ -401,7 +401,7 @@ class Reducer:
         nan = int(np.count_nonzero(np.isnan(w)))
         inf = int(np.count_nonzero(np.isinf(w)))
         bad = math.nan if nan else math.inf
-        return Stats(w.size, nan, inf, bad, 0, bad, bad, bad, self.p)
+        return Stats(numel=w.size, nan=nan, inf=inf, linf=bad, exp=0, s1=bad, s2=bad, sp=bad, p=self.p)
 
 
 def to_float64(x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -436,5 +436,5 @@ def unscaled(st: Stats, scale: float) -> Stats:
     m, e = math.frexp(scale)
     linf = _ldexp(st.linf, -(e - 1)) if m == 0.5 else st.linf / scale
     if m == 0.5:
-        return Stats(st.numel, st.nan, st.inf, linf, st.exp - (e - 1), st.s1, st.s2, st.sp, st.p)
-    return Stats(st.numel, st.nan, st.inf, linf, st.exp - e, st.s1 / m, st.s2 / m / m, st.sp, st.p)
+        return replace(st, linf=linf, exp=st.exp - (e - 1))
+    return replace(st, linf=linf, exp=st.exp - e, s1=st.s1 / m, s2=st.s2 / m / m)

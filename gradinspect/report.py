@@ -9,10 +9,21 @@ or changing the meaning of one bumps it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
-from .norms import norm_type_label
+from .norms import Stats, norm_type_label
+
+
+def _fields_dict(fields: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+    """A ``to_dict`` returning ``{field: value}`` in ``fields`` order (a ``shape`` tuple as a list), written
+    out as a dict display, as dataclasses writes its methods: as fast as a hand-written one."""
+    items = ", ".join(f"{k!r}: " + (f"None if self.{k} is None else list(self.{k})" if k == "shape" else f"self.{k}")
+                      for k in fields)
+    namespace: dict[str, Any] = {}
+    exec(f"def to_dict(self):\n    return {{{items}}}", namespace)  # noqa: S102 - field names, not input
+    return namespace["to_dict"]  # type: ignore[no-any-return]
 
 __all__ = [
     "TensorNorms", "Skipped", "Totals", "Clip", "NormsReport", "NORMS_SCHEMA",
@@ -23,9 +34,17 @@ __all__ = [
 NORMS_SCHEMA = "gradinspect.norms/1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorNorms:
-    """One row: a tensor, or with ``group_by`` a group of tensors (``members`` > 1 possible)."""
+    """One row: a tensor, or with ``group_by`` a group of tensors (``members`` > 1 possible).
+
+    Built with keywords, or from a :class:`~gradinspect.norms.Stats` with :meth:`from_stats`.
+    """
+
+    #: The JSON keys, in order; the CSV columns derive from them (``formats/csv.py``).
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite", "nan",
+        "inf", "members", "replica_max_diff", "pieces", "duplicate_of")
 
     name: str
     source: str | None
@@ -53,27 +72,13 @@ class TensorNorms:
     def all_zero(self) -> bool:
         return self.numel > 0 and self.linf == 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "source": self.source,
-            "shape": None if self.shape is None else list(self.shape),
-            "dtype": self.dtype,
-            "numel": self.numel,
-            "l1": self.l1,
-            "l2": self.l2,
-            "linf": self.linf,
-            "norm": self.norm,
-            "sq": self.sq,
-            "share": self.share,
-            "nonfinite": self.nonfinite,
-            "nan": self.nan,
-            "inf": self.inf,
-            "members": self.members,
-            "replica_max_diff": self.replica_max_diff,
-            "pieces": self.pieces,
-            "duplicate_of": self.duplicate_of,
-        }
+    @classmethod
+    def from_stats(cls, stats: Stats, **row: Any) -> TensorNorms:
+        """The row of ``stats``; ``row`` gives the rest (name, source, shape, dtype, share, ...)."""
+        return cls(numel=stats.numel, l1=stats.l1, l2=stats.l2, linf=stats.linf, norm=stats.norm, sq=stats.sq,
+                   nan=stats.nan, inf=stats.inf, **row)
+
+    to_dict = _fields_dict(FIELDS)
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,11 @@ def skipped_warnings(skipped: tuple[Skipped, ...], shown: int = 3) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Totals:
-    """Statistics of every selected tensor taken as one vector."""
+    """Statistics of every selected tensor taken as one vector (:meth:`from_stats`)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite", "nan", "inf")
 
     tensors: int
     numel: int
@@ -137,22 +144,16 @@ class Totals:
     def nonfinite(self) -> int:
         return self.nan + self.inf
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tensors": self.tensors,
-            "numel": self.numel,
-            "l1": self.l1,
-            "l2": self.l2,
-            "linf": self.linf,
-            "norm": self.norm,
-            "sq": self.sq,
-            "nonfinite": self.nonfinite,
-            "nan": self.nan,
-            "inf": self.inf,
-        }
+    @classmethod
+    def from_stats(cls, stats: Stats, tensors: int) -> Totals:
+        """The totals of ``tensors`` tensors whose merged statistics are ``stats``."""
+        return cls(tensors=tensors, numel=stats.numel, l1=stats.l1, l2=stats.l2, linf=stats.linf, norm=stats.norm,
+                   sq=stats.sq, nan=stats.nan, inf=stats.inf)
+
+    to_dict = _fields_dict(FIELDS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Clip:
     """What ``clip_grad_norm_(max_norm)`` would do to these gradients."""
 
@@ -179,6 +180,8 @@ class NormsReport:
     ``tensors`` holds the rows in display order (after ``sort`` and ``top``);
     ``total`` is over every selected tensor, shown or not.
     """
+
+    kind: ClassVar[str] = "norms"
 
     sources: tuple[str, ...]
     norm_type: float
@@ -274,6 +277,8 @@ class Finding:
 class CheckReport:
     """The result of ``gradinspect check``: ``ok`` exactly when there is no finding."""
 
+    kind: ClassVar[str] = "check"
+
     rules: tuple[str, ...]
     findings: tuple[Finding, ...]
     report: NormsReport
@@ -300,9 +305,14 @@ class CheckReport:
 DIFF_SCHEMA = "gradinspect.diff/1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DiffRow:
-    """A tensor present in both sets with the same shape, or the global total (``name`` None)."""
+    """A tensor present in both sets with the same shape, or the global total (``name`` None): :meth:`from_pair`."""
+
+    #: The JSON keys of a tensor's row, in order (the total has the numbers only); the CSV columns derive from them.
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "name", "shape", "dtype_a", "dtype_b", "numel", "l2_a", "l2_b", "l2_diff", "rel", "cosine", "linf_diff", "ok")
+    TOTAL_FIELDS: ClassVar[tuple[str, ...]] = ("numel", "l2_a", "l2_b", "l2_diff", "rel", "cosine", "linf_diff")
 
     name: str | None
     shape: tuple[int, ...] | None
@@ -317,15 +327,17 @@ class DiffRow:
     linf_diff: float
     ok: bool | None = None  # None: no tolerance was given
 
+    @classmethod
+    def from_pair(cls, ps: Any, **row: Any) -> DiffRow:
+        """The row of a :class:`~gradinspect.diff.PairStats`; ``row`` gives name, shape, dtypes and ok."""
+        return cls(numel=ps.a.numel, l2_a=ps.a.l2, l2_b=ps.b.l2, l2_diff=ps.d.l2, rel=ps.rel, cosine=ps.cosine,
+                   linf_diff=ps.d.linf, **row)
+
+    _row_dict = _fields_dict(FIELDS)
+    _total_dict = _fields_dict(TOTAL_FIELDS)
+
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        if self.name is not None:
-            d.update(name=self.name, shape=list(self.shape or ()), dtype_a=self.dtype_a, dtype_b=self.dtype_b)
-        d.update(numel=self.numel, l2_a=self.l2_a, l2_b=self.l2_b, l2_diff=self.l2_diff, rel=self.rel,
-                 cosine=self.cosine, linf_diff=self.linf_diff)
-        if self.name is not None:
-            d["ok"] = self.ok
-        return d
+        return self._row_dict() if self.name is not None else self._total_dict()
 
 
 @dataclass(frozen=True)
@@ -362,6 +374,8 @@ class Tolerances:
 @dataclass(frozen=True)
 class DiffReport:
     """The result of ``gradinspect diff A B``; rows sorted by ``rel``, worst first."""
+
+    kind: ClassVar[str] = "diff"
 
     a: tuple[str, ...]
     b: tuple[str, ...]
@@ -422,8 +436,10 @@ class DiffReport:
 INFO_SCHEMA = "gradinspect.info/1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InfoTensor:
+    FIELDS: ClassVar[tuple[str, ...]] = ("name", "source", "dtype", "shape", "numel", "bytes")
+
     name: str
     source: str
     dtype: str
@@ -431,9 +447,7 @@ class InfoTensor:
     numel: int
     bytes: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "dtype": self.dtype, "shape": list(self.shape),
-                "numel": self.numel, "bytes": self.bytes}
+    to_dict = _fields_dict(FIELDS)
 
 
 @dataclass(frozen=True)
@@ -454,6 +468,8 @@ class InfoTotals:
 class InfoReport:
     """A header-only listing of every tensor in the sources, in file order."""
 
+    kind: ClassVar[str] = "info"
+
     sources: tuple[str, ...]
     tensors: tuple[InfoTensor, ...]
     metadata: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -471,8 +487,8 @@ class InfoReport:
     @property
     def total(self) -> InfoTotals:
         """What the JSON's ``total`` holds."""
-        return InfoTotals(len(self.tensors), sum(t.numel for t in self.tensors), sum(t.bytes for t in self.tensors),
-                          self.by_dtype())
+        return InfoTotals(tensors=len(self.tensors), numel=sum(t.numel for t in self.tensors),
+                          bytes=sum(t.bytes for t in self.tensors), by_dtype=self.by_dtype())
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,27 +1,33 @@
-"""Output formats behind one registry.
+"""Output formats: one typed contract, one registry.
 
-Each format is a module with one ``render_<kind>(report, out, options)``
-function per kind of report it can write (``norms``, ``check``, ``diff``, ``info``).  The CLI builds
-``--format`` from :func:`names`; adding a format is adding a module and a line
-to ``_FORMATS``.  Modules are imported only when used, so ``--help`` stays fast.
+A format is a module defining ``FORMAT``, an instance of a :class:`Format`
+subclass (its name, the file suffixes it claims for ``--output``, the kinds of
+report it renders, whether it is machine output), and one line naming that
+module in :data:`MODULES`.  The CLI builds ``--format`` from :func:`names`;
+the CLI imports every format for ``--help``, so a format module imports its
+heavy dependencies (rich, numpy) inside ``render``.  :data:`DEFAULT` is each
+kind's default format.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
-__all__ = ["FormatSpec", "RenderOptions", "names", "get", "render"]
+__all__ = ["Format", "RenderOptions", "MODULES", "DEFAULT", "names", "get", "render", "for_suffix", "suffixes",
+           "kind_of", "write_with", "write_file"]
 
+#: The format modules, in --help order: adding a format is a module and a line here.
+MODULES = ("table", "text", "json", "csv", "markdown", "github", "junit")
 
-@dataclass(frozen=True)
-class FormatSpec:
-    name: str
-    module: str
-    kinds: tuple[str, ...]
-    machine: bool  # True: stdout carries the document and nothing else
-    help: str
+#: The format of each kind of report when --format and --output say nothing.
+DEFAULT: Mapping[str, str] = {"norms": "table", "diff": "table", "info": "table", "check": "text"}
 
 
 @dataclass(frozen=True)
@@ -39,33 +45,103 @@ class RenderOptions:
     elide: bool = True
 
 
-_FORMATS = {
-    f.name: f
-    for f in (
-        FormatSpec("table", "table", ("norms", "diff", "info"), False, "a table for the terminal"),
-        FormatSpec("text", "text", ("check",), False, "one line per finding and a verdict"),
-        FormatSpec("json", "json", ("norms", "check", "diff", "info"), True, "strict JSON with a schema version, for scripts"),
-        FormatSpec("csv", "csv", ("norms", "diff", "info"), True, "one row per tensor"),
-        FormatSpec("markdown", "markdown", ("norms", "diff"), False, "GitHub-flavoured Markdown, e.g. for $GITHUB_STEP_SUMMARY"),
-        FormatSpec("github", "github", ("check",), True, "GitHub Actions ::error workflow commands, shown as annotations"),
-        FormatSpec("junit", "junit", ("check",), True, "JUnit XML, one testcase per rule, for CI dashboards"),
-    )
-}
+class Format(ABC):
+    """The contract every output format implements."""
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]] = ()  # what --output PATH ends with to pick this format (".json")
+    kinds: ClassVar[tuple[str, ...]]  # the report kinds it renders: "norms", "check", "diff", "info"
+    binary: ClassVar[bool] = False  # render returns bytes
+    machine: ClassVar[bool] = False  # True: the document and nothing else (no colour, no terminal detection)
+    help: ClassVar[str]
+
+    @abstractmethod
+    def render(self, report: Any, options: RenderOptions) -> str | bytes:
+        """The whole document for ``report`` (of one of :attr:`kinds`)."""
+
+
+def kind_of(report: Any) -> str:
+    """``"norms"``, ``"check"``, ``"diff"`` or ``"info"``: the report class's ``kind``."""
+    return report.kind  # type: ignore[no-any-return]
+
+
+def write_with(writers: Mapping[str, Callable[[Any, TextIO, RenderOptions], None]], report: Any,
+               options: RenderOptions) -> str:
+    """Run the writer for ``report``'s kind into a string: for formats written as stream writers."""
+    buf = io.StringIO()
+    writers[kind_of(report)](report, buf, options)
+    return buf.getvalue()
+
+
+_loaded: dict[str, Format] = {}
+
+
+def _all() -> dict[str, Format]:
+    if not _loaded:
+        for m in MODULES:
+            f: Format = importlib.import_module(f"{__name__}.{m}").FORMAT
+            _loaded[f.name] = f
+    return _loaded
 
 
 def names(kind: str) -> list[str]:
-    """The formats that can write reports of ``kind``, default first."""
-    return [f.name for f in _FORMATS.values() if kind in f.kinds]
+    """The formats that can write reports of ``kind``, in registration order."""
+    return [f.name for f in _all().values() if kind in f.kinds]
 
 
-def get(name: str) -> FormatSpec:
-    return _FORMATS[name]
+def get(name: str) -> Format:
+    return _all()[name]
+
+
+def suffixes(kind: str) -> list[str]:
+    """The --output suffixes that pick a format for reports of ``kind``."""
+    return list(dict.fromkeys(s for f in _all().values() if kind in f.kinds for s in f.suffixes))
+
+
+def for_suffix(kind: str, path: str) -> str | None:
+    """The format ``--output path`` implies for a report of ``kind`` (None: no format claims its suffix)."""
+    suffix = os.path.splitext(path)[1].lower()
+    for f in _all().values():
+        if kind in f.kinds and suffix in f.suffixes:
+            return f.name
+    return None
 
 
 def render(name: str, kind: str, report: Any, out: TextIO, options: RenderOptions = RenderOptions()) -> None:
     """Write ``report`` (of ``kind``) to ``out`` in format ``name``."""
-    spec = _FORMATS[name]
-    if kind not in spec.kinds:
+    fmt = get(name)
+    if kind not in fmt.kinds or kind_of(report) != kind:
         raise ValueError(f"format {name!r} cannot write {kind} reports")
-    module = importlib.import_module(f"{__name__}.{spec.module}")
-    getattr(module, f"render_{kind}")(report, out, options)
+    text = fmt.render(report, options)
+    out.write(text.decode("utf-8") if isinstance(text, bytes) else text)
+
+
+def write_file(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: a temporary file in the same directory, fsync, os.replace.
+
+    On any error the temporary file is removed and ``path`` is left as it was.
+    A new file gets the mode ``open()`` would give it; a replaced file keeps its mode.
+    """
+    blob = data.encode("utf-8") if isinstance(data, str) else data
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -13,11 +13,21 @@ from __future__ import annotations
 import csv
 from typing import Any, TextIO
 
-from . import RenderOptions
+from . import Format, RenderOptions, write_with
 from ._escape import printable
 
-NORMS_COLUMNS = ("name", "source", "shape", "dtype", "numel", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite", "nan", "inf", "members",
-                 "pieces", "replica_max_diff")
+
+def columns(fields: tuple[str, ...]) -> tuple[str, ...]:
+    """A report row type's CSV columns: its JSON fields (``FIELDS`` in report.py), but for the ones
+    the JSON alone has, with ``pieces`` before ``replica_max_diff`` (the column order of the first CSV)."""
+    cols = [c for c in fields if c not in _JSON_ONLY]
+    if "pieces" in cols and "replica_max_diff" in cols:
+        cols.remove("pieces")
+        cols.insert(cols.index("replica_max_diff"), "pieces")
+    return tuple(cols)
+
+
+_JSON_ONLY = frozenset({"duplicate_of"})
 
 
 def _cell(value: Any) -> Any:
@@ -40,8 +50,6 @@ def _text(value: str) -> str:
     return "'" + value if value.startswith(_FORMULA) else value
 
 
-DIFF_COLUMNS = ("name", "shape", "dtype_a", "dtype_b", "numel", "l2_a", "l2_b", "l2_diff", "rel", "cosine", "linf_diff", "ok")
-INFO_COLUMNS = ("name", "source", "dtype", "shape", "numel", "bytes")
 
 
 def _rows(rows: Any, columns: tuple[str, ...], out: TextIO) -> None:
@@ -53,13 +61,33 @@ def _rows(rows: Any, columns: tuple[str, ...], out: TextIO) -> None:
 
 
 def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
-    _rows(report.tensors, NORMS_COLUMNS, out)
+    from ..report import TensorNorms
+
+    _rows(report.tensors, columns(TensorNorms.FIELDS), out)
 
 
 def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
     """Compared tensors only; the sets that differ are in the JSON."""
-    _rows(report.tensors, DIFF_COLUMNS, out)
+    from ..report import DiffRow
+
+    _rows(report.tensors, columns(DiffRow.FIELDS), out)
 
 
 def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
-    _rows(report.tensors, INFO_COLUMNS, out)
+    from ..report import InfoTensor
+
+    _rows(report.tensors, columns(InfoTensor.FIELDS), out)
+
+
+class CsvFormat(Format):
+    name = "csv"
+    suffixes = ('.csv',)
+    kinds = ('norms', 'diff', 'info')
+    machine = True
+    help = "one row per tensor"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return write_with({"norms": render_norms, "diff": render_diff, "info": render_info}, report, options)
+
+
+FORMAT = CsvFormat()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from typing import Any, TextIO
 
-from . import RenderOptions
+from . import Format, RenderOptions, write_with
 from ._escape import printable
 from .text import render_check as _verdict
 
@@ -33,3 +33,17 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
     buf = io.StringIO()
     _verdict(report, buf, options)
     out.write(buf.getvalue().splitlines()[-1] + "\n")
+
+
+class GithubFormat(Format):
+    name = "github"
+    suffixes = ()
+    kinds = ('check',)
+    machine = True
+    help = "GitHub Actions ::error workflow commands, shown as annotations"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return write_with({"check": render_check}, report, options)
+
+
+FORMAT = GithubFormat()

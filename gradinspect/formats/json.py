@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any, TextIO
 
-from . import RenderOptions
+from . import Format, RenderOptions
 from ._escape import escape_char
 
 
@@ -69,3 +69,17 @@ def _render(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 
 render_norms = render_check = render_diff = render_info = _render
+
+
+class JsonFormat(Format):
+    name = "json"
+    suffixes = ('.json',)
+    kinds = ('norms', 'check', 'diff', 'info')
+    machine = True
+    help = "strict JSON with a schema version, for scripts"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return dumps(report.to_dict())
+
+
+FORMAT = JsonFormat()

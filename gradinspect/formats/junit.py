@@ -6,7 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any, TextIO
 
-from . import RenderOptions
+from . import Format, RenderOptions, write_with
 from ._escape import printable
 
 
@@ -40,3 +40,17 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
     out.write('<?xml version="1.0" encoding="utf-8"?>\n')
     out.write(ET.tostring(suites, encoding="unicode"))
     out.write("\n")
+
+
+class JunitFormat(Format):
+    name = "junit"
+    suffixes = ('.xml',)
+    kinds = ('check',)
+    machine = True
+    help = "JUnit XML, one testcase per rule, for CI dashboards"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return write_with({"check": render_check}, report, options)
+
+
+FORMAT = JunitFormat()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, TextIO
 
-from . import RenderOptions
+from . import Format, RenderOptions, write_with
 from ._escape import printable
-from ..norms import general_p
-from ._human import bar, diff_summary, dtypes, shard_columns, nonfinite, norm_label, num, percent, shape, summary
 
 
 def _esc(text: str) -> str:
@@ -33,6 +31,8 @@ def _table(head: list[str], numeric: set[str], rows: list[list[str]], out: TextI
 
 
 def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
+    from ._human import diff_summary, dtypes, num, shape
+
     tol = report.tolerances.any
     head = ["#", "tensor", "shape", "dtype", "L2 A", "L2 B", "L2 A−B", "rel", "cosine", "max abs diff"] + (["ok"] if tol else [])
     rows = []
@@ -49,6 +49,18 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 
 def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
+    from ..norms import general_p
+    from ._human import (
+        bar,
+        nonfinite,
+        norm_label,
+        num,
+        percent,
+        shape,
+        shard_columns,
+        summary,
+    )
+
     lp = general_p(report.norm_type)
     extra = shard_columns(report)
     head = (["#", "tensor", "shape", "dtype", "L2", "L1", "L∞"] + ([norm_label(report.norm_type)] if lp else [])
@@ -69,3 +81,17 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
         out.write(f"- **{label}**: {_esc(value)}\n")
     for w in report.warnings():
         out.write(f"\n> ⚠️ **Warning:** {_esc(w)}\n")
+
+
+class MarkdownFormat(Format):
+    name = "markdown"
+    suffixes = ('.md',)
+    kinds = ('norms', 'diff')
+    machine = False
+    help = "GitHub-flavoured Markdown, e.g. for $GITHUB_STEP_SUMMARY"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return write_with({"norms": render_norms, "diff": render_diff}, report, options)
+
+
+FORMAT = MarkdownFormat()

@@ -14,23 +14,21 @@ import io
 import math
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from . import RenderOptions
-from ..norms import general_p
+from . import Format, RenderOptions, write_with
 from ._escape import printable
-from ._human import (bar, diff_summary, shard_columns, dtypes, elide_names, nonfinite, norm_label, num, percent, shape, size,
-                     summary)
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _BAR = 6
 _MIN_NAME = 12
 
 
 def console_for(out: TextIO, options: RenderOptions) -> Console:
+    from rich.console import Console
+
     kwargs: dict[str, Any] = {"file": out, "highlight": False, "emoji": False, "markup": False}
     if options.width is not None:
         kwargs["width"] = options.width
@@ -70,6 +68,21 @@ def render_norms(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 
 def _norms(con: Console, report: Any, elide: bool) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..norms import general_p
+    from ._human import (
+        bar,
+        nonfinite,
+        norm_label,
+        num,
+        percent,
+        shape,
+        shard_columns,
+        summary,
+    )
+
     p = report.norm_type
     lp = general_p(p)
     any_bad = any(r.nonfinite for r in report.tensors)
@@ -157,6 +170,11 @@ def _print_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str]
                  layout: tuple[list[int], int], elide: bool) -> None:
     """The table, names (column 1) elided to their width, or whole and the table as wide as they need;
     cells are never markup."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ._human import elide_names
+
     widths, gap = layout
     if elide:
         for c, name in zip(rows, elide_names([c[1] for c in rows], widths[1])):
@@ -178,6 +196,9 @@ def _print_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str]
 
 
 def _grid(con: Console, lines: list[tuple[str, str]], red: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    from rich.table import Table
+    from rich.text import Text
+
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -192,6 +213,10 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 
 def _diff(con: Console, report: Any, elide: bool) -> None:
+    from rich.text import Text
+
+    from ._human import diff_summary, dtypes, num, shape
+
     tol = report.tolerances.any
     cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("L2 A", "right"),
             ("L2 B", "right"), ("L2 A−B", "right"), ("rel", "right"), ("cosine", "right"), ("max|A−B|", "right")]
@@ -221,6 +246,10 @@ def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 
 def _info(con: Console, report: Any, elide: bool) -> None:
+    from rich.text import Text
+
+    from ._human import shape, size
+
     many = len(report.sources) > 1
     cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("numel", "right"), ("bytes", "right")]
     if many:
@@ -247,3 +276,16 @@ def _info(con: Console, report: Any, elide: bool) -> None:
     else:
         lines += [(f"metadata {os.path.basename(src)}", text) for src, text in metas.items()]
     _grid(con, lines)
+
+
+class TableFormat(Format):
+    name = "table"
+    suffixes = (".txt",)
+    kinds = ("norms", "diff", "info")
+    help = "a table for the terminal"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return write_with({"norms": render_norms, "diff": render_diff, "info": render_info}, report, options)
+
+
+FORMAT = TableFormat()

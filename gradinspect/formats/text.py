@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
-from . import RenderOptions
+from . import Format, RenderOptions, write_with
 from ._escape import printable
-from ._human import norm_label, num
 
 
 def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
+    from ._human import norm_label, num
+
     for f in report.findings:
         out.write(f"FAIL  {printable(f.message)}\n")
     r = report.report
@@ -21,3 +22,17 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
     else:
         n = len(report.findings)
         out.write(f"FAIL  {n} finding{'s' if n != 1 else ''} ({', '.join(report.failed_rules())}); {what}\n")
+
+
+class TextFormat(Format):
+    name = "text"
+    suffixes = ('.txt',)
+    kinds = ('check',)
+    machine = False
+    help = "one line per finding and a verdict"
+
+    def render(self, report: Any, options: RenderOptions) -> str:
+        return write_with({"check": render_check}, report, options)
+
+
+FORMAT = TextFormat()
