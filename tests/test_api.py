@@ -181,7 +181,7 @@ def test_bad_options() -> None:
         ({"max_norm": 0.0}, r"max_norm must be a finite number > 0, not 0\.0"),
         ({"eps": -1.0}, r"eps must be a finite number >= 0, not -1\.0"),
         ({"sort": "size"}, r"sort must be one of share, .*, not 'size'"),
-        ({"top": -1}, "top must be >= 0, not -1"),
+        ({"top": -1}, "top must be a whole number >= 0, not -1"),
         ({"group_by": 0}, "group_by must be an integer >= 1 or a regular expression, not 0"),
         ({"norm_type": 0}, "norm type must be 1, 2, inf or a number > 0, not 0"),
     ):

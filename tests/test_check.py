@@ -70,9 +70,9 @@ def test_nonfinite_rule_one_finding_per_tensor_with_counts() -> None:
 
 
 def test_rules_validation() -> None:
-    with pytest.raises(ValueError, match=r"max_share must be between 0 and 1, not 1\.5"):
+    with pytest.raises(ValueError, match=r"max_share must be a number from 0 to 1, not 1\.5"):
         Rules(max_share=1.5)
-    with pytest.raises(ValueError, match="max_total must be a number, not NaN"):
+    with pytest.raises(ValueError, match="max_total must be a finite number, not nan"):
         Rules(max_total=math.nan)
 
 
