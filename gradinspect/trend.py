@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from .clip import DEFAULT_EPS
 from .norms import norm_type_label
 
 __all__ = [
@@ -503,7 +504,7 @@ def analyze(
     *,
     norm_type: float = 2.0,
     max_norm: float = 1.0,
-    eps: float = 1e-6,
+    eps: float = DEFAULT_EPS,
     group_by: int | str | None = None,
     window: int = DEFAULT_WINDOW,
     spike_factor: float = DEFAULT_SPIKE_FACTOR,

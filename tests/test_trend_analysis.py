@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -99,6 +100,12 @@ def test_from_reports_refuses_reports_that_lose_rows_or_tensors() -> None:
         StepResult.from_reports(0, compute_norms(arrays, group_by=1), compute_norms({"b": np.ones(1)}))
     with pytest.raises(ValueError, match="step 3 twice"):
         analyze([step_of(3, arrays), step_of(3, arrays)])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        analyze([step_of(3, arrays)], window=0)
+    with pytest.raises(ValueError, match="spike_factor must be a finite number > 0"):
+        analyze([step_of(3, arrays)], spike_factor=0.0)
+    with pytest.raises(ValueError, match="clip target must be between 0 and 1"):
+        analyze([step_of(3, arrays)], clip_target=-0.1)
 
 
 # --- spikes and culprits ---------------------------------------------------------------------
@@ -133,10 +140,11 @@ def test_no_spike_without_three_finite_steps_before_and_below_the_factor() -> No
     assert [s.step for s in trend.spikes] == [4, 5]
 
 
-def test_the_window_counts_dumps_and_a_nonfinite_dump_takes_a_slot() -> None:
-    mappings = [{"w": [1.0]}, {"w": [2.0]}, {"w": [3.0]}, {"w": [np.nan, 1.0]}, {"w": [4.0]}, {"w": [100.0]}]
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_window_counts_dumps_and_a_nonfinite_dump_takes_a_slot(bad: float) -> None:
+    mappings = [{"w": [1.0]}, {"w": [2.0]}, {"w": [3.0]}, {"w": [bad, 1.0]}, {"w": [4.0]}, {"w": [100.0]}]
     steps = run(mappings)
-    steps = [StepResult(**{**s.__dict__, "step": 10 * s.step + (7 if s.step == 5 else 0)}) for s in steps]
+    steps = [dataclasses.replace(s, step=10 * s.step + (7 if s.step == 5 else 0)) for s in steps]
     # window 3 before step 57: steps 20, 30 (NaN), 40 -> two finite, no baseline
     assert analyze(steps, window=3).spikes == ()
     # window 4: steps 10, 20, 30 (NaN, left out), 40 -> median(2, 3, 4) = 3
@@ -198,6 +206,17 @@ def test_planted_nan_step_is_first_nonfinite_never_a_spike_never_in_a_baseline()
     assert trend.dead == ()
     # the clip summary is over the 6 finite steps
     assert trend.clip_summary.p50 == math.sqrt(2.0)
+
+
+def test_a_norm_that_overflows_is_no_nonfinite_step_but_left_out_as_one() -> None:
+    # L1 of two 1e308 is inf without a NaN/Inf value: not first_nonfinite, yet no spike, baseline or clip step
+    mappings = [{"w": [1.0]}] * 3 + [{"w": [1e308, 1e308]}] + [{"w": [1.0]}, {"w": [4.0]}]
+    steps = run(mappings, norm_type=1)
+    assert steps[3].total.norm == math.inf and steps[3].total.nonfinite == 0
+    trend = analyze(steps, norm_type=1, window=4)
+    assert trend.first_nonfinite is None
+    assert [(s.step, s.baseline) for s in trend.spikes] == [(5, 1.0)]
+    assert trend.clip_summary.max == 4.0
 
 
 def test_no_nonfinite_step_is_null() -> None:
