@@ -393,6 +393,6 @@ def test_a_thousand_steps_of_two_hundred_tensors_in_well_under_a_second(rng: np.
     trend = analyze(steps, max_norm=20.0)
     elapsed = time.perf_counter() - start
     assert len(trend.spikes) >= 9 and len(trend.tensors) == 200
-    assert elapsed < 0.5, f"{elapsed:.3f} s"
+    assert elapsed < 1.0, f"{elapsed:.3f} s"  # about 0.1 s on an idle 2-core machine
     s = series(steps)
     assert s.norm.shape == (200, 1000) and s.present.all()
