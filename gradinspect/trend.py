@@ -1,0 +1,610 @@
+"""``gradinspect trend``: a training run over time, one gradient set per step (issue 9).
+
+Pure analysis: numpy and math only, no I/O.  The input is one :class:`StepResult`
+per step, the numbers ``gradinspect norms`` reports for that step alone
+(:meth:`StepResult.from_reports` takes them from a :class:`~gradinspect.report.NormsReport`
+unchanged, so they are bit-for-bit those of ``norms``).  :func:`analyze` turns
+a run into a :class:`TrendReport`, whose ``to_dict()`` is the JSON shape
+``gradinspect.trend/1``; non-finite numbers stay floats there (the JSON
+writer spells them as strings, as for ``norms/1``).
+
+Definitions (issue 9 §3).  A step is *finite* when its ``norm_type`` global
+norm is finite and it holds no NaN/Inf value; the others are *non-finite*
+steps: never a spike, never in a baseline, left out of the clip summary and of
+drift.  Rows are tensors, or groups with ``group_by``; ``first_nonfinite`` and
+``dead`` always name tensors.
+
+- Spikes: the baseline of step i is ``numpy.median`` of the global norms of the
+  finite steps among the up to ``window`` steps before it in step order
+  (a non-finite step takes a slot and is left out); fewer than 3 finite ones:
+  no baseline.  A finite step is a spike when its norm > ``spike_factor`` ×
+  baseline (ratio ``norm / baseline``, ``inf`` for a zero baseline).
+  Culprits: for every row present at the spike, ``sq`` at the spike minus
+  ``baseline_sq``, the median of its ``sq`` over the baseline steps where it
+  is present (0 when absent from all); ``part`` = its increase / the sum of
+  the positive increases; rows with a positive increase only, largest part
+  first (ties in row order).  The parts sum to 1 up to rounding.
+- Clip summary: over the finite steps, the fraction whose clip coefficient is
+  < 1, the p50/p90/p99 (numpy's linear interpolation) and max of their norms,
+  and :func:`max_norm_for_target`.
+- Missing: rows absent from some steps, and those steps (exactly where the
+  series are ``None``).  Dead: tensors all-zero in every step where present.
+- Drift: the 10 rows whose median share (over the steps where present)
+  changed most, absolute change, between the first and the last ceil(n/4) of
+  the n finite steps; rows absent from either end are left out; none for n < 2.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .clip import DEFAULT_EPS
+from .norms import norm_type_label
+
+__all__ = [
+    "DEFAULT_CLIP_TARGET",
+    "DEFAULT_SPIKE_FACTOR",
+    "DEFAULT_WINDOW",
+    "DRIFT_TOP",
+    "TREND_CSV_COLUMNS",
+    "TREND_SCHEMA",
+    "ClipSummary",
+    "Culprit",
+    "Drift",
+    "FirstNonfinite",
+    "Missing",
+    "NonfiniteTensor",
+    "Series",
+    "Spike",
+    "StepResult",
+    "StepTotals",
+    "TrendReport",
+    "allowed_clipped",
+    "analyze",
+    "baselines",
+    "max_norm_for_target",
+    "median_rows",
+    "series",
+    "spell",
+]
+
+TREND_SCHEMA = "gradinspect.trend/1"
+TREND_CSV_COLUMNS = ("step", "name", "l1", "l2", "linf", "norm", "sq", "share", "nonfinite")
+DEFAULT_WINDOW = 20
+DEFAULT_SPIKE_FACTOR = 3.0
+DEFAULT_CLIP_TARGET = 0.1
+DRIFT_TOP = 10
+MIN_BASELINE = 3  # finite steps a baseline needs
+
+
+# --- input: one step ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepTotals:
+    """A step's global statistics, as ``norms`` reports them (``report.total``)."""
+
+    l1: float
+    l2: float
+    linf: float
+    norm: float
+    sq: float
+    nan: int
+    inf: int
+    tensors: int
+    numel: int
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan + self.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"l1": self.l1, "l2": self.l2, "linf": self.linf, "norm": self.norm, "sq": self.sq,
+                "nonfinite": self.nonfinite, "nan": self.nan, "inf": self.inf, "tensors": self.tensors,
+                "numel": self.numel}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step: its totals and clip, its rows (columns of equal length, in file order), and its tensors.
+
+    Rows (``names`` .. ``nonfinite``) are tensors, or ``group_by`` groups.
+    ``tensor_names`` .. ``tensor_zero`` are always tensors (for
+    ``first_nonfinite`` and ``dead``); without ``group_by`` they name the
+    same tensors as the rows.
+    """
+
+    step: int
+    sources: tuple[str, ...]
+    total: StepTotals
+    clip_coef: float
+    clipped: bool
+    names: tuple[str, ...]
+    l1: tuple[float, ...]
+    l2: tuple[float, ...]
+    linf: tuple[float, ...]
+    norm: tuple[float, ...]
+    sq: tuple[float, ...]
+    share: tuple[float, ...]
+    nonfinite: tuple[int, ...]
+    tensor_names: tuple[str, ...]
+    tensor_nan: tuple[int, ...]
+    tensor_inf: tuple[int, ...]
+    tensor_zero: tuple[bool, ...]  # numel > 0 and every element 0
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if any(len(c) != n for c in (self.l1, self.l2, self.linf, self.norm, self.sq, self.share, self.nonfinite)):
+            raise ValueError(f"step {self.step}: row columns of different lengths")
+        t = len(self.tensor_names)
+        if any(len(c) != t for c in (self.tensor_nan, self.tensor_inf, self.tensor_zero)):
+            raise ValueError(f"step {self.step}: tensor columns of different lengths")
+        if len(set(self.names)) != n or len(set(self.tensor_names)) != t:
+            raise ValueError(f"step {self.step}: a name twice")
+
+    @property
+    def finite(self) -> bool:
+        """True when the global norm is finite and no value is NaN/Inf."""
+        return math.isfinite(self.total.norm) and not self.total.nonfinite
+
+    @classmethod
+    def from_reports(cls, step: int, report: Any, tensor_report: Any = None,
+                     sources: Sequence[str] | None = None) -> StepResult:
+        """A step from the :class:`~gradinspect.report.NormsReport` of that step alone.
+
+        ``report`` must hold every row in file order: made with ``sort="none"``
+        and no ``top`` (``omitted`` must be 0; row order cannot be checked, so
+        it is up to the caller).  With ``group_by``, its rows are groups, which
+        cannot say which tensor held a NaN or was all-zero: ``tensor_report``
+        is the same step's report without ``group_by`` (the same options
+        otherwise).  Without ``group_by`` it defaults to ``report``.
+        ``sources`` defaults to ``report.sources``.  Every number is taken
+        unchanged from the reports.
+        """
+        if report.omitted:
+            raise ValueError("report must hold every row: make it with top=None")
+        if tensor_report is None:
+            if report.group_by is not None:
+                raise ValueError("with group_by, pass the same step's report without group_by as tensor_report")
+            tensor_report = report
+        elif tensor_report.group_by is not None or tensor_report.omitted:
+            raise ValueError("tensor_report must have one row per tensor: no group_by, top=None")
+        t, u = report.total, tensor_report.total
+        if (t.tensors, t.numel, t.nan, t.inf) != (u.tensors, u.numel, u.nan, u.inf):
+            raise ValueError("report and tensor_report are not of the same tensors")
+        rows = report.tensors
+        trows = tensor_report.tensors
+        return cls(
+            step=int(step),
+            sources=tuple(report.sources if sources is None else sources),
+            total=StepTotals(t.l1, t.l2, t.linf, t.norm, t.sq, t.nan, t.inf, t.tensors, t.numel),
+            clip_coef=report.clip.coef,
+            clipped=report.clip.clipped,
+            names=tuple(r.name for r in rows),
+            l1=tuple(r.l1 for r in rows),
+            l2=tuple(r.l2 for r in rows),
+            linf=tuple(r.linf for r in rows),
+            norm=tuple(r.norm for r in rows),
+            sq=tuple(r.sq for r in rows),
+            share=tuple(r.share for r in rows),
+            nonfinite=tuple(r.nan + r.inf for r in rows),
+            tensor_names=tuple(r.name for r in trows),
+            tensor_nan=tuple(r.nan for r in trows),
+            tensor_inf=tuple(r.inf for r in trows),
+            tensor_zero=tuple(r.numel > 0 and r.linf == 0.0 for r in trows),
+        )
+
+
+# --- the series: [row][step] arrays -------------------------------------------
+
+class Series:
+    """A run as arrays, steps sorted by number.
+
+    ``names``: rows in order of first appearance (steps in order, rows in
+    file order); ``norm``, ``sq``, ``share`` ([row][step] float64, NaN where
+    absent) and ``present`` ([row][step] bool).  ``tensor_names``,
+    ``tensor_present``, ``tensor_zero`` likewise for tensors.  Per step:
+    ``step`` (int64), ``global_norm``, ``clipped`` and ``finite`` (bool).
+    """
+
+    def __init__(self, steps: Sequence[StepResult]) -> None:
+        ordered = sorted(steps, key=lambda s: s.step)
+        for a, b in itertools.pairwise(ordered):
+            if a.step == b.step:
+                raise ValueError(f"step {a.step} twice")
+        self.steps: tuple[StepResult, ...] = tuple(ordered)
+        n = len(ordered)
+        self.step = np.array([s.step for s in ordered], dtype=np.int64)
+        self.global_norm = np.array([s.total.norm for s in ordered], dtype=np.float64)
+        self.clipped = np.array([s.clipped for s in ordered], dtype=bool)
+        self.finite = np.array([s.finite for s in ordered], dtype=bool)
+        self.names, groups = _index(ordered, "names")
+        r = len(self.names)
+        self.norm = np.full((r, n), np.nan)
+        self.sq = np.full((r, n), np.nan)
+        self.share = np.full((r, n), np.nan)
+        self.present = np.zeros((r, n), dtype=bool)
+        for rows, cols in groups:  # the steps with the same rows at once
+            at = np.ix_(rows, cols)
+            self.norm[at] = np.array([ordered[j].norm for j in cols], dtype=np.float64).reshape(len(cols), -1).T
+            self.sq[at] = np.array([ordered[j].sq for j in cols], dtype=np.float64).reshape(len(cols), -1).T
+            self.share[at] = np.array([ordered[j].share for j in cols], dtype=np.float64).reshape(len(cols), -1).T
+            self.present[at] = True
+        self.tensor_names, groups = _index(ordered, "tensor_names")
+        self.tensor_present = np.zeros((len(self.tensor_names), n), dtype=bool)
+        self.tensor_zero = np.zeros((len(self.tensor_names), n), dtype=bool)
+        for rows, cols in groups:
+            at = np.ix_(rows, cols)
+            self.tensor_present[at] = True
+            self.tensor_zero[at] = np.array([ordered[j].tensor_zero for j in cols], dtype=bool).reshape(len(cols), -1).T
+
+
+def series(steps: Sequence[StepResult]) -> Series:
+    """The run as [row][step] arrays (for analysis and plots); ValueError for a step number twice."""
+    return Series(steps)
+
+
+def _index(steps: Sequence[StepResult], attr: str) -> tuple[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]]:
+    """Names in order of first appearance, and (row indices, step positions) per distinct list of names."""
+    index: dict[str, int] = {}
+    known: dict[tuple[str, ...], tuple[np.ndarray, list[int]]] = {}
+    for j, st in enumerate(steps):
+        names = getattr(st, attr)
+        got = known.get(names)
+        if got is None:
+            rows = np.fromiter((index.setdefault(nm, len(index)) for nm in names), dtype=np.intp, count=len(names))
+            got = known[names] = (rows, [])
+        got[1].append(j)
+    return tuple(index), [(rows, np.array(cols, dtype=np.intp)) for rows, cols in known.values()]
+
+
+# --- pure statistics ----------------------------------------------------------
+
+def median_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a 2-D array, ``numpy.median`` of its non-NaN values, and how many there are.
+
+    A row with none has median NaN.  The result is bit-for-bit ``np.median``
+    of the row's values (the middle one, or the mean of the two middle ones).
+    """
+    v = np.sort(values, axis=1)  # NaN last
+    count = np.count_nonzero(~np.isnan(values), axis=1)
+    rows = np.arange(v.shape[0])
+    hi = np.minimum(count // 2, max(v.shape[1] - 1, 0))
+    lo = np.maximum(count - 1, 0) // 2
+    if v.shape[1] == 0:
+        return np.full(v.shape[0], np.nan), count
+    a, b = v[rows, lo], v[rows, hi]
+    with np.errstate(over="ignore", invalid="ignore"):
+        med = np.where(count % 2 == 1, a, (a + b) / 2.0)
+    med[count == 0] = np.nan
+    return med, count
+
+
+def baselines(norms: np.ndarray, finite: np.ndarray, window: int = DEFAULT_WINDOW) -> np.ndarray:
+    """Per step, the median of the finite norms among the up to ``window`` steps before it; NaN with < 3."""
+    n = len(norms)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, not {window}")
+    if n == 0:
+        return np.zeros(0)
+    window = min(window, n)
+    pos = np.arange(n)[:, None] - window + np.arange(window)[None, :]  # the window's step positions
+    ok = pos >= 0
+    ok[ok] = finite[pos[ok]]
+    vals = np.where(ok, norms[np.clip(pos, 0, None)], np.nan)
+    med, count = median_rows(vals)
+    med[count < MIN_BASELINE] = np.nan
+    return med
+
+
+def _baseline_columns(finite: np.ndarray, i: int, window: int) -> np.ndarray:
+    cols = np.arange(max(0, i - window), i)
+    return cols[finite[cols]]
+
+
+def allowed_clipped(n: int, target: float) -> int:
+    """The most steps of ``n`` that may be clipped with ``clipped / n <= target`` (in float, as the fraction is)."""
+    if n == 0:
+        return 0
+    k = min(n, max(0, math.floor(target * n)))
+    while k < n and (k + 1) / n <= target:
+        k += 1
+    while k > 0 and k / n > target:
+        k -= 1
+    return k
+
+
+def max_norm_for_target(norms: Sequence[float] | np.ndarray, target: float, eps: float) -> float:
+    """The smallest max_norm M at which at most a fraction ``target`` of these (finite) norms is clipped.
+
+    A step is clipped when its coefficient is < 1: torch's ``M / (norm + eps) < 1``,
+    optax's (``eps`` 0) ``norm > M``; for positive floats both are exactly
+    ``M < d`` with ``d = norm + eps`` as float64 computes it (a correctly
+    rounded quotient of two positive floats is < 1 exactly when the numerator
+    is smaller).  With k = :func:`allowed_clipped` the steps that may be
+    clipped, the k largest ``d`` may exceed M and no more, so M is the
+    (n - k)-th smallest ``d``: every step with ``d <= M`` keeps coefficient 1,
+    and at any smaller M the (n - k)-th smallest would be clipped too.  NaN
+    for no norms; 0.0 when every step may be clipped (k = n).
+    """
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"clip target must be between 0 and 1, not {target}")
+    d = np.sort(np.asarray(norms, dtype=np.float64) + eps)
+    n = len(d)
+    if n == 0:
+        return math.nan
+    k = allowed_clipped(n, target)
+    return 0.0 if k == n else float(d[n - k - 1])
+
+
+# --- output -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Culprit:
+    name: str
+    sq: float
+    baseline_sq: float
+    part: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sq": self.sq, "baseline_sq": self.baseline_sq, "part": self.part}
+
+
+@dataclass(frozen=True)
+class Spike:
+    step: int
+    norm: float
+    baseline: float
+    ratio: float
+    culprits: tuple[Culprit, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "norm": self.norm, "baseline": self.baseline, "ratio": self.ratio,
+                "culprits": [c.to_dict() for c in self.culprits]}
+
+
+@dataclass(frozen=True)
+class NonfiniteTensor:
+    name: str
+    nan: int
+    inf: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "nan": self.nan, "inf": self.inf}
+
+
+@dataclass(frozen=True)
+class FirstNonfinite:
+    step: int
+    tensors: tuple[NonfiniteTensor, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tensors": [t.to_dict() for t in self.tensors]}
+
+
+@dataclass(frozen=True)
+class ClipSummary:
+    """Clipping over the finite steps (NaN everywhere when there are none)."""
+
+    fraction_clipped: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+    target: float
+    max_norm_for_target: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction_clipped": self.fraction_clipped, "p50": self.p50, "p90": self.p90, "p99": self.p99,
+                "max": self.max, "target": self.target, "max_norm_for_target": self.max_norm_for_target}
+
+
+@dataclass(frozen=True)
+class Missing:
+    name: str
+    steps: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": list(self.steps)}
+
+
+@dataclass(frozen=True)
+class Drift:
+    name: str
+    first: float
+    last: float
+
+    @property
+    def change(self) -> float:
+        return abs(self.last - self.first)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "first": self.first, "last": self.last}
+
+
+@dataclass(frozen=True)
+class TrendReport:
+    """The result of ``gradinspect trend``; ``to_dict()`` is the ``gradinspect.trend/1`` JSON shape.
+
+    ``series_norm`` / ``series_share``: [row][step], ``None`` where the row is
+    absent from the step.
+    """
+
+    norm_type: float
+    max_norm: float
+    eps: float
+    group_by: int | str | None
+    window: int
+    spike_factor: float
+    steps: tuple[StepResult, ...]
+    tensors: tuple[str, ...]
+    series_norm: tuple[tuple[float | None, ...], ...]
+    series_share: tuple[tuple[float | None, ...], ...]
+    spikes: tuple[Spike, ...]
+    first_nonfinite: FirstNonfinite | None
+    clip_summary: ClipSummary
+    dead: tuple[str, ...]
+    missing: tuple[Missing, ...]
+    drift: tuple[Drift, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": TREND_SCHEMA,
+            "norm_type": norm_type_label(self.norm_type),
+            "max_norm": self.max_norm,
+            "eps": self.eps,
+            "group_by": self.group_by,
+            "window": self.window,
+            "spike_factor": self.spike_factor,
+            "steps": [{"step": s.step, "sources": list(s.sources), "total": s.total.to_dict(),
+                       "clip": {"coef": s.clip_coef, "clipped": s.clipped}} for s in self.steps],
+            "tensors": list(self.tensors),
+            "series": {"norm": [list(r) for r in self.series_norm], "share": [list(r) for r in self.series_share]},
+            "spikes": [s.to_dict() for s in self.spikes],
+            "first_nonfinite": None if self.first_nonfinite is None else self.first_nonfinite.to_dict(),
+            "clip_summary": self.clip_summary.to_dict(),
+            "dead": list(self.dead),
+            "missing": [m.to_dict() for m in self.missing],
+            "drift": [d.to_dict() for d in self.drift],
+        }
+
+    def csv_rows(self, spelled: bool = True) -> Iterator[tuple[Any, ...]]:
+        """Long format, one row per (step, row present in it), columns :data:`TREND_CSV_COLUMNS`.
+
+        With ``spelled``, floats are strings: ``repr`` or, non-finite, as in
+        the JSON (``NaN``, ``Infinity``); names are as they are (the CSV
+        writer makes them safe).  Without, raw values.
+        """
+        for s in self.steps:
+            cols: tuple[tuple[Any, ...], ...] = (s.l1, s.l2, s.linf, s.norm, s.sq, s.share)
+            if spelled:
+                f = float.__repr__ if np.isfinite(np.array(cols, dtype=np.float64)).all() else spell
+                cols = tuple(tuple(map(f, c)) for c in cols)
+            yield from zip(itertools.repeat(s.step), s.names, *cols, s.nonfinite)
+
+
+def spell(x: float) -> str:
+    """A float for CSV: ``repr``, or ``NaN``, ``Infinity``, ``-Infinity`` as in the JSON."""
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return repr(float(x))
+
+
+# --- the analysis -------------------------------------------------------------
+
+def analyze(
+    steps: Sequence[StepResult] | Series,
+    *,
+    norm_type: float = 2.0,
+    max_norm: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    group_by: int | str | None = None,
+    window: int = DEFAULT_WINDOW,
+    spike_factor: float = DEFAULT_SPIKE_FACTOR,
+    clip_target: float = DEFAULT_CLIP_TARGET,
+) -> TrendReport:
+    """The trend of a run: spikes and their culprits, first non-finite step, clipping, dead, missing, drift.
+
+    ``steps`` in any order (sorted by step number; a number twice is a
+    ValueError).  ``norm_type``, ``max_norm``, ``eps`` and ``group_by`` must
+    be those the steps were computed with: they are reported, and ``eps``
+    gives :func:`max_norm_for_target`.  See the module docstring.
+    """
+    if not spike_factor > 0 or math.isinf(spike_factor):
+        raise ValueError(f"spike_factor must be a finite number > 0, not {spike_factor}")
+    if not 0.0 <= clip_target <= 1.0:
+        raise ValueError(f"clip target must be between 0 and 1, not {clip_target}")
+    s = steps if isinstance(steps, Series) else Series(steps)
+    return TrendReport(
+        norm_type=float(norm_type), max_norm=max_norm, eps=eps, group_by=group_by, window=window,
+        spike_factor=spike_factor, steps=s.steps, tensors=s.names,
+        series_norm=_with_none(s.norm, s.present), series_share=_with_none(s.share, s.present),
+        spikes=_spikes(s, window, spike_factor), first_nonfinite=_first_nonfinite(s),
+        clip_summary=_clip_summary(s, clip_target, eps), dead=_dead(s), missing=_missing(s), drift=_drift(s),
+    )
+
+
+def _with_none(values: np.ndarray, present: np.ndarray) -> tuple[tuple[float | None, ...], ...]:
+    obj = values.astype(object)
+    obj[~present] = None
+    return tuple(map(tuple, obj.tolist()))
+
+
+def _spikes(s: Series, window: int, factor: float) -> tuple[Spike, ...]:
+    base = baselines(s.global_norm, s.finite, window)
+    g = s.global_norm
+    with np.errstate(invalid="ignore", over="ignore"):
+        hits = np.flatnonzero(s.finite & ~np.isnan(base) & (g > factor * base))
+    out = []
+    for i in hits.tolist():
+        b, norm = float(base[i]), float(g[i])
+        ratio = norm / b if b > 0 else math.inf
+        out.append(Spike(int(s.step[i]), norm, b, ratio, _culprits(s, i, window)))
+    return tuple(out)
+
+
+def _culprits(s: Series, i: int, window: int) -> tuple[Culprit, ...]:
+    cols = _baseline_columns(s.finite, i, window)
+    base, count = median_rows(np.where(s.present[:, cols], s.sq[:, cols], np.nan))
+    base[count == 0] = 0.0
+    here = s.present[:, i]
+    sq = s.sq[:, i]
+    with np.errstate(invalid="ignore"):
+        inc = sq - base
+        rows = np.flatnonzero(here & (inc > 0))
+    if not len(rows):
+        return ()
+    total = float(np.sum(inc[rows]))
+    parts = inc[rows] / total
+    order = np.argsort(-parts, kind="stable")
+    return tuple(Culprit(s.names[r], float(sq[r]), float(base[r]), float(p))
+                 for r, p in zip(rows[order].tolist(), parts[order].tolist()))
+
+
+def _first_nonfinite(s: Series) -> FirstNonfinite | None:
+    for st in s.steps:
+        if st.total.nonfinite:
+            return FirstNonfinite(st.step, tuple(
+                NonfiniteTensor(nm, a, b) for nm, a, b in zip(st.tensor_names, st.tensor_nan, st.tensor_inf) if a + b))
+    return None
+
+
+def _clip_summary(s: Series, target: float, eps: float) -> ClipSummary:
+    norms = s.global_norm[s.finite]
+    if not len(norms):
+        return ClipSummary(math.nan, math.nan, math.nan, math.nan, math.nan, target, math.nan)
+    p50, p90, p99 = (float(x) for x in np.percentile(norms, [50, 90, 99]))
+    return ClipSummary(int(np.count_nonzero(s.clipped[s.finite])) / len(norms), p50, p90, p99,
+                       float(norms.max()), target, max_norm_for_target(norms, target, eps))
+
+
+def _dead(s: Series) -> tuple[str, ...]:
+    dead = np.all(s.tensor_zero | ~s.tensor_present, axis=1) & np.any(s.tensor_present, axis=1)
+    return tuple(s.tensor_names[r] for r in np.flatnonzero(dead).tolist())
+
+
+def _missing(s: Series) -> tuple[Missing, ...]:
+    rows = np.flatnonzero(~np.all(s.present, axis=1))
+    return tuple(Missing(s.names[r], tuple(s.step[~s.present[r]].tolist())) for r in rows.tolist())
+
+
+def _drift(s: Series) -> tuple[Drift, ...]:
+    cols = np.flatnonzero(s.finite)
+    n = len(cols)
+    if n < 2:
+        return ()
+    q = math.ceil(n / 4)
+    share = np.where(s.present, s.share, np.nan)
+    first, cf = median_rows(share[:, cols[:q]])
+    last, cl = median_rows(share[:, cols[-q:]])
+    rows = np.flatnonzero((cf > 0) & (cl > 0))
+    change = np.abs(last[rows] - first[rows])
+    order = np.argsort(-change, kind="stable")[:DRIFT_TOP]
+    return tuple(Drift(s.names[r], float(first[r]), float(last[r])) for r in rows[order].tolist())
