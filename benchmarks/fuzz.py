@@ -1351,6 +1351,18 @@ def judge(case: Case, run: Run, truth: Truth | None | OracleRefused) -> Verdict:
     return verdict
 
 
+def _as_json_text(name: str) -> str:
+    """A name as gradinspect's JSON spells it: a byte that is not UTF-8 (a PEP 383 surrogate
+    U+DC80..U+DCFF) as the text \\xNN, any other lone surrogate as the text \\uNNNN."""
+    def one(c: str) -> str:
+        o = ord(c)
+        if 0xDC80 <= o <= 0xDCFF:
+            return f"\\x{o - 0xDC00:02x}"
+        return f"\\u{o:04x}" if 0xD800 <= o <= 0xDFFF else c
+
+    return "".join(one(c) for c in name)
+
+
 def _compare(rep: dict, truth: Truth, rows: bool) -> list[tuple[str, str]]:
     try:
         total = rep["total"]
@@ -1369,7 +1381,7 @@ def _compare(rep: dict, truth: Truth, rows: bool) -> list[tuple[str, str]]:
             out.append(("wrong-result", f"total.{k} {counts[k]!r}, oracle {v!r}"))
     # zipfile cuts member names at a NUL byte; compare names (on both sides) the way it reads them.
     if rows and sorted(t["name"].split("\0")[0] for t in rep.get("tensors", [])) != sorted(
-            n.split("\0")[0] for n in truth.names):
+            _as_json_text(n.split("\0")[0]) for n in truth.names):
         out.append(("wrong-result", "tensor names differ from the oracle's"))
     return [("wrong-result", "; ".join(d for _, d in out))] if out else []
 
