@@ -318,18 +318,27 @@ def _elements(pieces: Sequence[Piece], buf: ChunkBuffer) -> Iterator[np.ndarray]
             yield from src.chunks(t, buf)
 
 
+_EMPTY = np.empty(0)
+
+
 def _aligned(ga: Iterator[np.ndarray], gb: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Equally long pairs of chunks from two element streams, until either ends."""
-    ca = cb = np.empty(0)
+    ca = cb = _EMPTY
     while True:
         while not len(ca):
-            ca = next(ga, None)
-            if ca is None:
+            nxt = next(ga, None)
+            if nxt is None:
                 return
+            ca = nxt
         while not len(cb):
-            cb = next(gb, None)
-            if cb is None:
+            nxt = next(gb, None)
+            if nxt is None:
                 return
+            cb = nxt
+        if len(ca) == len(cb):  # the usual case: equal chunks, no views to make
+            yield ca, cb
+            ca = cb = _EMPTY
+            continue
         k = min(len(ca), len(cb))
         yield ca[:k], cb[:k]
         ca, cb = ca[k:], cb[k:]
@@ -340,14 +349,25 @@ def pair_stats(a: Sequence[Piece], b: Sequence[Piece], tools: _PairTools) -> Any
     from .diff import combine_pairs
 
     reducer, buf_a, buf_b = tools
-    ga, gb = _elements(a, buf_a), _elements(b, buf_b)
-    parts = [reducer.reduce(ca, cb) for ca, cb in _aligned(ga, gb)]
-    # Equal element counts end together; run both readers past their last
-    # chunk, where they check CRCs and that the data was all there.
-    for rest in (ga, gb):
+    if len(a) == len(b) == 1:  # one tensor each (the usual case): their chunks pair up as they come
+        (sa, ta), (sb, tb) = a[0], b[0]
+        with sa, sb:
+            ga, gb = sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)
+            parts = [reducer.reduce(ca, cb) for ca, cb in zip(ga, gb)]
+            _drain(ga, gb)
+    else:
+        ga, gb = _elements(a, buf_a), _elements(b, buf_b)
+        parts = [reducer.reduce(ca, cb) for ca, cb in _aligned(ga, gb)]
+        _drain(ga, gb)
+    return combine_pairs(parts)
+
+
+def _drain(*readers: Iterator[np.ndarray]) -> None:
+    """Run readers past their last chunk, where they check CRCs and that the data was all there
+    (equal element counts end together)."""
+    for rest in readers:
         for _ in rest:
             pass
-    return combine_pairs(parts)
 
 
 def find_copies(records: list[Record], sources: Sequence[Source]) -> dict[str, str]:
@@ -454,7 +474,11 @@ def records_of_sets(sets: Sequence[GradientSet], p: float, include: Iterable[str
     if len(sets) > 1 and progress is not None and hasattr(progress, "set_total"):
         chosen = select(include, exclude)
         progress.set_total(sum(_selected_bytes(s.sources, chosen) for s in sets))
-        progress = progress.__call__  # told already: no set_total per set
+        told = progress
+
+        def progress(n: int) -> None:  # no set_total: the total of every set was told
+            told(n)
+
     return [set_records(s, p, include, exclude, progress, jobs, loss_scale, dedup) for s in sets]
 
 
@@ -674,6 +698,8 @@ def _shape(pieces: Sequence[Piece]) -> tuple[int, ...]:
 
 
 def _dtype(pieces: Sequence[Piece]) -> str:
+    if len(pieces) == 1:
+        return pieces[0][1].dtype
     dtypes = {t.dtype for _, t in pieces}
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
@@ -698,15 +724,17 @@ def _layout(pieces: Sequence[Piece]) -> tuple[int, ...] | None | bool:
 def _unpaired(name: str, pa: list[Piece], pb: list[Piece]) -> Mismatch | Skipped | None:
     """Why the tensors of ``name`` on sides A and B cannot be compared element by element (None: they can)."""
     ta = pa[0][1]
-    shape_a, shape_b, dtype_a, dtype_b = _shape(pa), _shape(pb), _dtype(pa), _dtype(pb)
+    shape_a, shape_b = _shape(pa), _shape(pb)
 
     def mismatch(reason: str) -> Mismatch:
-        return Mismatch(name=name, shape_a=shape_a, shape_b=shape_b, dtype_a=dtype_a, dtype_b=dtype_b, reason=reason)
+        return Mismatch(name=name, shape_a=shape_a, shape_b=shape_b, dtype_a=_dtype(pa), dtype_b=_dtype(pb),
+                        reason=reason)
 
-    float_a, float_b = all(t.is_float for _, t in pa), all(t.is_float for _, t in pb)
-    same_slicing = [t.shape for _, t in pa] == [t.shape for _, t in pb]
-    if shape_a != shape_b and (len(pa) == len(pb) == 1 or sum(t.numel for _, t in pa) != sum(t.numel for _, t in pb)):
+    single = len(pa) == len(pb) == 1
+    if shape_a != shape_b and (single or sum(t.numel for _, t in pa) != sum(t.numel for _, t in pb)):
         return mismatch("shapes differ")
+    float_a, float_b = all(t.is_float for _, t in pa), all(t.is_float for _, t in pb)
+    same_slicing = single or [t.shape for _, t in pa] == [t.shape for _, t in pb]
     if not float_a and not float_b:  # e.g. a step counter on both sides: not gradients
         return Skipped(ta.name, ta.source, ta.dtype, ta.skip_reason or "")
     if float_a != float_b:
