@@ -1,7 +1,8 @@
 """The library API: files or arrays in, frozen reports out (norms, check, diff, info).
 
 The CLI computes through these functions only (it also reads ``config`` and
-builds ``check.Rules``).
+builds ``check.Rules``).  Each is a thin call into :mod:`gradinspect.pipeline`
+(gradient sets, selection, statistics, merging, reports).
 """
 
 from __future__ import annotations
@@ -13,29 +14,27 @@ from typing import Any, Iterable, Mapping, Sequence
 from .clip import DEFAULT_EPS
 from .norms import parse_norm_type
 from .pipeline import (
-    SHARDS,
+    SHARDS,  # noqa: F401 (re-exported)
     SORT_KEYS,
     Progress,
     array_set,
     check_norms_options,
     check_shards,
-    compile_group_by,
+    compile_group_by,  # noqa: F401 (re-exported)
     diff_report,
-    group_name,
+    group_name,  # noqa: F401 (re-exported)
     info_report,
     norms_report,
     open_set,
     records_of_sets,
-    require_floats,
+    require_floats,  # noqa: F401 (re-exported)
     select,
-    sort_rows,
+    sort_rows,  # noqa: F401 (re-exported)
     tensor_stats,
 )
 from .report import CheckReport, DiffReport, InfoReport, NormsReport, Tolerances
 
 __all__ = ["inspect", "compute_norms", "check", "diff", "info", "SORT_KEYS", "tensor_stats", "select"]
-# also here for callers of earlier versions: SHARDS, Progress, compile_group_by, group_name, require_floats, sort_rows
-_REEXPORTED = (SHARDS, Progress, compile_group_by, group_name, require_floats, sort_rows)
 
 
 def inspect(
