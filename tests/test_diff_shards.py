@@ -188,3 +188,18 @@ def test_several_gradient_sets_in_one_run(tmp_path: Path, rng: np.random.Generat
     assert told == [8 * (50 + 51 + 52 + 3 * 7)]  # one total for every set
     for p, rep in zip(paths, reports):
         assert rep.to_dict() == gradinspect.inspect(p).to_dict()
+
+
+def test_strip_prefix_with_slices(tmp_path: Path, rng: np.random.Generator) -> None:
+    w = rng.standard_normal(10).astype(np.float32)
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    save_file({"module.w": w[:4], "module.x": w[:1]}, str(wrapped / "r0.safetensors"))
+    save_file({"module.w": w[4:], "module.x": w[1:2]}, str(wrapped / "r1.safetensors"))
+    save_file({"w": w, "x": w[:2]}, str(tmp_path / "plain.safetensors"))
+    r = diff(wrapped, tmp_path / "plain.safetensors", shards_a="slices", strip_prefix_a=["module."])
+    assert [(t.name, t.numel, t.l2_diff) for t in sorted(r.tensors, key=lambda t: t.name)] == [("w", 10, 0.0),
+                                                                                              ("x", 2, 0.0)]
+    save_file({"module.w": w[4:], "w": w[:1]}, str(wrapped / "r1.safetensors"))  # two names that become one
+    with pytest.raises(InputError, match="--strip-prefix turns both 'module.w' and 'w' into 'w'"):
+        diff(wrapped, tmp_path / "plain.safetensors", shards_a="slices", strip_prefix_a=["module."])
