@@ -448,12 +448,18 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                       "(repeatable). --include/--exclude and the report see the stripped names."),
     click.option("--strip-prefix-a", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for A only."),
     click.option("--strip-prefix-b", multiple=True, metavar="PREFIX", help="Like --strip-prefix, for B only."),
-    *o.SELECTION_OPTIONS, o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    *o.SELECTION_OPTIONS, o.SHARDS,
+    click.option("--shards-a", type=click.Choice(["slices", "replicas"]), default=None,
+                 help="Like --shards, for A only (each side is one gradient set with its own mode)."),
+    click.option("--shards-b", type=click.Choice(["slices", "replicas"]), default=None,
+                 help="Like --shards, for B only."),
+    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
 )
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
-         include: tuple[str, ...], exclude: tuple[str, ...], format: str, as_json: bool, width: int | None,
-         allow_outside_index: bool, output: str | None) -> None:
+         include: tuple[str, ...], exclude: tuple[str, ...], shards: str | None, shards_a: str | None,
+         shards_b: str | None, format: str, as_json: bool, width: int | None, allow_outside_index: bool,
+         output: str | None) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -463,6 +469,12 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     as one vector.  Tensors only on one side, or whose shapes differ, are
     listed.  Different dtypes of the same shape are compared.
 
+    With --shards (or --shards-a/--shards-b), a side's repeated names are
+    copies (the copy norms shows is compared) or slices (compared as their
+    concatenation in file order: the same slicing on both sides, flat
+    FSDP/ZeRO slices, or splits along the first dimension; otherwise listed
+    as sliced differently).
+
     \b
     Examples:
       gradinspect diff run1/grads.safetensors run2/grads.safetensors
@@ -470,6 +482,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
       gradinspect diff grads_fp32.safetensors grads_bf16.safetensors --min-cosine 0.999
       gradinspect diff golden/ current/ --rtol 1e-5 --format json
       gradinspect diff ddp_grads.safetensors grads.safetensors --strip-prefix-a module.
+      gradinspect diff 'fsdp/rank*.safetensors' grads.safetensors --shards-a slices
 
     Exit status: without a tolerance, 0 (diff only reports; a warning when
     nothing was compared).  With --rtol, --atol or --min-cosine: 1 when a
@@ -484,7 +497,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
                          output)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
-                      strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index)
+                      strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
+                      shards_a=shards_a, shards_b=shards_b)
     _warn(report.warnings())
     _emit(fmt, "diff", report, width, output)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 import gradinspect
 from conftest import run
-from gradinspect import api, engine, loaders
+from gradinspect import api, engine, loaders, pipeline
 from gradinspect.errors import InputError
 
 
@@ -100,13 +100,13 @@ def test_file_changed_between_header_and_data(tmp_path: Path, monkeypatch: pytes
 def test_file_replaced_during_replica_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = _save(tmp_path / "rank0.safetensors", 0.5)
     b = _save(tmp_path / "rank1.safetensors", 0.5)
-    original = api._pair_stats
+    original = pipeline.pair_stats
 
     def hooked(*args: Any) -> Any:
         _replace(b)
         return original(*args)
 
-    monkeypatch.setattr(api, "_pair_stats", hooked)
+    monkeypatch.setattr(pipeline, "pair_stats", hooked)
     r = run("norms", a, b, "--shards", "replicas")
     assert r.exit_code == 2, r.output
     assert r.stderr == f"Error: {b}: changed while being read\n"
@@ -116,13 +116,13 @@ def test_file_replaced_during_replica_comparison(tmp_path: Path, monkeypatch: py
 def test_diff_file_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     a = _save(tmp_path / "a.safetensors", 0.5)
     b = _save(tmp_path / "b.safetensors", 0.5)
-    original = api._pair_stats
+    original = pipeline.pair_stats
 
     def hooked(*args: Any) -> Any:
         CHANGES[how](b)
         return original(*args)
 
-    monkeypatch.setattr(api, "_pair_stats", hooked)
+    monkeypatch.setattr(pipeline, "pair_stats", hooked)
     r = run("diff", a, b)
     assert r.exit_code == 2, r.output
     assert r.stderr == f"Error: {b}: changed while being read\n"

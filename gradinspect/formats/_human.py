@@ -202,7 +202,7 @@ def diff_summary(report: Any) -> list[tuple[str, str]]:
     if report.only_b:
         lines.append(("only in B", _names(report.only_b)))
     for m in report.mismatched:
-        if m.shape_a != m.shape_b:
+        if m.reason == "shapes differ":
             lines.append(("shape differs", f"{m.name}: {shape(m.shape_a)} vs {shape(m.shape_b)}"))
         else:
             lines.append(("not compared", f"{m.name}: {m.reason} ({m.dtype_a} vs {m.dtype_b})"))
