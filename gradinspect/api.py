@@ -18,7 +18,7 @@ import numpy as np
 
 from .clip import DEFAULT_EPS, clip_coef
 from .errors import InputError
-from .loaders import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
+from .sources import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
 from .norms import Reducer, Stats, combine, parse_norm_type, unscaled
 from .report import (
     CheckReport,
@@ -292,7 +292,7 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
         for t, _ in copies[1:]:
             if t.shape != t0.shape:
                 raise InputError(t.source, f"replica of {name!r} has shape {list(t.shape)}, but {list(t0.shape)} in {t0.source}")
-            if t._fortran != t0._fortran:
+            if t.order != t0.order:
                 raise InputError(t.source, f"replica of {name!r} is stored in {_order(t)} order, but in {_order(t0)} order in {t0.source}")
         bad = [(t, st) for t, st in copies if st.nonfinite]
         if bad:  # NaN/inf in any copy must show, whichever copy it is in
@@ -310,7 +310,7 @@ def _merge(results: list[tuple[TensorEntry, Stats]], shards: str | None,
 
 
 def _order(t: TensorEntry) -> str:
-    return "Fortran (column-major)" if t._fortran else "C (row-major)"
+    return "Fortran (column-major)" if t.order == "F" else "C (row-major)"
 
 
 class _PairTools(NamedTuple):
@@ -465,7 +465,7 @@ def _copies(records: list[_Record], sources: Sequence[Source]) -> dict[str, str]
 def _may_be_copies(a: _Record, b: _Record) -> bool:
     ta, tb, sa, sb = a.entry, b.entry, a.stats, b.stats
     assert ta is not None and tb is not None
-    if (ta.dtype, ta.shape, ta._fortran, sa.numel, sa.nan, sa.inf) != (tb.dtype, tb.shape, tb._fortran, sb.numel,
+    if (ta.dtype, ta.shape, ta.order, sa.numel, sa.nan, sa.inf) != (tb.dtype, tb.shape, tb.order, sb.numel,
                                                                         sb.nan, sb.inf):
         return False
     if sa.nonfinite:
@@ -660,7 +660,7 @@ def _diff(srcs_a: list[Source], srcs_b: list[Source], tol: Tolerances, include: 
         elif ta.is_float != tb.is_float:
             mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype,
                                        "one side is not a floating-point tensor"))
-        elif ta._fortran != tb._fortran:
+        elif ta.order != tb.order:
             mismatched.append(Mismatch(name, ta.shape, tb.shape, ta.dtype, tb.dtype,
                                        f"A is in {_order(ta)} order, B in {_order(tb)} order"))
         else:

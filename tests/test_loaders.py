@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 import gradinspect
 from gradinspect.errors import InputError
-from gradinspect.loaders import open_paths, resolve_paths
+from gradinspect.sources import open_paths, resolve_paths
 from conftest import FLOAT_DTYPES, Exact, decode, rel, rel_sqrt, write_raw_safetensors
 
 
