@@ -17,6 +17,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
 
+import numpy as np
+
 from .norms import CHUNK, SMALL, Reducer, Stats, combine
 from .sources.base import Source, TensorDesc, inflate_pieces
 from .sources.codec import crc32_combine
@@ -118,8 +120,6 @@ def run_unit(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDe
     if unit.kind == "raw":
         mem = store.buffer(unit.offset, unit.size)
         if mem is not None:  # in memory: reduce the caller's bytes in place (never written)
-            import numpy as np
-
             x = np.frombuffer(mem, dtype=dtype)
             crc = zlib.crc32(mem) if t.extent.crc is not None else None
             return [(unit.tensors[0], unit.part, w.reducer.reduce(x), crc)]

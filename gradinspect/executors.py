@@ -134,7 +134,7 @@ class ProcessExecutor:
         self.jobs = max(1, min(jobs, MAX_JOBS))
         methods = multiprocessing.get_all_start_methods()
         self.context = context or ("fork" if "fork" in methods else "spawn")
-        self._pool: ProcessPoolExecutor | None = None
+        self.pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> ProcessExecutor:
         return self
@@ -143,8 +143,8 @@ class ProcessExecutor:
         self.close()
 
     def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
             pool.shutdown(cancel_futures=True)
 
     def run(self, units: Sequence[WorkUnit], descs: Sequence[TensorDesc], stores: Mapping[str, ByteStore],
@@ -152,8 +152,8 @@ class ProcessExecutor:
         specs = {k: (s.path, s.identity()) for k, s in stores.items() if isinstance(s, LocalFile)}
         if len(specs) != len(stores) or self.jobs <= 1 or len(units) <= 1:  # in memory, or nothing to share
             return ThreadExecutor(self.jobs).run(units, descs, stores, p, chunk, progress)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context(self.context))
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context(self.context))
         n = min(len(units), self.jobs * self.TASKS_PER_JOB)
         cuts = [len(units) * k // n for k in range(n + 1)]
         futures = []
@@ -161,7 +161,7 @@ class ProcessExecutor:
             part = list(units[a:b])
             needed = {i: descs[i] for u in part for i in u.tensors}
             keys = {u.store for u in part}
-            futures.append(self._pool.submit(_run_task, (part, needed, {k: specs[k] for k in keys}, p, chunk)))
+            futures.append(self.pool.submit(_run_task, (part, needed, {k: specs[k] for k in keys}, p, chunk)))
         results: list[list[Part]] = []
         try:
             for (a, b), f in zip(zip(cuts, cuts[1:]), futures):

@@ -25,6 +25,7 @@ INDEX_SUFFIX = ".index.json"
 class Index(Container):
     name = "index"
     suffixes = (INDEX_SUFFIX,)
+    expands = True
 
     def expand(self, path: str, allow_outside: bool = False) -> list[str]:
         """The shard files, sorted; refused outside the index's directory unless ``allow_outside``."""
@@ -33,7 +34,7 @@ class Index(Container):
     def describe(self, store: ByteStore, path: str) -> Source:  # pragma: no cover - expanded, never opened
         raise InputError(path, "an index file is expanded into its shards, not read as tensors")
 
-    def check(self, paths: Sequence[str], sources: list[Source]) -> None:
+    def check(self, paths: Sequence[str | os.PathLike[str]], sources: list[Source]) -> None:
         check_index_names(paths, sources)
 
 

@@ -24,8 +24,10 @@ except ImportError:  # pragma: no cover - ml_dtypes is a dependency
 def array_source(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], path: str = "<memory>") -> Source:
     """A source over in-memory arrays (anything ``np.asarray`` accepts): a mapping of
     names to arrays, or (name, array) pairs, whose names must not repeat."""
-    pending: list[tuple[str, np.ndarray, str | None]] = []
+    pending: list[tuple[str, np.ndarray, str, str | None]] = []
+    flats: list[np.ndarray] = []
     seen: set[str] = set()
+    known: dict[np.dtype, tuple[str, str | None]] = {}  # dtype -> (name, skip reason)
     pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
     for pair in pairs:
         try:
@@ -37,25 +39,29 @@ def array_source(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], path: s
             raise ValueError(f"tensor name {name!r} appears twice")
         seen.add(name)
         arr = _as_numpy(value)
-        reason = skip_reason(dtype_name(arr.dtype), arr.dtype)
-        if arr.dtype.fields is not None:
-            reason = "structured dtype is not a gradient"
-        pending.append((name, arr, reason))
-    flats = []
-    for _, arr, reason in pending:
+        dt = arr.dtype
+        hit = known.get(dt)
+        if hit is None:
+            dname = dtype_name(dt)
+            hit = known[dt] = (dname, skip_reason(dname, dt) if dt.fields is None
+                               else "structured dtype is not a gradient")
+        dname, reason = hit
         if reason is None:
             flat = arr.reshape(-1)
-            flats.append(flat.astype(arr.dtype.newbyteorder("=")) if not arr.dtype.isnative else flat)
+            flats.append(flat if dt.isnative else flat.astype(dt.newbyteorder("=")))
+        pending.append((name, arr, dname, reason))
     store = MemoryStore(flats, path)
     tensors = []
-    floats = iter(zip(flats, store.offsets))
-    for name, arr, reason in pending:
-        np_dtype, ext = arr.dtype, None
+    k = 0
+    key, offsets = store.key, store.offsets
+    for name, arr, dname, reason in pending:
         if reason is None:
-            flat, offset = next(floats)
-            np_dtype, ext = flat.dtype, Extent(store.key, offset, flat.nbytes)
-        tensors.append(TensorDesc(name, path, dtype_name(arr.dtype), tuple(arr.shape), arr.size, arr.nbytes,
-                                  reason, np_dtype, ext))
+            flat = flats[k]
+            tensors.append(TensorDesc(name, path, dname, arr.shape, arr.size, arr.nbytes, None, flat.dtype,
+                                      Extent(key, offsets[k], flat.nbytes)))
+            k += 1
+        else:
+            tensors.append(TensorDesc(name, path, dname, arr.shape, arr.size, arr.nbytes, reason, arr.dtype))
     return Source(path, "memory", tensors, {}, 0, store)
 
 

@@ -86,6 +86,8 @@ def parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tupl
 _NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int, bool]] = {}
 
 
+_NAMES: dict[np.dtype, tuple[str, str | None]] = {}  # dtype -> (name, skip reason)
+
 _VOID_HINTS = {
     1: "numpy writes float8 types from ml_dtypes this way",
     2: "numpy writes bfloat16 from ml_dtypes this way",
@@ -101,8 +103,13 @@ def npy_desc(name: str, path: str, where: str, dtype: np.dtype, shape: tuple[int
         raise InputError(path, f"{where}raw void dtype {dtype.str} ({hint}); refusing to guess its type "
                          "(save bfloat16/float8 gradients with safetensors)")
     numel = math.prod(shape)
-    name_ = dtype_name(dtype) if dtype.fields is None else "structured"
-    reason = skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient"
+    hit = _NAMES.get(dtype)
+    if hit is None:  # numpy's dtype names are slow to compute: once per dtype
+        name_ = dtype_name(dtype) if dtype.fields is None else "structured"
+        hit = (name_, skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient")
+        if len(_NAMES) < 256:
+            _NAMES[dtype] = hit
+    name_, reason = hit
     nbytes = numel * dtype.itemsize
     ext = (Extent(key, offset, nbytes, crc=crc, crc_head=crc_head) if encoding == "raw"
            else Extent(key, offset, stored, encoding, crc, 0, skip, skip + nbytes))

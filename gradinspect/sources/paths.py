@@ -29,7 +29,7 @@ def container_for(path: str) -> Container | None:
 
 
 def _expands(c: Container | None) -> bool:
-    return c is not None and hasattr(c, "expand")
+    return c is not None and c.expands
 
 
 def _suffix(path: str) -> str:
@@ -153,9 +153,7 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
                                      "to say what that means)")
                 owner.setdefault(t.name, src.path)
         for c in _containers():
-            check = getattr(c, "check", None)
-            if check is not None:
-                check(paths, sources)
+            c.check(paths, sources)
     except BaseException:
         close_all(sources)
         raise

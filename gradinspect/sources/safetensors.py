@@ -64,8 +64,12 @@ def _check_name(name: str, path: str) -> None:
         raise InputError(path, f"tensor name {name!r} is not valid Unicode") from None
 
 
+_new = tuple.__new__  # Extent(...) without its Python-level __new__: one per tensor, 20,000 in a header
+_MAX_USIZE = limits.MAX_USIZE  # the format's bound, not a tunable limit
+
+
 def _is_u64(v: object) -> bool:
-    return type(v) is int and 0 <= v <= limits.MAX_USIZE
+    return type(v) is int and 0 <= v <= _MAX_USIZE
 
 
 class Safetensors(Container):
@@ -184,7 +188,7 @@ class _HeaderReader:
         if reason is None:  # an unknown dtype: one name and one reason string for all its tensors
             dtype_name, reason = self.unknown.setdefault(dtype_name, (dtype_name, skip_reason(dtype_name, np_dtype)))
         self.tensors.append(TensorDesc(name, path, dtype_name, shape_t, numel, expected, reason or None, np_dtype,
-                                       Extent(self.key, self.data_start + begin, expected)))
+                                       _new(Extent, (self.key, self.data_start + begin, expected, "raw", None, 0, 0, 0))))
         return end
 
     def sizes(self, name: str, st_dtype: str, shape: list[int], span: int) -> tuple[tuple[int, ...], int, int]:
