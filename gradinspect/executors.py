@@ -11,8 +11,13 @@ count gives the same bits.
   is a run of consecutive units with the descriptions they need; a process
   reopens each file by its store key and checks it is the same file (identity)
   before reading.  In-memory stores cannot be reopened elsewhere: their units
-  run on threads.  Processes pay for start-up and pickling: measured on
-  20,000 small tensors and a 1 GB file they do not beat threads (README).
+  run on threads.  Processes pay for start-up and for pickling descriptions:
+  on 2 cores they lose on 20,000 small tensors (1.0 s against 0.4 s), win a
+  little on a 1.2 GB float32 file (0.65 s against 0.82 s) and win most where
+  threads hold the GIL, streaming deflated npz members (3.3 s against 5.5 s).
+
+In the library: ``gradinspect.inspect(path, jobs=ProcessExecutor(4))`` (an
+executor where a number of threads goes); the CLI's ``--jobs N`` uses threads.
 """
 
 from __future__ import annotations

@@ -187,8 +187,8 @@ class _HeaderReader:
         reason = _REASONS.get(st_dtype)
         if reason is None:  # an unknown dtype: one name and one reason string for all its tensors
             dtype_name, reason = self.unknown.setdefault(dtype_name, (dtype_name, skip_reason(dtype_name, np_dtype)))
-        self.tensors.append(TensorDesc(name, path, dtype_name, shape_t, numel, expected, reason or None, np_dtype,
-                                       _new(Extent, (self.key, self.data_start + begin, expected, "raw", None, 0, 0, 0))))
+        ext = _new(Extent, (self.key, self.data_start + begin, expected, "raw", None, 0, 0, 0))
+        self.tensors.append(TensorDesc(name, path, dtype_name, shape_t, numel, expected, reason or None, np_dtype, ext))
         return end
 
     def sizes(self, name: str, st_dtype: str, shape: list[int], span: int) -> tuple[tuple[int, ...], int, int]:
