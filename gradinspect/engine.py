@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from .norms import CHUNK, SMALL, Reducer, Stats, combine
 from .sources.base import Source, TensorDesc, inflate_pieces
 from .sources.codec import crc32_combine
 from .sources.store import ByteStore, ChunkBuffer
+
+if TYPE_CHECKING:
+    from .executors import Executor
 
 __all__ = ["default_jobs", "reduce_entries", "crc32_combine", "WorkUnit", "plan", "run_unit", "Worker"]
 
@@ -191,7 +194,7 @@ def reduce_entries(
     src: Source,
     entries: Sequence[TensorDesc],
     p: float,
-    jobs: Any = 1,
+    jobs: int | Executor = 1,
     progress: Progress | None = None,
     chunk: int = CHUNK,
 ) -> list[Stats]:
@@ -200,9 +203,9 @@ def reduce_entries(
     ``jobs``: a number of threads, or an :class:`~.executors.Executor`
     (``ProcessExecutor(4)``, ``ThreadExecutor(4)``).
     """
-    from .executors import Executor, ThreadExecutor
+    from .executors import ThreadExecutor
 
-    executor: Executor = jobs if not isinstance(jobs, int) else ThreadExecutor(jobs)
+    executor = ThreadExecutor(jobs) if isinstance(jobs, int) else jobs
     units = plan(entries, chunk)
     assert src.store is not None
     results = executor.run(units, entries, {src.store.key: src.store}, p, chunk, progress)
