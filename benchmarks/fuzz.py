@@ -1067,7 +1067,7 @@ DRIVER = r"""
 import os, sys, json, signal, resource, traceback, time, warnings
 warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
 import gradinspect.cli as cli
-for m in ("api", "loaders", "engine", "diff", "check", "config", "report", "norms"):
+for m in ("api", "pipeline", "sources", "engine", "executors", "diff", "check", "config", "report", "norms"):
     __import__("gradinspect." + m)
 import gradinspect.formats as formats
 for k in ("norms", "check", "diff", "info"):

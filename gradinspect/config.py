@@ -66,7 +66,7 @@ CHECK_KEYS: Mapping[str, Callable[[Any], Any]] = _Keys()
 
 def _read(path: Path) -> dict[str, Any]:
     from .errors import InputError
-    from .loaders import _read_small
+    from .sources.store import read_small as _read_small
 
     try:
         data = _read_small(os.fspath(path), MAX_CONFIG_BYTES)  # a regular file; a FIFO cannot block

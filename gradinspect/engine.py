@@ -1,31 +1,37 @@
-"""Streaming every selected tensor of a source through reducers, on several threads.
+"""Streaming the selected tensors of a source through reducers: plan, run, merge.
 
-Work is cut into items that do not depend on the thread count: a chunk of
-``CHUNK`` elements of a raw tensor, a slice of an in-memory array, or a whole
-compressed member (a deflate stream can only be read in order).  Worker threads
-pull items from a shared counter, each with its own read buffer and reducer;
-numpy's kernels, ``os.preadv`` and zlib release the GIL, so threads overlap.
-Each item's result lands in its own slot and a tensor's chunks are combined
-in chunk order, so results are bit-for-bit identical for every ``jobs`` value.
+The work is cut into :class:`WorkUnit` s, plain frozen data computed from the
+tensor descriptions alone (never from the number of workers): a chunk of
+``CHUNK`` elements of a raw tensor, a batch of small tensors read at once, or a
+whole compressed member (a deflate stream can only be read in order).
+:func:`run_unit` is a pure function of a unit and the bytes it reads through
+the byte-store interface; an :class:`~.executors.Executor` (threads or
+processes) runs the units, and the results are merged in plan order, so they
+are bit-for-bit identical for every executor and every worker count.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from .config import MAX_JOBS
-from .loaders import ChunkBuffer, Source, TensorEntry, _pread_into
 from .norms import CHUNK, SMALL, Reducer, Stats, combine
+from .sources.base import Source, TensorDesc, inflate_pieces
+from .sources.codec import crc32_combine
+from .sources.store import ByteStore, ChunkBuffer
 
-__all__ = ["default_jobs", "reduce_entries", "crc32_combine"]
+if TYPE_CHECKING:
+    from .executors import Executor
+
+__all__ = ["default_jobs", "reduce_entries", "crc32_combine", "WorkUnit", "plan", "run_unit", "Worker"]
 
 Progress = Callable[[int], None]
+# What a unit gives: (tensor index, chunk index, statistics, CRC-32 of the chunk's bytes or None)
+Part = tuple[int, int, Stats, Union[int, None]]
 
 
 def default_jobs() -> int:
@@ -37,17 +43,21 @@ def default_jobs() -> int:
 
 
 @dataclass(frozen=True)
-class _Item:
-    kind: str  # raw | array | stream | batch (small raw tensors) | array-batch (small arrays)
-    entries: tuple[int, ...]  # indices into the entries list (several for a batch)
-    part: int  # chunk number within the entry
-    offset: int  # raw/batch: file offset; array: element offset
-    size: int  # raw/batch: bytes read; array: elements
-    nbytes: int  # tensor bytes this item covers, for progress
+class WorkUnit:
+    """One piece of work: bytes ``[offset, offset + size)`` of store ``store``."""
+
+    kind: str  # raw (a chunk of one tensor) | batch (small tensors, one read) | stream (a whole deflate member)
+    store: str  # the byte store's key
+    offset: int
+    size: int  # bytes read (stream: 0, the member is read whole)
+    encoding: str  # raw | deflate
+    tensors: tuple[int, ...]  # indices into the planned descriptions
+    part: int  # chunk index within the tensor (raw)
+    nbytes: int  # tensor bytes covered, for progress
 
 
-class _Worker:
-    """One thread's buffers."""
+class Worker:
+    """One worker's reducer and read buffers."""
 
     def __init__(self, p: float, chunk: int) -> None:
         self.reducer = Reducer(p, chunk)
@@ -55,33 +65,36 @@ class _Worker:
         self.pack = ChunkBuffer(chunk)
 
 
-def _plan(entries: Sequence[TensorEntry], chunk: int) -> list[_Item]:
-    """Cut the work into items; the cut depends only on the entries, never on ``jobs``."""
-    items: list[_Item] = []
+def plan(descs: Sequence[TensorDesc], chunk: int = CHUNK) -> list[WorkUnit]:
+    """Cut the work into units; the cut depends only on the descriptions."""
+    units: list[WorkUnit] = []
     batch: list[int] = []
     batch_elems = 0
 
     def flush() -> None:
         nonlocal batch, batch_elems
         if batch:
-            first, last = entries[batch[0]], entries[batch[-1]]
-            kind = "batch" if first._method == "raw" else "array-batch"
-            items.append(_Item(kind, tuple(batch), 0, first._offset, last._offset + last.nbytes - first._offset,
-                               sum(entries[i].nbytes for i in batch)))
+            first, last = descs[batch[0]].extent, descs[batch[-1]]
+            assert first is not None and last.extent is not None
+            units.append(WorkUnit("batch", first.store, first.offset,
+                                  last.extent.offset + last.nbytes - first.offset, "raw", tuple(batch), 0,
+                                  sum(descs[i].nbytes for i in batch)))
         batch, batch_elems = [], 0
 
     span_limit = chunk * 8  # a batch's bytes, gaps included, fit one read buffer
-    for i, t in enumerate(entries):
-        small = t.numel <= SMALL and t._method in ("raw", "array")
-        if small:
+    for i, t in enumerate(descs):
+        ext = t.extent
+        assert ext is not None and t.np_dtype is not None, t
+        if t.numel <= SMALL and ext.encoding == "raw":
             if batch:
-                head = entries[batch[0]]
+                head = descs[batch[0]]
+                prev = descs[batch[-1]]
                 fits = (
-                    t._method == head._method
-                    and t._np_dtype == head._np_dtype
+                    ext.store == head.extent.store  # type: ignore[union-attr]
+                    and t.np_dtype == head.np_dtype
                     and batch_elems + t.numel <= chunk
-                    and (t._method == "array" or (t._offset >= entries[batch[-1]]._offset + entries[batch[-1]].nbytes
-                                                  and t._offset + t.nbytes - head._offset <= span_limit))
+                    and ext.offset >= prev.extent.offset + prev.nbytes  # type: ignore[union-attr]
+                    and ext.offset + t.nbytes - head.extent.offset <= span_limit  # type: ignore[union-attr]
                 )
                 if not fits:
                     flush()
@@ -89,196 +102,111 @@ def _plan(entries: Sequence[TensorEntry], chunk: int) -> list[_Item]:
             batch_elems += t.numel
             continue
         flush()
-        if t._method == "raw":
-            step = chunk * t._np_dtype.itemsize  # type: ignore[union-attr]
-            items += [_Item("raw", (i,), k, t._offset + pos, min(step, t.nbytes - pos), min(step, t.nbytes - pos))
+        if ext.encoding == "raw":
+            step = chunk * t.np_dtype.itemsize
+            units += [WorkUnit("raw", ext.store, ext.offset + pos, min(step, t.nbytes - pos), "raw", (i,), k,
+                               min(step, t.nbytes - pos))
                       for k, pos in enumerate(range(0, t.nbytes, step))]
-        elif t._method == "array":
-            size = t._np_dtype.itemsize  # type: ignore[union-attr]
-            items += [_Item("array", (i,), k, pos, min(chunk, t.numel - pos), min(chunk, t.numel - pos) * size)
-                      for k, pos in enumerate(range(0, t.numel, chunk))]
-        else:  # a compressed stream can only be read in order: one item
-            items.append(_Item("stream", (i,), 0, 0, 0, t.nbytes))
+        else:  # a compressed stream can only be read in order: one unit
+            units.append(WorkUnit("stream", ext.store, ext.offset, 0, ext.encoding, (i,), 0, t.nbytes))
     flush()
-    return items
+    return units
 
 
-def reduce_entries(
-    src: Source,
-    entries: Sequence[TensorEntry],
-    p: float,
-    jobs: int = 1,
-    progress: Progress | None = None,
-    chunk: int = CHUNK,
-) -> list[Stats]:
-    """Statistics of each of ``entries`` (floating tensors of ``src``), in order."""
-    items = _plan(entries, chunk)
-    parts: list[list[Any]] = [[] for _ in entries]
-    for it in items:
-        for i in it.entries:
-            parts[i].append(None)
-
-    def work(w: _Worker, n: int) -> None:
-        it = items[n]
-        t = entries[it.entries[0]]
-        dtype = t._np_dtype
-        if it.kind == "raw":
-            view = w.buf.view[: it.size]
-            _pread_into(src._fd, view, it.offset, src.path)  # type: ignore[arg-type]
-            crc = zlib.crc32(view) if t._crc is not None else None
-            x = w.buf.array(dtype, it.size // dtype.itemsize)
-            parts[it.entries[0]][it.part] = (w.reducer.reduce(x, scratch=True), crc)  # our buffer
-        elif it.kind == "array":
-            x = t._array[it.offset : it.offset + it.size]
-            parts[it.entries[0]][it.part] = (w.reducer.reduce(x), None)
-        elif it.kind == "stream":
-            st = combine((w.reducer.reduce(x, scratch=True) for x in src.chunks(t, w.buf)), p)
-            parts[it.entries[0]][0] = (st, None)
-        elif it.kind == "batch":
-            _batch(src, entries, it, w, parts)
-        else:  # array-batch
-            arrays = [entries[i]._array for i in it.entries]
-            x = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-            for i, st in zip(it.entries, w.reducer.reduce_segments(x, [a.size for a in arrays])):
-                parts[i][0] = (st, None)
-        if progress is not None:
-            progress(it.nbytes)
-
-    _run(items, work, p, chunk, jobs)
-
-    out: list[Stats] = []
-    chunk_crcs: dict[int, list[tuple[int, int]]] = {}  # entry -> [(crc, bytes)] of its raw chunks
-    for it in items:
-        if it.kind == "raw":
-            chunk_crcs.setdefault(it.entries[0], []).append((parts[it.entries[0]][it.part][1], it.size))
-    for i, (t, mine) in enumerate(zip(entries, parts)):
-        out.append(combine((s for s, _ in mine), p))
-        if t._crc is not None and i in chunk_crcs:  # stored npz member read chunk by chunk
-            crc = t._crc_head
-            for c, n in chunk_crcs[i]:
-                crc = crc32_combine(crc, c, n)
-            t.verify_crc(crc)
-    return out
+def run_unit(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDesc],
+             stores: Mapping[str, ByteStore], w: Worker) -> list[Part]:
+    """The statistics of one unit (a pure function of the unit and the bytes it reads)."""
+    store = stores[unit.store]
+    t = descs[unit.tensors[0]]
+    dtype = t.np_dtype
+    assert dtype is not None and t.extent is not None
+    if unit.kind == "raw":
+        mem = store.buffer(unit.offset, unit.size)
+        if mem is not None:  # in memory: reduce the caller's bytes in place (never written)
+            x = np.frombuffer(mem, dtype=dtype)
+            crc = zlib.crc32(mem) if t.extent.crc is not None else None
+            return [(unit.tensors[0], unit.part, w.reducer.reduce(x), crc)]
+        view = w.buf.view[: unit.size]
+        store.read_into(view, unit.offset)
+        crc = zlib.crc32(view) if t.extent.crc is not None else None
+        x = w.buf.array(dtype, unit.size // dtype.itemsize)
+        return [(unit.tensors[0], unit.part, w.reducer.reduce(x, scratch=True), crc)]  # our buffer
+    if unit.kind == "stream":
+        st = combine((w.reducer.reduce(w.buf.array(dtype, n // dtype.itemsize), scratch=True)
+                      for n in inflate_pieces(store, t, w.buf)), w.reducer.p)
+        return [(unit.tensors[0], 0, st, None)]
+    return _batch(unit, descs, store, w)
 
 
-def _batch(src: Source, entries: Sequence[TensorEntry], it: _Item, w: _Worker, parts: list[list[Any]]) -> None:
+def _batch(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDesc], store: ByteStore,
+           w: Worker) -> list[Part]:
     """Many small tensors from one read: pack their bytes and reduce them by segment."""
-    span = w.buf.view[: it.size]
-    _pread_into(src._fd, span, it.offset, src.path)  # type: ignore[arg-type]
-    batch = [entries[i] for i in it.entries]
-    dtype = batch[0]._np_dtype
+    span = w.buf.view[: unit.size]
+    store.read_into(span, unit.offset)
+    batch = [descs[i] for i in unit.tensors]
+    dtype = batch[0].np_dtype
+    assert dtype is not None
+    offsets = [t.extent.offset for t in batch]  # type: ignore[union-attr]
     total = sum(t.nbytes for t in batch)
-    contiguous = all(b._offset == a._offset + a.nbytes for a, b in zip(batch, batch[1:]))
+    contiguous = all(b == a + t.nbytes for a, b, t in zip(offsets, offsets[1:], batch))
     if contiguous:
         data, raw = w.buf, span
     else:  # members with headers between them (npz): copy the data together
         pos = 0
-        for t in batch:
-            rel = t._offset - it.offset
+        for t, off in zip(batch, offsets):
+            rel = off - unit.offset
             w.pack.view[pos : pos + t.nbytes] = span[rel : rel + t.nbytes]
             pos += t.nbytes
         data, raw = w.pack, w.pack.view[:total]
     pos = 0
     for t in batch:
-        if t._crc is not None:
-            t.verify_crc(zlib.crc32(raw[pos : pos + t.nbytes], t._crc_head))
+        ext = t.extent
+        if ext is not None and ext.crc is not None:
+            t.verify_crc(zlib.crc32(raw[pos : pos + t.nbytes], ext.crc_head))
         pos += t.nbytes
     x = data.array(dtype, total // dtype.itemsize)
-    for i, st in zip(it.entries, w.reducer.reduce_segments(x, [t.numel for t in batch], scratch=True)):
-        parts[i][0] = (st, None)
+    stats = w.reducer.reduce_segments(x, [t.numel for t in batch], scratch=True)
+    return [(i, 0, st, None) for i, st in zip(unit.tensors, stats)]
 
 
-def _run(items: list[_Item], work: Callable[[_Worker, int], None], p: float, chunk: int, jobs: int) -> None:
-    """Run ``work`` on every item, on ``jobs`` threads (at most ``MAX_JOBS``); re-raise the first error.
+def merge(descs: Sequence[TensorDesc], units: Sequence[WorkUnit], results: Sequence[list[Part]],
+          p: float) -> list[Stats]:
+    """Each tensor's statistics from its units' results, combined in plan order; stored npz
+    members read chunk by chunk have their CRC-32 combined from the chunks' and checked."""
+    parts: list[list[Stats]] = [[] for _ in descs]
+    crcs: dict[int, list[tuple[int, int]]] = {}  # tensor -> [(crc, bytes)] of its raw chunks
+    for unit, got in zip(units, results):
+        for i, _, st, crc in got:
+            parts[i].append(st)
+            if unit.kind == "raw" and crc is not None:
+                crcs.setdefault(i, []).append((crc, unit.size))
+    out = [combine(mine, p) for mine in parts]
+    for i, chunks in crcs.items():
+        t = descs[i]
+        crc = t.extent.crc_head  # type: ignore[union-attr]
+        for c, n in chunks:
+            crc = crc32_combine(crc, c, n)
+        t.verify_crc(crc)
+    return out
 
-    A thread that cannot be started (``RuntimeError``: a thread or memory limit), or
-    cannot get its buffers, is not an error: the threads that did start do the work,
-    or this thread alone.
+
+def reduce_entries(
+    src: Source,
+    entries: Sequence[TensorDesc],
+    p: float,
+    jobs: int | Executor = 1,
+    progress: Progress | None = None,
+    chunk: int = CHUNK,
+) -> list[Stats]:
+    """Statistics of each of ``entries`` (floating tensors of ``src``), in order.
+
+    ``jobs``: a number of threads, or an :class:`~.executors.Executor`
+    (``ProcessExecutor(4)``, ``ThreadExecutor(4)``).
     """
-    jobs = min(jobs, MAX_JOBS)
-    if jobs <= 1 or len(items) <= 1:
-        w = _Worker(p, chunk)
-        for n in range(len(items)):
-            work(w, n)
-        return
-    lock = threading.Lock()
-    next_item = [0]
-    errors: list[BaseException] = []
+    from .executors import ThreadExecutor
 
-    def loop(w: _Worker | None = None) -> None:
-        if w is None:
-            try:
-                w = _Worker(p, chunk)
-            except (MemoryError, OSError):  # no buffers for one more thread: the others do its share
-                return
-        while not errors:
-            with lock:
-                n = next_item[0]
-                next_item[0] += 1
-            if n >= len(items):
-                return
-            try:
-                work(w, n)
-            except BaseException as e:  # handed to the main thread
-                errors.append(e)
-                return
-
-    threads = []
-    for _ in range(min(jobs, len(items))):
-        t = threading.Thread(target=loop, daemon=True)
-        try:
-            t.start()
-        except RuntimeError:  # "can't start new thread": make do with those that did
-            break
-        threads.append(t)
-    for t in threads:
-        t.join()
-    if not errors and next_item[0] < len(items):  # no thread started, or none could get its buffers
-        loop(_Worker(p, chunk))
-    if errors:
-        raise errors[0]
-
-
-# --- CRC-32 of a concatenation (zlib's crc32_combine, which Python does not expose) ---
-
-_POLY = 0xEDB88320  # reflected CRC-32 polynomial
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a(x) · b(x) modulo the CRC-32 polynomial, in the reflected bit order."""
-    m, prod = 1 << 31, 0
-    while True:
-        if a & m:
-            prod ^= b
-            if not a & (m - 1):
-                break
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-    return prod
-
-
-_X2N = [1 << 30]  # x^(2^k) mod p
-for _ in range(31):
-    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
-
-_SHIFT_CACHE: dict[int, int] = {}
-
-
-def _x8n(nbytes: int) -> int:
-    """x^(8·nbytes) mod p: appending ``nbytes`` zero bytes."""
-    op = _SHIFT_CACHE.get(nbytes)
-    if op is None:
-        op, k, n = 1 << 31, 3, nbytes
-        while n:
-            if n & 1:
-                op = _multmodp(_X2N[k & 31], op)
-            n >>= 1
-            k += 1
-        if len(_SHIFT_CACHE) < 64:
-            _SHIFT_CACHE[nbytes] = op
-    return op
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of A + B from crc32(A), crc32(B) and len(B)."""
-    return _multmodp(_x8n(len2), crc1) ^ crc2
+    executor = ThreadExecutor(jobs) if isinstance(jobs, int) else jobs
+    units = plan(entries, chunk)
+    assert src.store is not None
+    results = executor.run(units, entries, {src.store.key: src.store}, p, chunk, progress)
+    return merge(entries, units, results, p)

@@ -16,3 +16,6 @@ class InputError(GradInspectError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self) -> tuple[type[InputError], tuple[str, str]]:  # raised in a worker process, re-raised here
+        return (type(self), (self.path, self.problem))

@@ -30,7 +30,7 @@ import numpy as np
 
 from .clip import clip_coef
 from .errors import InputError
-from .loaders import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
+from .sources import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
 from .norms import Stats, combine, unscaled
 from .options import EPS, LOSS_SCALE, MAX_NORM, Range
 from .report import (
@@ -58,8 +58,8 @@ Piece = tuple[Source, TensorEntry]  # one tensor of one file
 
 
 def _column_major(t: TensorEntry) -> bool:
-    """Whether ``t``'s elements are stored in Fortran order: the one read of a loader's private field."""
-    return bool(t._fortran)
+    """Whether ``t``'s elements are stored in Fortran (column-major) order."""
+    return t.order == "F"
 
 
 # --- 1. resolve: gradient sets ------------------------------------------------------------------------------

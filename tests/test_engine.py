@@ -6,6 +6,7 @@ import math
 import threading
 import zlib
 from pathlib import Path
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -16,6 +17,7 @@ import gradinspect
 from conftest import Exact, decode, exact_sums, rel, rel_sqrt
 from gradinspect import engine
 from gradinspect.engine import crc32_combine
+from gradinspect.executors import ProcessExecutor, ThreadExecutor
 from gradinspect.norms import CHUNK, SMALL, Reducer, stats_of
 
 _ORACLE: dict[tuple[str, bytes], Exact] = {}
@@ -69,6 +71,11 @@ def test_every_jobs_value_gives_the_same_bits(tmp_path: Path, rng: np.random.Gen
     else:
         np.savez_compressed(path, **g)
     runs = [gradinspect.inspect(path, sort="none", jobs=j) for j in (1, 2, 3, 8)]
+    runs.append(gradinspect.inspect(path, sort="none", jobs=ThreadExecutor(5)))
+    for j in (2, 3):  # the process pool: other processes, the same bits
+        with ProcessExecutor(j) as pool:
+            runs.append(gradinspect.inspect(path, sort="none", jobs=pool))
+            assert pool.pool is not None  # the work did go to processes
     first = runs[0]
     for r in runs[1:]:
         assert repr(r.tensors) == repr(first.tensors) and repr(r.total) == repr(first.total)  # NaN-safe, bit-exact
@@ -146,15 +153,79 @@ def test_errors_in_worker_threads_reach_the_caller(
     tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A read failing in a worker thread (say, an I/O error) is raised by the call, not lost or hung."""
+    from gradinspect.sources import store
+
     path = tmp_path / "g.safetensors"
     save_file({"w": rng.standard_normal(8 * CHUNK)}, str(path))
     threads: set[str] = set()
 
-    def failing_read(fd: int, view: memoryview, offset: int, name: str) -> None:
-        threads.add(threading.current_thread().name)
-        raise gradinspect.InputError(name, "simulated read error")
+    real = store.LocalFile.read_into
 
-    monkeypatch.setattr(engine, "_pread_into", failing_read)
+    def failing_read(self: store.LocalFile, view: memoryview, offset: int) -> None:
+        if threading.current_thread() is threading.main_thread():  # the header, read before the work is planned
+            return real(self, view, offset)
+        threads.add(threading.current_thread().name)
+        raise gradinspect.InputError(self.path, "simulated read error")
+
+    monkeypatch.setattr(store.LocalFile, "read_into", failing_read)
     with pytest.raises(gradinspect.InputError, match=r"g\.safetensors: simulated read error$"):
         gradinspect.inspect(path, jobs=2)
     assert threads and threading.main_thread().name not in threads
+
+
+def _after_planning(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
+    """Run ``change`` once the work is planned (headers read), before any data is read."""
+    from gradinspect import engine
+
+    real = engine.plan
+
+    def plan_then_change(*args: Any, **kwargs: Any) -> Any:
+        units = real(*args, **kwargs)
+        change()
+        return units
+
+    monkeypatch.setattr(engine, "plan", plan_then_change)
+
+
+def test_errors_in_worker_processes_reach_the_caller(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "s.npz"
+    g = {f"t{i}": rng.standard_normal(10) for i in range(20)}
+    g.update(big=rng.standard_normal(3 * CHUNK))  # several units: the work goes to the processes
+    np.savez(path, **g)
+    data = bytearray(path.read_bytes())
+    at = data.find(g["t7"].tobytes())
+    data[at + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    with ProcessExecutor(2) as pool, pytest.raises(gradinspect.InputError, match="t7.npy.*CRC-32 mismatch") as e:
+        gradinspect.inspect(path, jobs=pool)
+    assert type(e.value.__cause__).__name__ == "_RemoteTraceback"  # raised in a worker, re-raised here
+
+
+def test_a_worker_process_refuses_a_file_changed_since_its_header(tmp_path: Path, rng: np.random.Generator,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process reopens the file by its key: another file at that path is refused before a byte is read."""
+    path = tmp_path / "g.safetensors"
+    save_file({"w": rng.standard_normal(4 * CHUNK), "v": rng.standard_normal(3 * CHUNK)}, str(path))
+    other = tmp_path / "other.safetensors"
+    save_file({"w": np.zeros(4 * CHUNK), "v": np.zeros(3 * CHUNK)}, str(other))  # the same size
+    _after_planning(monkeypatch, lambda: other.replace(path))
+    with ProcessExecutor(2) as pool, pytest.raises(gradinspect.InputError,
+                                                   match="g.safetensors: changed while being read") as e:
+        gradinspect.inspect(path, jobs=pool)
+    # found by the worker before reading (the unlinked old file's ctime changed too: the exit check says so again)
+    chain = [e.value, e.value.__context__]
+    assert any(isinstance(x, gradinspect.InputError) and type(x.__cause__).__name__ == "_RemoteTraceback"
+               for x in chain)
+
+
+def test_the_process_pool_reads_every_file_of_a_set(tmp_path: Path, rng: np.random.Generator) -> None:
+    """One pool across files: each task reopens the files its units name; the bits match threads."""
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.safetensors"
+        save_file({f"w{i}": rng.standard_normal(2 * CHUNK + i), f"b{i}": rng.standard_normal(10)}, str(p))
+        paths.append(p)
+    expected = gradinspect.inspect(paths, jobs=1)
+    with ProcessExecutor(2) as pool:
+        got = gradinspect.inspect(paths, jobs=pool)
+    assert repr(got.tensors) == repr(expected.tensors) and repr(got.total) == repr(expected.total)

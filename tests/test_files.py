@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 import gradinspect
 from conftest import run
-from gradinspect import api, engine, loaders, pipeline
+from gradinspect import api, engine, pipeline
+from gradinspect.sources import store as byte_store
 from gradinspect.errors import InputError
 
 
@@ -81,7 +82,7 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     """held: each file read through the descriptor its header came from; parked: past the
     descriptor budget, closed after the header and reopened (verified) to read."""
     if request.param == "parked":
-        monkeypatch.setattr(loaders, "_hold_budget", lambda: 0)
+        monkeypatch.setattr(byte_store, "hold_budget", lambda: 0)
     return request.param
 
 
@@ -132,7 +133,7 @@ def test_unchanged_files_open_once_and_close(tmp_path: Path, monkeypatch: pytest
     """One open per file (never reopened by path), stat calls per file that do not grow with
     its tensor count, and no descriptor left open, also after an error."""
     calls = {"open": 0, "stat": 0}
-    real_open, real_fstat, real_stat = loaders._open_fd, os.fstat, os.stat
+    real_open, real_fstat, real_stat = byte_store.open_fd, os.fstat, os.stat
 
     def counting_open(path: str) -> int:
         calls["open"] += 1
@@ -144,7 +145,7 @@ def test_unchanged_files_open_once_and_close(tmp_path: Path, monkeypatch: pytest
             return fn(*args, **kwargs)
         return inner
 
-    monkeypatch.setattr(loaders, "_open_fd", counting_open)
+    monkeypatch.setattr(byte_store, "open_fd", counting_open)
     monkeypatch.setattr(os, "fstat", counting(real_fstat))
     monkeypatch.setattr(os, "stat", counting(real_stat))
     before = _fds()
@@ -176,7 +177,7 @@ def test_unchanged_files_open_once_and_close(tmp_path: Path, monkeypatch: pytest
 
 def test_many_files_do_not_exhaust_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the budget, sources are parked: at most the budget is open at once."""
-    monkeypatch.setattr(loaders, "_hold_budget", lambda: 4)
+    monkeypatch.setattr(byte_store, "hold_budget", lambda: 4)
     paths = [_save(tmp_path / f"r{i:02d}.safetensors", float(i), name=f"w{i}") for i in range(20)]
     before = _fds()
     peak = [0]

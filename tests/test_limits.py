@@ -21,7 +21,8 @@ from safetensors.numpy import save_file
 
 import gradinspect
 from conftest import ROOT, run, run_process, write_raw_safetensors
-from gradinspect import api, loaders
+from gradinspect import api
+from gradinspect.sources import limits, open_source
 from gradinspect.errors import InputError
 
 
@@ -35,8 +36,8 @@ def one_error_line(r: Result, fragment: str) -> None:
 def cli_after_a_swap(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The CLI in a subprocess, with the first "is it a regular file?" check passing whatever the
     path is: as if a FIFO were swapped in between that stat and the open."""
-    script = ("import sys, gradinspect.loaders as L\n"
-              "L._regular_file = lambda p: None\n"
+    script = ("import sys, gradinspect.sources.store as S\n"
+              "S.regular_file = lambda p: None\n"
               "from gradinspect.cli import main\n"
               "main(sys.argv[1:])\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -147,13 +148,13 @@ def test_threads_that_cannot_start_degrade_gracefully(tmp_path: Path, monkeypatc
 @pytest.mark.parametrize("buffers", [0, 1, 2])
 def test_threads_that_cannot_get_buffers_leave_the_work_to_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   buffers: int) -> None:
-    from gradinspect import engine
+    from gradinspect import executors
 
     rng = np.random.default_rng(8)
     path = tmp_path / "g.safetensors"
     save_file({"big": rng.standard_normal(600_000).astype(np.float32)}, str(path))
     expected = gradinspect.inspect(path, jobs=1).to_dict()
-    real = engine._Worker
+    real = executors.Worker
     made = []
 
     def worker(p: float, chunk: int) -> object:
@@ -162,7 +163,7 @@ def test_threads_that_cannot_get_buffers_leave_the_work_to_others(tmp_path: Path
             raise OSError(12, "Cannot allocate memory")
         return real(p, chunk)
 
-    monkeypatch.setattr(engine, "_Worker", worker)
+    monkeypatch.setattr(executors, "Worker", worker)
     assert gradinspect.inspect(path, jobs=4).to_dict() == expected
     assert (threading.main_thread() in made) == (buffers == 0)
 
@@ -175,7 +176,7 @@ def _tensors(n: int) -> dict:
 
 
 def test_too_many_tensors_in_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders, "MAX_TENSORS", 3)
+    monkeypatch.setattr(limits, "MAX_TENSORS", 3)
     ok = write_raw_safetensors(tmp_path / "ok.safetensors", _tensors(3), b"\0" * 12)
     assert run("info", ok).exit_code == 0
     path = write_raw_safetensors(tmp_path / "x.safetensors", _tensors(4), b"\0" * 16)
@@ -183,7 +184,7 @@ def test_too_many_tensors_in_one_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_too_many_tensors_in_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders, "MAX_TOTAL_TENSORS", 5)
+    monkeypatch.setattr(limits, "MAX_TOTAL_TENSORS", 5)
     for k in range(3):
         hdr = {f"s{k}.{name}": v for name, v in _tensors(2).items()}
         write_raw_safetensors(tmp_path / f"s{k}.safetensors", hdr, b"\0" * 8)
@@ -192,7 +193,7 @@ def test_too_many_tensors_in_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_too_many_metadata_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders, "MAX_METADATA_KEYS", 2)
+    monkeypatch.setattr(limits, "MAX_METADATA_KEYS", 2)
     hdr = {"__metadata__": {"a": "1", "b": "2"}, **_tensors(1)}
     assert run("info", write_raw_safetensors(tmp_path / "ok.safetensors", hdr, b"\0" * 4)).exit_code == 0
     hdr = {"__metadata__": {"a": "1", "b": "2", "c": "3"}, **_tensors(1)}
@@ -201,7 +202,7 @@ def test_too_many_metadata_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_metadata_value_too_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders, "MAX_METADATA_VALUE", 10)
+    monkeypatch.setattr(limits, "MAX_METADATA_VALUE", 10)
     hdr = {"__metadata__": {"a": "x" * 10}, **_tensors(1)}
     assert run("info", write_raw_safetensors(tmp_path / "ok.safetensors", hdr, b"\0" * 4)).exit_code == 0
     hdr = {"__metadata__": {"a": "x" * 11}, **_tensors(1)}
@@ -252,7 +253,7 @@ def test_memory_per_tensor_of_a_large_header(tmp_path: Path) -> None:
     del hdr
     tracemalloc.start()
     try:
-        src = loaders.open_source(str(path))
+        src = open_source(str(path))
         current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -273,16 +274,16 @@ def _index(tmp_path: Path, weight_map: dict[str, str], name: str = "m.safetensor
 def test_index_larger_than_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_file({"a": np.ones(2, np.float32)}, str(tmp_path / "s.safetensors"))
     idx = _index(tmp_path, {"a": "s.safetensors"})
-    monkeypatch.setattr(loaders, "MAX_INDEX_BYTES", idx.stat().st_size)
+    monkeypatch.setattr(limits, "MAX_INDEX_BYTES", idx.stat().st_size)
     assert run("norms", idx).exit_code == 0
-    monkeypatch.setattr(loaders, "MAX_INDEX_BYTES", idx.stat().st_size - 1)
+    monkeypatch.setattr(limits, "MAX_INDEX_BYTES", idx.stat().st_size - 1)
     one_error_line(run("norms", idx), f"larger than the {idx.stat().st_size - 1}-byte limit")
 
 
 def test_index_weight_map_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_file({"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)}, str(tmp_path / "s.safetensors"))
     idx = _index(tmp_path, {"a": "s.safetensors", "b": "s.safetensors"})
-    monkeypatch.setattr(loaders, "MAX_TOTAL_TENSORS", 1)
+    monkeypatch.setattr(limits, "MAX_TOTAL_TENSORS", 1)
     one_error_line(run("norms", idx), "weight_map names more than 1 tensors")
 
 

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 import gradinspect
 from conftest import FLOAT_DTYPES, Exact, decode, rel_sqrt, write_raw_safetensors
 from gradinspect.errors import InputError
-from gradinspect.loaders import open_paths, resolve_paths
+from gradinspect.sources import open_paths, resolve_paths
 
 
 def _l2(arrays: dict[str, np.ndarray]) -> float:

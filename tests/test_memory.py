@@ -18,7 +18,7 @@ LIMIT_MIB = 40
 
 _PROBE = r"""
 import json, resource, sys
-import numpy, gradinspect.api, gradinspect.loaders  # every import before the baseline
+import numpy, gradinspect.api, gradinspect.sources  # every import before the baseline
 
 def peak_kib():
     try:  # Linux: the high-water mark, which clear_refs can reset

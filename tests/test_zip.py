@@ -23,7 +23,7 @@ import gradinspect
 from conftest import run
 from gradinspect.engine import crc32_combine
 from gradinspect.errors import InputError
-from gradinspect.loaders import open_source
+from gradinspect.sources import open_source
 
 _LOCAL = struct.Struct("<4s5H3L2H")
 _CDIR = struct.Struct("<4s6H3L5H2L")
