@@ -246,16 +246,35 @@ def test_index_problems(tmp_path: Path) -> None:
     _refused(idx, "weight_map")
 
 
-def test_unknown_and_packed_dtypes_are_skipped(tmp_path: Path) -> None:
+def test_packed_dtypes_are_skipped_and_unknown_ones_refused(tmp_path: Path) -> None:
     hdr = {
         "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "q": {"dtype": "F4", "shape": [4], "data_offsets": [8, 10]},
-        "z": {"dtype": "ZZ9", "shape": [1], "data_offsets": [10, 13]},
     }
-    path = write_raw_safetensors(tmp_path / "u.safetensors", hdr, np.ones(2, np.float32).tobytes() + b"\0" * 5)
+    path = write_raw_safetensors(tmp_path / "u.safetensors", hdr, np.ones(2, np.float32).tobytes() + b"\0" * 2)
     r = gradinspect.inspect(path)
     assert [t.name for t in r.tensors] == ["w"]
-    assert {s.name: s.reason for s in r.skipped} == {"q": "unsupported dtype F4", "z": "unsupported dtype ZZ9"}
+    assert {s.name: s.reason for s in r.skipped} == {"q": "unsupported dtype F4"}
+    # A dtype the format does not have says nothing about the bytes it covers: refused, as safetensors does.
+    hdr["z"] = {"dtype": "ZZ9", "shape": [1], "data_offsets": [10, 13]}
+    path = write_raw_safetensors(tmp_path / "z.safetensors", hdr, np.ones(2, np.float32).tobytes() + b"\0" * 5)
+    with pytest.raises(InputError, match=r"tensor 'z': unknown dtype 'ZZ9' \(not a safetensors dtype\)"):
+        gradinspect.inspect(path)
+
+
+@pytest.mark.parametrize(("offsets", "tail", "message"), [
+    # a tensor entry taken out of the header: its bytes would silently leave the totals
+    ([[0, 8], [16, 24]], 0, r"bytes 8 to 16 of the data belong to no tensor"),
+    ([[8, 16], [16, 24]], 0, r"bytes 0 to 8 of the data belong to no tensor"),
+    ([[0, 8], [8, 16]], 8, r"the last 8 bytes of the data belong to no tensor"),
+])
+def test_safetensors_data_must_be_covered_exactly(tmp_path: Path, offsets: list[list[int]], tail: int,
+                                                   message: str) -> None:
+    hdr = {n: {"dtype": "F32", "shape": [2], "data_offsets": o} for n, o in zip("ab", offsets, strict=True)}
+    size = max(o[1] for o in offsets) + tail
+    path = write_raw_safetensors(tmp_path / "g.safetensors", hdr, np.full(size // 4, np.nan, np.float32).tobytes())
+    with pytest.raises(InputError, match=message):
+        gradinspect.inspect(path)
 
 
 def test_open_paths_requires_paths() -> None:

@@ -458,3 +458,36 @@ def test_structured_dtype_is_still_skipped(tmp_path: Path) -> None:
     np.savez(tmp_path / "s.npz", w=np.ones(2), rec=np.zeros(2, [("a", "<f4"), ("b", "<i4")]))
     r = gradinspect.inspect(tmp_path / "s.npz")
     assert [t.name for t in r.tensors] == ["w"] and [s.name for s in r.skipped] == ["rec"]
+
+
+# --- what numpy itself would not read is not read (found by benchmarks/fuzz.py) ------------------
+
+
+def test_npy_minor_version_and_extra_keys_are_refused(tmp_path: Path) -> None:
+    good = _npy(np.ones(3, np.float32))
+    minor = bytearray(good)
+    minor[7] = 1
+    (tmp_path / "minor.npy").write_bytes(bytes(minor))
+    with pytest.raises(InputError, match=r"unsupported \.npy format version 1\.1"):
+        gradinspect.inspect(tmp_path / "minor.npy")
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,), 'extra': 1, }"
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    (tmp_path / "extra.npy").write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+                                         + np.ones(3, np.float32).tobytes())
+    with pytest.raises(InputError, match=r"corrupt \.npy header \(unexpected key 'extra'\)"):
+        gradinspect.inspect(tmp_path / "extra.npy")
+    with pytest.raises(ValueError, match="correct keys"):  # numpy refuses it too
+        np.load(tmp_path / "extra.npy")
+
+
+@pytest.mark.parametrize("bit", [5, 6, 13])
+def test_zip_members_with_unsupported_flags_are_refused(tmp_path: Path, bit: int) -> None:
+    path = tmp_path / "f.npz"
+    np.savez(path, w=np.ones(4, np.float32))
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the central entry's general purpose flags
+    (flags,) = struct.unpack_from("<H", data, at + 8)
+    struct.pack_into("<H", data, at + 8, flags | (1 << bit))
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"member 'w\.npy': uses zip features that are not supported"):
+        gradinspect.inspect(path)

@@ -42,6 +42,8 @@ def parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tupl
         start = 12
     else:
         raise InputError(path, f"{where}unsupported .npy format version {major}")
+    if head[7] != 0:  # numpy writes and reads only minor version 0
+        raise InputError(path, f"{where}unsupported .npy format version {major}.{head[7]}")
     if hlen > limits.MAX_NPY_HEADER:
         raise InputError(path, f"{where}.npy header of {hlen} bytes is too large")
     if len(head) < start + hlen:
@@ -64,6 +66,9 @@ def parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tupl
         missing = [k for k in ("descr", "fortran_order", "shape") if k not in d]
         if missing:
             raise ValueError(f"no {missing[0]!r}")
+        if len(d) != 3:  # numpy refuses other keys too: a header it would not read is not read here
+            extra = sorted(repr(k) for k in d if k not in ("descr", "fortran_order", "shape"))
+            raise ValueError(f"unexpected key {extra[0][:40]}")
         descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
         if not isinstance(shape, tuple) or not all(_is_int(s) for s in shape) or not isinstance(fortran, bool):
             raise ValueError("bad shape or fortran_order")

@@ -46,6 +46,7 @@ _EOCD64_LOC = struct.Struct("<4sLQL")
 # disk of the central directory, entries on this disk, entries in all, central directory size, its offset.
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CDIR = struct.Struct("<4s6H3L5H2L")
+_UNREADABLE_FLAGS = (1 << 5) | (1 << 6) | (1 << 13)
 _LOCAL = struct.Struct("<4s5H3L2H")
 _ZIP64_LOCAL = struct.Struct("<HHQQ")  # the ZIP64 extra field of a local header: both sizes
 # A central directory above this size is refused (its entries take at least 46 bytes, most npz ones under
@@ -204,6 +205,8 @@ def read_npz(store: ByteStore, path: str) -> Source:
         where = f"member {name!r}: "
         if flags & 1:
             raise InputError(path, f"{where}is encrypted")
+        if flags & _UNREADABLE_FLAGS:  # patched data (bit 5), strong encryption (6), a masked header (13)
+            raise InputError(path, f"{where}uses zip features that are not supported (general purpose flags {flags:#06x})")
         if method not in (0, 8):
             raise InputError(path, f"{where}unsupported zip compression method {method}")
         if method == 0 and csize != usize:

@@ -119,13 +119,22 @@ def read_safetensors(store: ByteStore, path: str) -> Source:
            for a, b in itertools.pairwise(tensors)):
         tensors.sort(key=_by_nbytes)  # two stable sorts: by (offset, end) without a tuple per tensor
         tensors.sort(key=_by_offset)
+    # As the reference implementation requires: the tensors tile the data exactly, so no byte
+    # is left out of the totals (a header entry removed would otherwise drop a tensor silently).
+    pos = data_start
     prev: TensorDesc | None = None
     for t in tensors:
-        if not t.nbytes:
-            continue
-        if prev is not None and t.extent.offset < prev.extent.offset + prev.nbytes:  # type: ignore[union-attr]
+        begin = t.extent.offset  # type: ignore[union-attr]
+        if begin < pos:
+            assert prev is not None
             raise InputError(path, f"tensors {prev.name!r} and {t.name!r} overlap in the data")
-        prev = t
+        if begin > pos:
+            raise InputError(path, f"bytes {pos - data_start} to {begin - data_start} of the data belong to no tensor "
+                             "(the header does not describe the whole file)")
+        pos, prev = begin + t.nbytes, t
+    if pos != size:
+        raise InputError(path, f"the last {size - pos} bytes of the data belong to no tensor "
+                         "(the header does not describe the whole file)")
     return Source(path, "safetensors", tensors, reader.meta or {}, size, store)
 
 
@@ -185,7 +194,7 @@ class _HeaderReader:
             raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end_} of the data, past the end of the file (the data holds {self.data_size} bytes): truncated?")
         dtype_name, np_dtype = ST_DTYPES.get(st_dtype, (st_dtype, None))
         reason = _REASONS.get(st_dtype)
-        if reason is None:  # an unknown dtype: one name and one reason string for all its tensors
+        if reason is None:  # a sub-byte float: one name and one reason string for all its tensors
             dtype_name, reason = self.unknown.setdefault(dtype_name, (dtype_name, skip_reason(dtype_name, np_dtype)))
         ext = _new(Extent, (self.key, self.data_start + begin, expected, "raw", None, 0, 0, 0))
         self.tensors.append(TensorDesc(name, path, dtype_name, shape_t, numel, expected, reason or None, np_dtype, ext))
@@ -210,8 +219,8 @@ class _HeaderReader:
             expected = numel * np_dtype.itemsize
         elif st_dtype in _ST_PACKED:
             expected = -(-numel * _ST_PACKED[st_dtype] // 8)
-        else:
-            return key[1], numel, span  # an unknown dtype: trust the offsets, skip the tensor
+        else:  # not a safetensors dtype: its size, and so what the file holds, is unknown
+            raise InputError(self.path, f"tensor {name!r}: unknown dtype {short(st_dtype)} (not a safetensors dtype)")
         if len(self.shapes) < self._SHAPES:
             self.shapes[key] = (key[1], numel, expected)
         return key[1], numel, expected
