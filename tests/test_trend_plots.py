@@ -212,6 +212,11 @@ def test_html_renders_in_headless_chromium(report: TrendReport, tmp_path: Path) 
     assert 'data-ready="true"' in dom  # the script ran to the end
     assert 'data-mode="norm"' in dom and dom.count('class="cursor"') == 2
     assert "alert(1)</script>" not in dom
+    # the address picks the heatmap; the script redraws it and keeps the toggle in step
+    dom = _chromium(tmp_path, "--dump-dom", page.as_uri() + "#share").stdout.decode("utf-8")
+    assert 'data-mode="share"' in dom and 'id="heat-title">share of the squared L2 norm per tensor<' in dom
+    assert re.search(r'data-mode="share" aria-pressed="true"', dom)
+    assert re.search(r'data-mode="norm" aria-pressed="false"', dom)
 
 
 # --- helpers: a small PNG reader (8-bit RGB/RGBA, as matplotlib and chromium write them) ------

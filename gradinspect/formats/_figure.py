@@ -24,6 +24,7 @@ ABSENT = "#d9d9d9"  # light gray
 ZERO = "#000000"
 LINE = "#1f77b4"
 MOST_LABELS = 60  # at most this many row names on the heatmap's axis
+MOST_DOTS = 150  # a dot on every step up to this many steps
 
 
 def _text(s: str) -> str:
@@ -121,7 +122,8 @@ def _norm_panel(ax: Any, data: PlotData) -> None:
     x = np.arange(len(data.steps))
     y = np.where(data.finite & (data.norm > 0), data.norm, np.nan)
     positive = bool(np.any(np.isfinite(y)))
-    ax.plot(x, y, color=LINE, lw=1.4, marker="o", ms=2.5, label=f"global {data.norm_label} norm")
+    dots = "o" if len(x) <= MOST_DOTS else None
+    ax.plot(x, y, color=LINE, lw=1.4 if dots else 0.9, marker=dots, ms=2.5, label=f"global {data.norm_label} norm")
     ax.axhline(data.max_norm, color="#555555", ls="--", lw=1, label=f"max_norm {data.max_norm:g}")
     if data.spikes:
         sp = np.array(data.spikes)
@@ -177,7 +179,8 @@ def _heat_panel(ax: Any, bar_ax: Any, fig: Any, data: PlotData, heatmap: str) ->
 def _coef_panel(ax: Any, data: PlotData) -> None:
     x = np.arange(len(data.steps))
     coef = np.where(data.finite, data.coef, np.nan)
-    ax.plot(x, coef, color=LINE, lw=1.2, marker="o", ms=2.5, drawstyle="default")
+    dots = "o" if len(x) <= MOST_DOTS else None
+    ax.plot(x, coef, color=LINE, lw=1.2 if dots else 0.9, marker=dots, ms=2.5)
     ax.axhline(1.0, color="#555555", ls="--", lw=0.8)
     _mark_nonfinite(ax, data)
     finite = int(np.count_nonzero(data.finite))

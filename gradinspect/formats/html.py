@@ -34,6 +34,7 @@ BOTTOM = 24
 NONFINITE = "#d62728"
 SPIKE = "#ff7f0e"
 LINE = "#1f77b4"
+MOST_DOTS = 150  # a dot on every step up to this many steps
 
 
 def _e(text: str) -> str:
@@ -139,7 +140,7 @@ def _norm_svg(data: PlotData, x: _X) -> str:
             pen = "M"
     if path:
         out.append(f'<path class="line" d="{" ".join(path)}"/>')
-    for i in np.flatnonzero(ok).tolist():
+    for i in np.flatnonzero(ok).tolist() if len(data.steps) <= MOST_DOTS else ():
         out.append(f'<circle class="pt" cx="{_f(x(i))}" cy="{_f(y(float(data.norm[i])))}" r="2.6"/>')
     for i in data.spikes:
         if ok[i]:
@@ -348,7 +349,9 @@ _JS = r"""
     if (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e5)) return v.toExponential((d || 4) - 1);
     return String(Number(v.toPrecision(d || 4)));
   }
-  var mode = D.mode, cellH = Math.max(3, Math.min(18, Math.floor(560 / Math.max(R, 1))));
+  var mode = D.mode;
+  if (location.hash === "#norm" || location.hash === "#share") mode = location.hash.slice(1);
+  var cellH = Math.max(3, Math.min(18, Math.floor(560 / Math.max(R, 1))));
   var canvas = document.getElementById("heat"), ctx = canvas.getContext("2d");
   var plotW = G.width - G.left - G.right, cellW = plotW / Math.max(n, 1);
   var range = {};
@@ -405,7 +408,10 @@ _JS = r"""
     canvas.setAttribute("data-mode", mode);
   }
   Array.prototype.forEach.call(document.querySelectorAll(".toggle button"), function (b) {
-    b.addEventListener("click", function () { mode = b.getAttribute("data-mode"); draw(); });
+    b.addEventListener("click", function () {
+      mode = b.getAttribute("data-mode"); draw();
+      try { history.replaceState(null, "", "#" + mode); } catch (e) { /* a page without history */ }
+    });
   });
   var tip = document.getElementById("tip");
   function stepText(i) {
