@@ -208,8 +208,10 @@ def test_html_renders_in_headless_chromium(report: TrendReport, tmp_path: Path) 
     assert len(np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)) > 50  # not blank
     assert _has_colour(pixels, (0xD6, 0x27, 0x28))  # the NaN cell the script drew, the NaN step band
     assert _has_colour(pixels, (0x1F, 0x77, 0xB4))  # the norm line
-    dom = _chromium(tmp_path, "--dump-dom", page.as_uri()).stdout.decode("utf-8")
+    got = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri())
+    dom = got.stdout.decode("utf-8")
     assert 'data-ready="true"' in dom  # the script ran to the end
+    assert b":CONSOLE" not in got.stderr  # no error, no message
     assert 'data-mode="norm"' in dom and dom.count('class="cursor"') == 2
     assert "alert(1)</script>" not in dom
     # the address picks the heatmap; the script redraws it and keeps the toggle in step
@@ -217,6 +219,35 @@ def test_html_renders_in_headless_chromium(report: TrendReport, tmp_path: Path) 
     assert 'data-mode="share"' in dom and 'id="heat-title">share of the squared L2 norm per tensor<' in dom
     assert re.search(r'data-mode="share" aria-pressed="true"', dom)
     assert re.search(r'data-mode="norm" aria-pressed="false"', dom)
+
+
+def _edge_runs() -> dict[str, TrendReport]:
+    return {
+        "no steps": analyze([]),
+        "one step": analyze([_step(5, {"a": np.array([1.0, 2.0])})]),
+        "every step NaN": analyze([_step(i, {"a": np.array([np.nan, 1.0])}) for i in range(3)]),
+        "all zero": analyze([_step(i, {"a": np.zeros(2), "b": np.zeros(1)}) for i in range(4)]),
+        "tiny norms": analyze([_step(i, {"a": np.array([1e-30 * (i + 1)])}) for i in range(4)]),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "html"])
+@pytest.mark.parametrize("heatmap", ["norm", "share"])
+def test_edge_runs_render(fmt: str, heatmap: str) -> None:
+    if fmt != "html":
+        pytest.importorskip("matplotlib", reason="the png and svg formats need matplotlib (gradinspect[plot])")
+    for name, run in _edge_runs().items():
+        doc = formats.get(fmt).render(run, formats.RenderOptions(heatmap=heatmap))
+        assert len(doc) > 1000, name
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt-get install chromium)")
+def test_html_of_edge_runs_has_no_script_error(tmp_path: Path) -> None:
+    for k, (name, run) in enumerate(_edge_runs().items()):
+        page = tmp_path / f"edge{k}.html"
+        page.write_text(formats.get("html").render(run, formats.RenderOptions()), encoding="utf-8")
+        got = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri())
+        assert 'data-ready="true"' in got.stdout.decode("utf-8") and b":CONSOLE" not in got.stderr, name
 
 
 # --- helpers: a small PNG reader (8-bit RGB/RGBA, as matplotlib and chromium write them) ------
