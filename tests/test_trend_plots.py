@@ -221,6 +221,47 @@ def test_html_renders_in_headless_chromium(report: TrendReport, tmp_path: Path) 
     assert re.search(r'data-mode="norm" aria-pressed="false"', dom)
 
 
+PROBE = """<script>
+(function () {
+  var out = document.createElement("pre"); out.id = "probe"; document.body.appendChild(out);
+  function move(el, fx, fy) {
+    var b = el.getBoundingClientRect();
+    el.dispatchEvent(new MouseEvent("mousemove", {clientX: b.left + fx, clientY: b.top + fy, bubbles: true}));
+    return document.getElementById("tip").textContent;
+  }
+  var canvas = document.getElementById("heat"), svg = document.getElementById("panel-norm");
+  var D = JSON.parse(document.getElementById("trend-data").textContent), g = D.geometry;
+  var cellW = (g.width - g.left - g.right) / D.steps.length;
+  var cellH = canvas.getBoundingClientRect().height / D.rows.length;
+  var lines = [move(canvas, g.left + 7.5 * cellW, 0.5 * cellH), move(svg, g.left + 9.5 * cellW, 50)];
+  document.querySelector('.toggle button[data-mode="share"]').click();
+  lines.push(canvas.getAttribute("data-mode") + " " + document.getElementById("heat-title").textContent);
+  out.textContent = lines.join("\\n---\\n");
+})();
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt-get install chromium)")
+def test_html_tooltips_and_toggle_in_chromium(report: TrendReport, tmp_path: Path) -> None:
+    """A probe script added to the page hovers a heatmap cell and a NaN step and clicks the share toggle."""
+    page = tmp_path / "probe.html"
+    text = formats.get("html").render(report, formats.RenderOptions())
+    page.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    got = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--window-size=1200,900", "--dump-dom",
+                    page.as_uri())
+    m = re.search(r'<pre id="probe">(.*?)</pre>', got.stdout.decode("utf-8"), re.S)
+    assert m is not None, got.stderr[-2000:]
+    import html as html_module
+
+    cell, step, toggled = html_module.unescape(m.group(1)).split("\n---\n")
+    evil = report.series_norm[0][7]
+    assert cell.split("\n")[:3] == [printable(EVIL), "step 170", f"L2 norm: {float(f'{evil:.5g}'):g}"]
+    assert cell.split("\n")[3].startswith("share: ") and cell.endswith("%")
+    assert step.split("\n")[0] == "step 190" and "NaN/Inf in this step" in step
+    assert toggled == "share share of the squared L2 norm per tensor"
+    assert b":CONSOLE" not in got.stderr
+
+
 def _edge_runs() -> dict[str, TrendReport]:
     return {
         "no steps": analyze([]),
