@@ -135,7 +135,7 @@ def test_a_write_error_leaves_the_old_file_and_no_temp_file(grads: Path, tmp_pat
 
 
 def test_every_format_implements_the_contract() -> None:
-    kinds = {"norms", "check", "diff", "info"}
+    kinds = {"norms", "check", "diff", "info", "trend"}
     for name in formats.MODULES:
         f = formats.get(name)
         assert isinstance(f, formats.Format) and f.name == name and f.help

@@ -24,7 +24,7 @@ __all__ = ["Format", "RenderOptions", "MODULES", "DEFAULT", "names", "get", "ren
            "kind_of", "write_with", "write_file"]
 
 #: The format modules, in --help order: adding a format is a module and a line here.
-MODULES = ("table", "text", "json", "csv", "markdown", "github", "junit")
+MODULES = ("table", "text", "json", "csv", "markdown", "github", "junit", "png", "svg", "html")
 
 #: The format of each kind of report when --format and --output say nothing.
 DEFAULT: Mapping[str, str] = {"norms": "table", "diff": "table", "info": "table", "check": "text"}
@@ -37,12 +37,15 @@ class RenderOptions:
     ``elide``: names too long for ``width`` are elided in the middle; False
     keeps every name whole (the table may be wider than ``width``), as for
     output that is not a terminal.  With ``width`` None, a stream that is not a
-    terminal is never elided.
+    terminal is never elided.  ``heatmap``: what the trend plots' heatmap
+    shows, ``"norm"`` (log10 of each row's norm) or ``"share"`` (its share of
+    the squared L2 norm); ``--heatmap`` of ``trend``.
     """
 
     width: int | None = None
     color: bool | None = None
     elide: bool = True
+    heatmap: str = "norm"  # the plot formats' heatmap (png, svg, html): "norm" (log10) or "share"
 
 
 class Format(ABC):
@@ -50,7 +53,7 @@ class Format(ABC):
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]] = ()  # what --output PATH ends with to pick this format (".json")
-    kinds: ClassVar[tuple[str, ...]]  # the report kinds it renders: "norms", "check", "diff", "info"
+    kinds: ClassVar[tuple[str, ...]]  # the report kinds it renders: "norms", "check", "diff", "info", "trend"
     binary: ClassVar[bool] = False  # render returns bytes
     machine: ClassVar[bool] = False  # True: the document and nothing else (no colour, no terminal detection)
     help: ClassVar[str]
