@@ -30,7 +30,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from .config import MAX_JOBS
 from .engine import Part, Progress, WorkUnit, Worker, run_unit
 from .sources.base import TensorDesc
-from .sources.store import ByteStore, LocalFile
+from .sources.store import ByteStore
 
 __all__ = ["Executor", "ThreadExecutor", "ProcessExecutor", "executor_for"]
 
@@ -109,20 +109,21 @@ class ThreadExecutor:
 
 # --- processes ---------------------------------------------------------------------
 
-_STORES: dict[str, LocalFile] = {}  # a worker process's open stores, by key (verified when opened)
+Spec = tuple[type[ByteStore], str, Any]  # what ByteStore.reopen needs: the class, the path, the identity
+_STORES: dict[str, ByteStore] = {}  # a worker process's open stores, by key (verified when opened)
 
 
-def _run_task(task: tuple[list[WorkUnit], dict[int, TensorDesc], dict[str, tuple[str, Any]], float, int]
+def _run_task(task: tuple[list[WorkUnit], dict[int, TensorDesc], dict[str, Spec], float, int]
               ) -> list[list[Part]]:
-    """In a worker process: run consecutive units, reopening each file by key (identity checked)."""
+    """In a worker process: run consecutive units, reopening each store by key (identity checked)."""
     units, descs, specs, p, chunk = task
     stores: dict[str, ByteStore] = {}
-    for key, (path, ident) in specs.items():
+    for key, (cls, path, ident) in specs.items():
         store = _STORES.get(key)
-        if store is None or store.ident != ident:
+        if store is None or store.identity() != ident:
             if store is not None:
                 store.close()
-            store = _STORES[key] = LocalFile.reopen(path, ident, key)
+            store = _STORES[key] = cls.reopen(path, ident, key)
         stores[key] = store
     w = Worker(p, chunk)
     return [run_unit(u, descs, stores, w) for u in units]
@@ -154,7 +155,7 @@ class ProcessExecutor:
 
     def run(self, units: Sequence[WorkUnit], descs: Sequence[TensorDesc], stores: Mapping[str, ByteStore],
             p: float, chunk: int, progress: Progress | None = None) -> list[list[Part]]:
-        specs = {k: (s.path, s.identity()) for k, s in stores.items() if isinstance(s, LocalFile)}
+        specs = {k: spec for k, s in stores.items() if (spec := s.reopen_spec()) is not None}
         if len(specs) != len(stores) or self.jobs <= 1 or len(units) <= 1:  # in memory, or nothing to share
             return ThreadExecutor(self.jobs).run(units, descs, stores, p, chunk, progress)
         if self.pool is None:

@@ -423,3 +423,18 @@ def test_loss_scale_option_must_be_a_finite_positive_number(tmp_path: Path, valu
     path = _save(tmp_path / "g.safetensors", 0.5)
     r = run("norms", path, "--loss-scale", value)
     assert r.exit_code == 2 and "--loss-scale" in r.stderr and r.stdout == ""
+
+
+def test_urls_name_what_is_missing(tmp_path: Path) -> None:
+    """A URL is not a missing local file: the error says no byte store reads its scheme."""
+    r = run("norms", "s3://bucket/grads.safetensors")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == "Error: s3://bucket/grads.safetensors: s3:// URLs are not supported yet (local files only)\n"
+
+
+def test_byte_stores_are_registered_by_scheme() -> None:
+    from gradinspect.sources.store import STORES, LocalFile, store_class
+
+    assert store_class("/tmp/x.safetensors") is LocalFile and LocalFile in STORES
+    with pytest.raises(gradinspect.InputError, match=r"gs:// URLs are not supported yet"):
+        store_class("gs://b/x.safetensors")

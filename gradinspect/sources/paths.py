@@ -10,7 +10,6 @@ from typing import Sequence
 from ..errors import InputError
 from . import limits, store as _store
 from .base import Container, Source
-from .store import LocalFile
 
 __all__ = ["resolve_paths", "open_source", "open_paths", "close_all", "container_for", "PICKLE_SUFFIXES"]
 
@@ -46,6 +45,8 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
     out: list[str] = []
     for p in paths:
         p = os.fspath(p)
+        if _store.scheme_of(p) and not os.path.exists(p):  # a URL: a byte store must read it
+            _store.store_class(p)
         if not os.path.exists(p) and glob.has_magic(p):
             matches = sorted(glob.glob(p))
             if not matches:
@@ -105,8 +106,7 @@ def open_source(path: str) -> Source:
         if _suffix(path) in PICKLE_SUFFIXES:
             raise InputError(path, "pickle-based files are never loaded (they can run code); save gradients with safetensors")
         raise InputError(path, "unsupported file type (expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
-    _store.regular_file(path)
-    store = LocalFile.open(path)
+    store = _store.store_class(path).open(path)
     try:
         return c.describe(store, path)
     except BaseException:

@@ -27,6 +27,7 @@ import bisect
 import itertools
 import mmap
 import os
+import re
 import stat
 from abc import ABC, abstractmethod
 from typing import Sequence
@@ -37,7 +38,7 @@ from ..errors import InputError
 from ..norms import CHUNK
 
 __all__ = ["ByteStore", "LocalFile", "MemoryStore", "ChunkBuffer", "Identity", "identity", "open_fd",
-           "regular_file", "read_small", "hold_budget", "os_problem"]
+           "regular_file", "read_small", "hold_budget", "os_problem", "STORES", "store_class", "scheme_of"]
 
 Identity = tuple[int, int, int, int, int]  # (dev, ino, size, mtime_ns, ctime_ns)
 
@@ -63,6 +64,23 @@ class ByteStore(ABC):
         return None
 
     def identity(self) -> Identity | None:
+        return None
+
+    #: URL schemes whose paths this store opens ("" for local paths); see :func:`store_class`.
+    schemes: tuple[str, ...] = ()
+
+    @classmethod
+    def open(cls, path: str) -> ByteStore:
+        """Open the container at ``path`` and record what identifies it."""
+        raise InputError(path, f"{cls.__name__} cannot be opened by path")
+
+    @classmethod
+    def reopen(cls, path: str, ident: Identity | None, key: str) -> ByteStore:
+        """Open ``path`` again (in another process): it must be what ``ident`` describes."""
+        raise InputError(path, f"{cls.__name__} cannot be reopened")
+
+    def reopen_spec(self) -> tuple[type[ByteStore], str, Identity | None] | None:
+        """What another process needs to :meth:`reopen` this store (plain, picklable data), or None."""
         return None
 
     def verify(self) -> None:
@@ -188,9 +206,12 @@ class LocalFile(ByteStore):
         self.size = ident[2] if ident is not None else 0
         self.parked = False  # close the descriptor after each session
 
+    schemes = ("",)
+
     @classmethod
     def open(cls, path: str) -> LocalFile:
         """Open a regular, non-empty file and record its identity."""
+        regular_file(path)
         fd = open_fd(path)
         try:
             st = os.fstat(fd)
@@ -204,11 +225,14 @@ class LocalFile(ByteStore):
         return cls(path, fd, identity(st))
 
     @classmethod
-    def reopen(cls, path: str, ident: Identity, key: str | None = None) -> LocalFile:
+    def reopen(cls, path: str, ident: Identity | None, key: str | None = None) -> LocalFile:
         """Open ``path`` again (say, in another process); it must be the file ``ident`` describes."""
         store = cls(path, None, ident, key)
         store.parked = True
         return store.__enter__()
+
+    def reopen_spec(self) -> tuple[type[ByteStore], str, Identity | None] | None:
+        return (LocalFile, self.path, self.ident)
 
     def read_into(self, view: memoryview, offset: int) -> None:
         if self.fd is None:
@@ -271,6 +295,28 @@ class LocalFile(ByteStore):
     def check(self, st: os.stat_result) -> None:
         if self.ident is not None and identity(st) != self.ident:
             raise InputError(self.path, "changed while being read")
+
+
+#: The byte stores that open paths, by URL scheme: a new store (say, remote objects
+#: through fsspec) is one module with a ByteStore subclass and one line here.
+STORES: tuple[type[ByteStore], ...] = (LocalFile,)
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme_of(path: str) -> str:
+    """The URL scheme of ``path`` (``"s3"`` for ``s3://bucket/key``), or ``""`` for a local path."""
+    m = _SCHEME.match(path)
+    return m.group(1).lower() if m else ""
+
+
+def store_class(path: str) -> type[ByteStore]:
+    """The byte store that opens ``path``."""
+    scheme = scheme_of(path)
+    for cls in STORES:
+        if scheme in cls.schemes:
+            return cls
+    raise InputError(path, f"{scheme}:// URLs are not supported yet (local files only)")
 
 
 _MEMORY_KEYS = itertools.count()
