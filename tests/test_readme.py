@@ -82,3 +82,20 @@ def test_readme_block(block: list[str]) -> None:
         shown = f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
         assert _matches(expected, actual), shown
         i = j
+
+
+def test_a_non_editable_install_has_every_subpackage() -> None:
+    """The Quick start installs with `pip install .`: every package directory must be one the
+    [tool.setuptools.packages.find] patterns include (a sources/ left out once broke it)."""
+    import fnmatch
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "gradinspect").rglob("__init__.py")}
+    assert {"gradinspect", "gradinspect.sources", "gradinspect.formats"} <= packages
+    missing = [p for p in packages if not any(fnmatch.fnmatchcase(p, pat) for pat in find["include"])]
+    assert not missing, missing
