@@ -135,14 +135,14 @@ def test_a_write_error_leaves_the_old_file_and_no_temp_file(grads: Path, tmp_pat
 
 
 def test_every_format_implements_the_contract() -> None:
-    kinds = {"norms", "check", "diff", "info"}
+    kinds = {"norms", "check", "diff", "info", "trend"}
     for name in formats.MODULES:
         f = formats.get(name)
         assert isinstance(f, formats.Format) and f.name == name and f.help
         assert set(f.kinds) <= kinds and all(s.startswith(".") for s in f.suffixes)
     for kind, name in formats.DEFAULT.items():
         assert kind in formats.get(name).kinds
-    assert formats.DEFAULT == {"norms": "table", "diff": "table", "info": "table", "check": "text"}
+    assert formats.DEFAULT == {"norms": "table", "diff": "table", "info": "table", "check": "text", "trend": "table"}
 
 
 def test_render_returns_the_whole_document() -> None:

@@ -27,7 +27,7 @@ __all__ = ["Format", "RenderOptions", "MODULES", "DEFAULT", "names", "get", "ren
 MODULES = ("table", "text", "json", "csv", "markdown", "github", "junit")
 
 #: The format of each kind of report when --format and --output say nothing.
-DEFAULT: Mapping[str, str] = {"norms": "table", "diff": "table", "info": "table", "check": "text"}
+DEFAULT: Mapping[str, str] = {"norms": "table", "diff": "table", "info": "table", "check": "text", "trend": "table"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Format(ABC):
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]] = ()  # what --output PATH ends with to pick this format (".json")
-    kinds: ClassVar[tuple[str, ...]]  # the report kinds it renders: "norms", "check", "diff", "info"
+    kinds: ClassVar[tuple[str, ...]]  # the report kinds it renders: "norms", "check", "diff", "info", "trend"
     binary: ClassVar[bool] = False  # render returns bytes
     machine: ClassVar[bool] = False  # True: the document and nothing else (no colour, no terminal detection)
     help: ClassVar[str]
@@ -61,7 +61,7 @@ class Format(ABC):
 
 
 def kind_of(report: Any) -> str:
-    """``"norms"``, ``"check"``, ``"diff"`` or ``"info"``: the report class's ``kind``."""
+    """``"norms"``, ``"check"``, ``"diff"``, ``"info"`` or ``"trend"``: the report class's ``kind``."""
     return report.kind  # type: ignore[no-any-return]
 
 
