@@ -15,6 +15,7 @@ on that step alone.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -109,7 +110,7 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
     if not found:
         raise ValueError("no paths given")
     found.sort(key=lambda s: s.step)
-    for a, b in zip(found, found[1:]):
+    for a, b in itertools.pairwise(found):
         if a.step == b.step:
             raise InputError(b.path, f"step {b.step} twice: also {a.path}")
     return found

@@ -530,7 +530,9 @@ def evaluate(report: TrendReport, fail_on: Sequence[str] = (), max_clip_fraction
             raise ValueError(f"fail_on must be among {', '.join(FAIL_ON)}, not {rule!r}")
     rules = tuple(r for r in FAIL_ON if r in fail_on)
     found: list[TrendFinding] = []
-    label = norm_type_label(report.norm_type)
+    from .report import norm_label
+
+    label = norm_label(report.norm_type)
     if "spike" in rules:
         for s in report.spikes:
             top = ", ".join(f"{c.name} {c.part:.1%}" for c in s.culprits[:3])
@@ -539,8 +541,8 @@ def evaluate(report: TrendReport, fail_on: Sequence[str] = (), max_clip_fraction
     if "nonfinite" in rules:
         for st in report.steps:
             if st.total.nonfinite:
-                bad = [f"{n} ({a} NaN, {b} Inf)" for n, a, b in zip(st.tensor_names, st.tensor_nan, st.tensor_inf)
-                       if a + b]
+                bad = [f"{n} ({a} NaN, {b} Inf)" for n, a, b in zip(st.tensor_names, st.tensor_nan, st.tensor_inf,
+                                                                     strict=True) if a + b]
                 names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
                 found.append(TrendFinding("nonfinite", st.step, f"step {st.step}: {st.total.nan} NaN and "
                                           f"{st.total.inf} Inf gradient values in {names}"))

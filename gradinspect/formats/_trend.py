@@ -124,9 +124,9 @@ def _spikes(con: Console, report: Any) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold underline", padding=(0, 0, 0, 2))
     for j, (h, just) in enumerate(cols):
         table.add_column(h, justify=just, no_wrap=True, width=widths[j])  # type: ignore[arg-type]
-    table.add_column(f"top culprits (part of the {_rows(report)}' increase)"[:room], no_wrap=True, width=room,
-                     overflow="crop")
-    for s, r in zip(report.spikes, rows):
+    head = "top culprits (part of the increase)"
+    table.add_column(head if len(head) <= room else "top culprits", no_wrap=True, width=room, overflow="crop")
+    for s, r in zip(report.spikes, rows, strict=True):
         table.add_row(*map(Text, r), Text(_culprits(s.culprits, room)))
     con.print(table)
 
@@ -157,7 +157,7 @@ def chart(report: Any, width: int) -> list[Any]:
     steps = report.steps
     norms = [s.total.norm for s in steps]
     spikes = {s.step for s in report.spikes}
-    positive = [x for x, s in zip(norms, steps) if s.finite and x > 0]
+    positive = [x for x, s in zip(norms, steps, strict=True) if s.finite and x > 0]
     thr = report.max_norm
     lo = min([*positive, thr])
     hi = max([*positive, thr])
@@ -168,7 +168,8 @@ def chart(report: Any, width: int) -> list[Any]:
     trow = _HEIGHT - 1 - min(_HEIGHT - 1, int((math.log10(thr) - llo) / (lhi - llo) * _HEIGHT))
     labels.setdefault(trow, num(thr))
     lw = max(len(v) for v in labels.values())
-    room = max(8, width - lw - 2)
+    tlabel = f" max_norm {num(thr, 6)}"
+    room = max(8, width - lw - 2 - len(tlabel))
     n = len(steps)
     per = max(1, math.ceil(n / room))  # steps per column
     buckets = [range(i, min(n, i + per)) for i in range(0, n, per)]
@@ -193,7 +194,7 @@ def chart(report: Any, width: int) -> list[Any]:
             else:
                 line.append(" ")
         if r == trow:
-            line.append(f" max_norm {num(thr, 6)}", style="yellow")
+            line.append(tlabel, style="yellow")
         lines.append(line)
     lines.append(Text(" " * lw + " └" + "─" * len(cols), style="dim"))
     marks = Text(" " * (lw + 2))
@@ -204,8 +205,9 @@ def chart(report: Any, width: int) -> list[Any]:
     axis = " " * (lw + 2) + first
     gap = len(cols) - len(first) - len(last)
     axis += " " * gap + last if gap >= 1 else ""
-    what = f"  step ({per} per column)" if per > 1 else "  step"
     legend = f"global {norm_label(report.norm_type)}, log scale; ^ spike, ! NaN/Inf"
-    lines.append(Text(axis + what, style="dim"))
+    lines.append(Text(axis + "  step", style="dim"))
     lines.append(Text(" " * (lw + 2) + legend, style="dim"))
+    if per > 1:
+        lines.append(Text(" " * (lw + 2) + f"{per} steps per column (their largest norm)", style="dim"))
     return lines

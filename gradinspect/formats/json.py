@@ -43,7 +43,8 @@ PRETTY_MAX_ROWS = 1000
 
 def dumps(doc: dict[str, Any]) -> str:
     # A trend document holds a row's numbers for every step: its series count steps x tensors.
-    rows = len(doc.get("tensors", ())) * max(1, len(doc.get("steps", ()))) + len(doc.get("report", {}).get("tensors", ()))
+    rows = len(doc.get("tensors", ())) * max(1, len(doc.get("steps", ())))
+    rows += len(doc.get("report", {}).get("tensors", ()))
     indent = 2 if rows <= PRETTY_MAX_ROWS else None
     try:  # the common case: every number finite, no rewriting needed
         text = json.dumps(doc, indent=indent, allow_nan=False, ensure_ascii=False)
