@@ -98,6 +98,7 @@ def cli() -> None:
       gradinspect check grads.safetensors --max-total 10 --format github
       gradinspect diff run1/grads.safetensors run2/grads.safetensors --rtol 1e-6
       gradinspect info big.safetensors
+      gradinspect trend 'run/step_*.safetensors' --fail-on nonfinite
 
     Run `gradinspect COMMAND --help` for a command's options.
     """

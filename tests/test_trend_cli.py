@@ -51,7 +51,7 @@ def test_metadata_step_wins_over_the_name(tmp_path: Path) -> None:
 
 def test_last_integer_of_the_final_component(tmp_path: Path) -> None:
     for i in (10, 2, 33):
-        _save(tmp_path / f"v2_run" / f"gpt2_step{i}.safetensors", {"w": [float(i)]})
+        _save(tmp_path / "v2_run" / f"gpt2_step{i}.safetensors", {"w": [float(i)]})
     r = run("trend", str(tmp_path / "v2_run" / "*.safetensors"), "-f", "json")
     assert r.exit_code == 0, r.output
     assert _steps(r.stdout) == [2, 10, 33]

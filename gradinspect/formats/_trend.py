@@ -61,7 +61,8 @@ def _steps_text(steps: list[int], most: int = 8) -> str:
 
 def summary(report: Any) -> list[tuple[str, str]]:
     """(label, value) lines: steps, spikes, first non-finite, clipping, suggested max_norm, dead, missing."""
-    from ._human import norm_label, num
+    from ..report import norm_label
+    from ._human import num
 
     steps = report.steps
     label = norm_label(report.norm_type)
@@ -152,7 +153,8 @@ def chart(report: Any, width: int) -> list[Any]:
     """The global norm per step as lines of rich Text: log scale, threshold dashed, spikes ``^``, NaN/Inf ``!``."""
     from rich.text import Text
 
-    from ._human import norm_label, num
+    from ..report import norm_label
+    from ._human import num
 
     steps = report.steps
     norms = [s.total.norm for s in steps]
