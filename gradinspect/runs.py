@@ -14,19 +14,24 @@ on that step alone.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
+import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .clip import DEFAULT_EPS
 from .errors import InputError
+from .norms import Stats, combine, general_p
+from .report import TensorNorms
 from .trend import DEFAULT_CLIP_TARGET, DEFAULT_SPIKE_FACTOR, DEFAULT_WINDOW, StepResult, TrendReport, analyze
 
-__all__ = ["StepPath", "compile_step_pattern", "find_steps", "trend", "step_warnings"]
+__all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings"]
 
 _INT = re.compile(r"\d+")
 
@@ -140,8 +145,10 @@ def trend(
     """The trend of a run whose steps ``paths`` name (see the module docstring and :func:`gradinspect.trend.analyze`).
 
     ``on_step(step, norms_report)`` is called after each step (for warnings and progress).
-    With ``group_by``, each step is read twice: once grouped, once per tensor
-    (``first_nonfinite`` and ``dead`` name tensors).
+    With ``group_by``, each step is read once, per tensor (``first_nonfinite``
+    and ``dead`` name tensors), and grouped from those rows by :func:`regroup`
+    (exactly as ``norms --group-by``); for a ``norm_type`` other than 1, 2 and
+    inf, or rows whose sums cannot be rebuilt exactly, the step is read again grouped.
     """
     from .api import inspect
     from .norms import parse_norm_type
@@ -153,13 +160,62 @@ def trend(
                                 loss_scale=loss_scale, allow_outside_index=allow_outside_index)
     results = []
     for st in steps:
-        report = inspect(st.path, group_by=group_by, **opts)
-        tensor_report = None if group_by is None else inspect(st.path, group_by=None, **opts)
+        report = tensor_report = inspect(st.path, group_by=None, **opts)
+        if group_by is not None:
+            report = regroup(tensor_report, group_by, group_sep) or inspect(st.path, group_by=group_by, **opts)
         if on_step is not None:
             on_step(st, report)
-        results.append(StepResult.from_reports(st.step, report, tensor_report))
+        results.append(StepResult.from_reports(st.step, report, tensor_report if group_by is not None else None))
     return analyze(results, norm_type=p, max_norm=max_norm, eps=eps, group_by=group_by, window=window,
                    spike_factor=spike_factor, clip_target=clip_target)
+
+
+def _stats(row: Any, p: float) -> Stats | None:
+    """Statistics whose :func:`~gradinspect.norms.combine` is bit-for-bit that of the row's own, or None.
+
+    A row holds ``l1 = ldexp(s1, exp)`` and ``sq = ldexp(s2, 2 exp)``: exact
+    when both are finite normal numbers (or both 0), so ``exp`` 0 with
+    ``s1 = l1``, ``s2 = sq`` gives the same shared exponent and the same
+    rescaled terms in ``combine``.  A row with NaN/Inf needs only its counts,
+    ``linf`` and whether ``sq`` is NaN.
+    """
+    l1, sq = row.l1, row.sq
+    if not row.nonfinite:
+        tiny = sys.float_info.min
+        if not (math.isfinite(l1) and math.isfinite(sq) and (l1 == 0.0) == (sq == 0.0)
+                and (l1 == 0.0 or l1 >= tiny) and (sq == 0.0 or sq >= tiny)):
+            return None
+    return Stats(numel=row.numel, nan=row.nan, inf=row.inf, linf=row.linf, exp=0, s1=l1, s2=sq, p=p)
+
+
+def regroup(report: Any, group_by: int | str, sep: str = ".") -> Any:
+    """The ``group_by`` rows of a per-tensor :class:`~gradinspect.report.NormsReport` made with every row in
+    file order (``sort="none"``), exactly as ``norms --group-by`` computes them from the files; None when
+    that cannot be done exactly (a general ``norm_type``, sums out of the normal range): read again then."""
+    from .api import compile_group_by, group_name
+
+    p = report.norm_type
+    if general_p(p) or report.omitted or report.group_by is not None:
+        return None
+    stats = [_stats(r, p) for r in report.tensors]
+    if any(s is None for s in stats):
+        return None
+    by = compile_group_by(group_by)
+    assert by is not None
+    finite = [s for s, r in zip(stats, report.tensors, strict=True) if not r.nonfinite]
+    base = combine(finite if report.total.nonfinite else stats, p)  # type: ignore[arg-type]
+    groups: dict[str, list[tuple[Any, Stats]]] = {}
+    for r, s in zip(report.tensors, stats, strict=True):
+        groups.setdefault(group_name(r.name, by, sep), []).append((r, s))  # type: ignore[arg-type]
+    rows = []
+    for key, members in groups.items():
+        if len(members) == 1:
+            rows.append(dataclasses.replace(members[0][0], name=key))
+            continue
+        g = combine((s for _, s in members), p)
+        rows.append(TensorNorms.from_stats(g, name=key, source=None, shape=None, dtype="mixed",
+                                           share=math.nan if g.nonfinite else g.share_of(base), members=len(members)))
+    return dataclasses.replace(report, tensors=tuple(rows), group_by=group_by, group_sep=sep)
 
 
 def step_warnings(warnings: Sequence[tuple[StepPath, list[str]]]) -> list[str]:

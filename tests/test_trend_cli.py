@@ -291,3 +291,80 @@ def test_help_has_examples_on_the_sample_run() -> None:
     for opt in ("--window", "--spike-factor", "--clip-target", "--fail-on", "--max-clip-fraction", "--step-pattern",
                 "--shards", "--group-by", "--output"):
         assert opt in r.stdout
+
+
+# --- --group-by: each file read once, groups rebuilt exactly ------------------------------------
+
+def _numbers(report) -> list[tuple]:
+    return [(r.name, repr(r.l1), repr(r.l2), repr(r.linf), repr(r.norm), repr(r.sq), repr(r.share), r.nan, r.inf,
+             r.numel) for r in report.tensors]
+
+
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+@pytest.mark.parametrize("group_by", [1, 2, r"fc\d|norm"])
+def test_regroup_is_bit_for_bit_norms_group_by_on_the_sample_run(p, group_by) -> None:
+    from gradinspect import inspect
+    from gradinspect.runs import regroup
+
+    for i in range(0, 40, 3):
+        path = RUN / f"step_{i:06d}.safetensors"
+        per_tensor = inspect(path, norm_type=p, sort="none")
+        grouped = regroup(per_tensor, group_by)
+        assert grouped is not None
+        assert _numbers(grouped) == _numbers(inspect(path, norm_type=p, sort="none", group_by=group_by))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_regroup_is_bit_for_bit_on_wide_float64(tmp_path: Path, seed: int) -> None:
+    from gradinspect import inspect
+    from gradinspect.runs import regroup
+
+    g = np.random.default_rng(seed)
+    tensors = {}
+    for j in range(12):
+        scale = 10.0 ** g.uniform(-60, 60)
+        a = g.standard_normal(int(g.integers(1, 50))) * scale
+        if seed % 3 == 0 and j == 5:
+            a[0] = np.inf if seed else np.nan
+        if j == 7:
+            a[:] = 0.0
+        tensors[f"l{j % 4}.m{j % 3}.w{j}"] = a
+    path = tmp_path / "g.safetensors"
+    from safetensors.numpy import save_file as save64
+
+    save64(tensors, str(path))
+    for by in (1, 2):
+        per_tensor = inspect(path, sort="none")
+        grouped = regroup(per_tensor, by)
+        assert grouped is not None
+        assert _numbers(grouped) == _numbers(inspect(path, sort="none", group_by=by))
+
+
+def test_regroup_declines_what_it_cannot_rebuild_exactly(tmp_path: Path) -> None:
+    from gradinspect import compute_norms
+    from gradinspect.runs import regroup
+
+    assert regroup(compute_norms({"a.x": [1.0], "a.y": [2.0]}, norm_type=3, sort="none"), 1) is None
+    tiny = compute_norms({"a.x": np.array([1e-200]), "a.y": np.array([2.0])}, sort="none")  # Σx² underflows
+    assert regroup(tiny, 1) is None
+    assert regroup(compute_norms({"a.x": [1.0], "a.y": [2.0]}, sort="none"), 1) is not None
+
+
+@pytest.mark.parametrize("args,reads", [((), 3), (("--group-by", "1"), 3), (("--group-by", "1", "-p", "3"), 6)])
+def test_each_step_is_read_once_with_group_by(monkeypatch: pytest.MonkeyPatch, args: tuple, reads: int) -> None:
+    import gradinspect.api as api
+
+    calls = []
+    real = api.inspect
+    monkeypatch.setattr(api, "inspect", lambda *a, **k: calls.append(a) or real(*a, **k))
+    paths = [str(RUN / f"step_{i:06d}.safetensors") for i in (20, 21, 22)]
+    r = run("trend", *paths, "-f", "json", "-q", *args)
+    assert r.exit_code == 0, r.output
+    assert len(calls) == reads
+    t = strict_json(r.stdout)
+    for j, p in enumerate(paths):
+        n = strict_json(run("norms", p, "--sort", "none", "-f", "json", *args).stdout)
+        assert [t["series"]["norm"][t["tensors"].index(row["name"])][j] for row in n["tensors"]] == \
+            [row["norm"] for row in n["tensors"]]
+        assert [t["series"]["share"][t["tensors"].index(row["name"])][j] for row in n["tensors"]] == \
+            [row["share"] for row in n["tensors"]]
