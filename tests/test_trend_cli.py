@@ -368,3 +368,14 @@ def test_each_step_is_read_once_with_group_by(monkeypatch: pytest.MonkeyPatch, a
             [row["norm"] for row in n["tensors"]]
         assert [t["series"]["share"][t["tensors"].index(row["name"])][j] for row in n["tensors"]] == \
             [row["share"] for row in n["tensors"]]
+
+
+def test_a_far_threshold_leaves_the_chart_to_the_norms(tmp_path: Path) -> None:
+    for i in range(10):
+        _save(tmp_path / f"step_{i}.safetensors", {"w": [100.0 + 2 * i]})
+    far = run("trend", str(tmp_path / "step_*.safetensors"), "-q", "--width", "80")
+    assert far.exit_code == 0 and "max_norm 1 is below" in far.stdout and "╌" not in far.stdout
+    bars = [x for x in far.stdout.splitlines() if "┤" in x or "│" in x]
+    assert len(bars) == 8 and len({x.count("█") for x in bars}) > 2  # the norms use the rows, not one flat block
+    near = run("trend", str(tmp_path / "step_*.safetensors"), "-q", "--max-norm", "110")
+    assert "╌" in near.stdout and "max_norm 110" in near.stdout and "is below" not in near.stdout

@@ -161,17 +161,22 @@ def chart(report: Any, width: int) -> list[Any]:
     spikes = {s.step for s in report.spikes}
     positive = [x for x, s in zip(norms, steps, strict=True) if s.finite and x > 0]
     thr = report.max_norm
-    lo = min([*positive, thr])
-    hi = max([*positive, thr])
+    # The threshold is on the chart unless it is more than 10x away from every norm (then the
+    # norms would be squeezed into a few rows): the legend says where it is.
+    near = not positive or min(positive) / 10 <= thr <= max(positive) * 10
+    lo = min([*positive, thr] if near else positive)
+    hi = max([*positive, thr] if near else positive)
     if hi <= lo:
         lo, hi = lo / 10, hi * 10
     llo, lhi = math.log10(lo), math.log10(hi)
     labels = {0: num(hi), _HEIGHT - 1: num(lo)}
-    trow = _HEIGHT - 1 - min(_HEIGHT - 1, int((math.log10(thr) - llo) / (lhi - llo) * _HEIGHT))
-    labels.setdefault(trow, num(thr))
+    trow = -1
+    if near:
+        trow = _HEIGHT - 1 - min(_HEIGHT - 1, int((math.log10(thr) - llo) / (lhi - llo) * _HEIGHT))
+        labels.setdefault(trow, num(thr))
     lw = max(len(v) for v in labels.values())
-    tlabel = f" max_norm {num(thr, 6)}"
-    room = max(8, width - lw - 2 - len(tlabel))
+    tlabel = f" max_norm {num(thr, 6)}" if near else ""
+    room = max(8, width - lw - 2 - max(len(tlabel), len("  step")))
     n = len(steps)
     per = max(1, math.ceil(n / room))  # steps per column
     buckets = [range(i, min(n, i + per)) for i in range(0, n, per)]
@@ -208,6 +213,8 @@ def chart(report: Any, width: int) -> list[Any]:
     gap = len(cols) - len(first) - len(last)
     axis += " " * gap + last if gap >= 1 else ""
     legend = f"global {norm_label(report.norm_type)}, log scale; ^ spike, ! NaN/Inf"
+    if not near:
+        legend += f"; max_norm {num(thr, 6)} is {'below' if thr < lo else 'above'}"
     lines.append(Text(axis + "  step", style="dim"))
     lines.append(Text(" " * (lw + 2) + legend, style="dim"))
     if per > 1:
