@@ -379,3 +379,28 @@ def test_a_far_threshold_leaves_the_chart_to_the_norms(tmp_path: Path) -> None:
     assert len(bars) == 8 and len({x.count("█") for x in bars}) > 2  # the norms use the rows, not one flat block
     near = run("trend", str(tmp_path / "step_*.safetensors"), "-q", "--max-norm", "110")
     assert "╌" in near.stdout and "max_norm 110" in near.stdout and "is below" not in near.stdout
+
+
+@pytest.mark.parametrize("values,expect", [
+    ([[0.0], [0.0]], "dead            w"),  # every norm 0: nothing to draw on a log scale, no crash
+    ([[np.nan], [np.inf]], "clipped        no finite step"),
+    ([[3.0]], "steps           1 (7)"),
+])
+def test_degenerate_runs_still_draw(tmp_path: Path, values: list, expect: str) -> None:
+    for i, v in enumerate(values):
+        _save(tmp_path / f"s_{7 + i}.safetensors", {"w": v})
+    r = run("trend", str(tmp_path / "s_*.safetensors"), "-q")
+    assert r.exit_code == 0, r.output
+    assert expect in r.stdout and "└" in r.stdout
+    axis = next(x for x in r.stdout.splitlines() if "└" in x)
+    assert axis.count("─") == 3 * len(values)  # a few steps: 3 columns each
+
+
+def test_fail_on_nonfinite_lists_each_step(tmp_path: Path) -> None:
+    for i, v in enumerate([[1.0], [np.nan], [np.inf], [1.0]]):
+        _save(tmp_path / f"s_{i}.safetensors", {"w": v})
+    r = run("trend", str(tmp_path / "s_*.safetensors"), "-q", "--fail-on", "nonfinite", "-f", "github")
+    assert r.exit_code == 1
+    assert [x.split("::")[1] for x in r.stdout.splitlines()[:-1]] == [
+        "error title=gradinspect trend nonfinite step 1", "error title=gradinspect trend nonfinite step 2"]
+    assert r.stdout.splitlines()[-1] == "FAIL  2 findings (nonfinite); 4 steps, 0 spikes"

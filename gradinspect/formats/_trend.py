@@ -85,7 +85,8 @@ def summary(report: Any) -> list[tuple[str, str]]:
         lines.append(("first NaN/Inf", f"step {fn.step}: " + ", ".join(names[:3]) + more))
     c = report.clip_summary
     if finite:
-        lines.append(("clipped", f"{c.fraction_clipped:.1%} of {len(finite)} finite steps at max_norm "
+        plural = "s" if len(finite) != 1 else ""
+        lines.append(("clipped", f"{c.fraction_clipped:.1%} of {len(finite)} finite step{plural} at max_norm "
                       f"{num(report.max_norm, 6)}"))
         lines.append((f"{label} percentiles", f"p50 {num(c.p50)}, p90 {num(c.p90)}, p99 {num(c.p99)}, "
                       f"max {num(c.max)}"))
@@ -188,6 +189,8 @@ def chart(report: Any, width: int) -> list[Any]:
         v = max(vals) if vals else 0.0
         h = 0 if v <= 0 else max(1, round((math.log10(v) - llo) / (lhi - llo) * _HEIGHT * 8))
         cols.append((min(h, _HEIGHT * 8), "!" if bad else "^" if spike else " ", spike, bad))
+    wide = max(1, min(3, room // len(cols)))  # a few steps: each as wide as 3 columns
+    cols = [c for c in cols for _ in range(wide)]
     lines = []
     for r in range(_HEIGHT):
         floor = (_HEIGHT - 1 - r) * 8  # eighths below this row
@@ -211,7 +214,8 @@ def chart(report: Any, width: int) -> list[Any]:
     first, last = str(steps[0].step), str(steps[-1].step)
     axis = " " * (lw + 2) + first
     gap = len(cols) - len(first) - len(last)
-    axis += " " * gap + last if gap >= 1 else ""
+    if n > 1:
+        axis += " " * gap + last if gap >= 1 else f"–{last}"
     legend = f"global {norm_label(report.norm_type)}, log scale; ^ spike, ! NaN/Inf"
     if not near:
         legend += f"; max_norm {num(thr, 6)} is {'below' if thr < lo else 'above'}"

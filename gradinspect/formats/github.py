@@ -37,7 +37,8 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 def verdict_trend(report: Any) -> str:
     """``trend``'s one-line verdict on its CI rules."""
-    what = f"{len(report.steps):,} steps, {len(report.spikes)} spike{'s' if len(report.spikes) != 1 else ''}"
+    n = len(report.steps)
+    what = f"{n:,} step{'s' if n != 1 else ''}, {len(report.spikes)} spike{'s' if len(report.spikes) != 1 else ''}"
     if report.ok:
         return f"OK    {what}; rules hold: {', '.join(report.rules) or 'no rules'}"
     n = len(report.findings)
