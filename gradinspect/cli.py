@@ -583,13 +583,14 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
     warnings: list[Any] = []
-    report = run_trend(
-        list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-        group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
-        allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
-        spike_factor=spike_factor, clip_target=clip_target,
-        on_step=lambda st, r: warnings.append((st, r.input_warnings())),
-    )
+    with _ProgressBar(not quiet) as bar:
+        report = run_trend(
+            list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
+            group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
+            allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
+            spike_factor=spike_factor, clip_target=clip_target,
+            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar,
+        )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)
     _emit(fmt, "trend", report, width, output)

@@ -141,10 +141,13 @@ def trend(
     spike_factor: float = DEFAULT_SPIKE_FACTOR,
     clip_target: float = DEFAULT_CLIP_TARGET,
     on_step: Callable[[StepPath, Any], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> TrendReport:
     """The trend of a run whose steps ``paths`` name (see the module docstring and :func:`gradinspect.trend.analyze`).
 
-    ``on_step(step, norms_report)`` is called after each step (for warnings and progress).
+    ``on_step(step, norms_report)`` is called after each step (for warnings).  ``progress`` is called
+    with the bytes read, as by :func:`~gradinspect.api.inspect`; an object with ``set_total`` is first told
+    the size of every step's files.
     With ``group_by``, each step is read once, per tensor (``first_nonfinite``
     and ``dead`` name tensors), and grouped from those rows by :func:`regroup`
     (exactly as ``norms --group-by``); for a ``norm_type`` other than 1, 2 and
@@ -158,6 +161,12 @@ def trend(
     opts: dict[str, Any] = dict(norm_type=p, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
                                 group_sep=group_sep, sort="none", shards=shards, jobs=jobs, dedup=dedup,
                                 loss_scale=loss_scale, allow_outside_index=allow_outside_index)
+    if progress is not None and hasattr(progress, "set_total"):
+        from .loaders import resolve_paths
+
+        progress.set_total(sum(os.path.getsize(f) for st in steps
+                               for f in resolve_paths([st.path], allow_outside_index=allow_outside_index)))
+    opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step
     results = []
     for st in steps:
         report = tensor_report = inspect(st.path, group_by=None, **opts)

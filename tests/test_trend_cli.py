@@ -404,3 +404,24 @@ def test_fail_on_nonfinite_lists_each_step(tmp_path: Path) -> None:
     assert [x.split("::")[1] for x in r.stdout.splitlines()[:-1]] == [
         "error title=gradinspect trend nonfinite step 1", "error title=gradinspect trend nonfinite step 2"]
     assert r.stdout.splitlines()[-1] == "FAIL  2 findings (nonfinite); 4 steps, 0 spikes"
+
+
+def test_progress_is_told_the_total_once_and_every_byte() -> None:
+    from gradinspect.runs import trend
+
+    class Bar:
+        def __init__(self) -> None:
+            self.totals: list[int] = []
+            self.done = 0
+
+        def set_total(self, n: int) -> None:
+            self.totals.append(n)
+
+        def __call__(self, n: int) -> None:
+            self.done += n
+
+    bar = Bar()
+    paths = [RUN / f"step_{i:06d}.safetensors" for i in range(3)]
+    trend(paths, progress=bar)
+    assert bar.totals == [sum(p.stat().st_size for p in paths)]
+    assert 0.99 * bar.totals[0] < bar.done <= bar.totals[0]  # the float tensors' bytes; headers are the rest
