@@ -425,3 +425,26 @@ def test_progress_is_told_the_total_once_and_every_byte() -> None:
     trend(paths, progress=bar)
     assert bar.totals == [sum(p.stat().st_size for p in paths)]
     assert 0.99 * bar.totals[0] < bar.done <= bar.totals[0]  # the float tensors' bytes; headers are the rest
+
+
+@pytest.mark.parametrize("args", [["--loss-scale", "4"], ["-p", "inf", "--max-norm", "5", "--eps", "0"],
+                                  ["--include", "head.*"], ["--exclude", "*.bias", "-p", "1.5"], ["--dedup"]])
+def test_shared_options_give_the_numbers_of_norms(args: list[str]) -> None:
+    paths = [str(RUN / f"step_{i:06d}.safetensors") for i in (30, 31)]
+    t = strict_json(run("trend", *paths, "-q", "-f", "json", *args).stdout)
+    for j, p in enumerate(paths):
+        n = strict_json(run("norms", p, "-q", "--sort", "none", "-f", "json", *args).stdout)
+        assert t["steps"][j]["total"] == {k: n["total"][k] for k in t["steps"][j]["total"]}
+        assert t["steps"][j]["clip"] == {k: n["clip"][k] for k in ("coef", "clipped")}
+        assert [t["series"]["norm"][t["tensors"].index(r["name"])][j] for r in n["tensors"]] == \
+            [r["norm"] for r in n["tensors"]]
+    assert (t["max_norm"], t["eps"]) == ((5.0, 0.0) if "--eps" in args else (1.0, 1e-6))
+
+
+def test_a_broken_step_is_exit_2_with_nothing_on_stdout(tmp_path: Path) -> None:
+    _save(tmp_path / "step_1.safetensors", {"w": [1.0]})
+    bad = tmp_path / "step_2.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    r = run("trend", str(tmp_path / "step_*.safetensors"), "--step-pattern", r"(\d)", "-f", "json")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"Error: {bad}: ") and r.stderr.count("\n") == 1
