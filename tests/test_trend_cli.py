@@ -448,3 +448,10 @@ def test_a_broken_step_is_exit_2_with_nothing_on_stdout(tmp_path: Path) -> None:
     r = run("trend", str(tmp_path / "step_*.safetensors"), "--step-pattern", r"(\d)", "-f", "json")
     assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.startswith(f"Error: {bad}: ") and r.stderr.count("\n") == 1
+
+
+def test_a_narrow_table_cuts_names_never_numbers() -> None:
+    r = run("trend", RUN_GLOB, "-q", "--width", "30")
+    assert r.exit_code == 0
+    row = next(x for x in r.stdout.splitlines() if x.lstrip().startswith("21 "))
+    assert row.split()[:4] == ["21", "27.5", "2.68", "10.2×"] and row.endswith("88.6%") and "…" in row

@@ -130,7 +130,12 @@ def _spikes(con: Console, report: Any) -> None:
     table.add_column(head if len(head) <= room else "top culprits", no_wrap=True, width=room, overflow="crop")
     for s, r in zip(report.spikes, rows, strict=True):
         table.add_row(*map(Text, r), Text(_culprits(s.culprits, room)))
-    con.print(table)
+    width = con.width
+    con.width = max(width, sum(widths) + 2 * len(widths) + room)  # numbers are never cut: wider than asked
+    try:
+        con.print(table)
+    finally:
+        con.width = width
 
 
 def _culprits(culprits: Any, room: int) -> str:
@@ -144,7 +149,8 @@ def _culprits(culprits: Any, room: int) -> str:
             if not text:  # one name longer than the room: elided in the middle
                 from ._human import middle_elide
 
-                return middle_elide(item, room)
+                part = f" {c.part:.1%}"
+                return middle_elide(printable(c.name), max(1, room - len(part))) + part
             return text + ", …"
         text = cand
     return text + (", …" if len(culprits) > _CULPRITS else "")
