@@ -98,6 +98,7 @@ def cli() -> None:
       gradinspect check grads.safetensors --max-total 10 --format github
       gradinspect diff run1/grads.safetensors run2/grads.safetensors --rtol 1e-6
       gradinspect info big.safetensors
+      gradinspect trend 'run/step_*.safetensors' --fail-on nonfinite
 
     Run `gradinspect COMMAND --help` for a command's options.
     """
@@ -315,19 +316,22 @@ _TOP = Option("top", ("--top",), "int", None, "Show only N rows (totals still co
               metavar="N", range=Range(1, integer=True))
 
 
+_GROUP_BY = click.option(
+    "--group-by", type=GroupBy(), default=None, metavar="N|REGEX",
+    help="One row per group: tensors sharing the first N name parts (split on --sep), or the text "
+         "a REGEX captures in the name (its groups joined by --sep, or the whole match; a name it "
+         "does not match is a row of its own).")
+_SEP = click.option("--sep", "group_sep", default=".", show_default=True, metavar="TEXT",
+                    help="What --group-by N splits names on (JAX names use /).")
+
+
 @cli.command(context_settings=_CONTEXT)
 @_PATHS
 @_options(
     *o.NORM_OPTIONS, o.format_option("norms"), o.JSON,
     click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
                  show_default=True, help="Row order; none keeps file order."),
-    _TOP, *o.SELECTION_OPTIONS,
-    click.option("--group-by", type=GroupBy(), default=None, metavar="N|REGEX",
-                 help="One row per group: tensors sharing the first N name parts (split on --sep), or the text "
-                      "a REGEX captures in the name (its groups joined by --sep, or the whole match; a name it "
-                      "does not match is a row of its own)."),
-    click.option("--sep", "group_sep", default=".", show_default=True, metavar="TEXT",
-                 help="What --group-by N splits names on (JAX names use /)."),
+    _TOP, *o.SELECTION_OPTIONS, _GROUP_BY, _SEP,
     o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
 )
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
@@ -526,6 +530,85 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     report = run_info(list(paths), allow_outside_index=allow_outside_index)
     _warn(list(report.notes))
     _emit(fmt, "info", report, width, output)
+
+
+@cli.command(context_settings=_CONTEXT)
+@_PATHS
+@_options(
+    *o.NORM_OPTIONS, o.format_option("trend"), o.JSON, *o.SELECTION_OPTIONS, _GROUP_BY, _SEP,
+    click.option("--step-pattern", default=None, metavar="REGEX",
+                 help="Take each step's number from the one group of REGEX, searched in the final component "
+                      "of its PATH (or glob match); a PATH it does not match is an error. Default: the "
+                      "safetensors metadata key step, else the last integer in that component."),
+    Option("window", ("--window",), "int", 20, "A step's baseline: the median global norm of up to N steps "
+           "before it (3 finite ones at least).", metavar="N", range=Range(1, integer=True), show_default=True),
+    Option("spike_factor", ("--spike-factor",), "float", 3.0, "A spike: a global norm > X times its baseline.",
+           metavar="X", range=o.POSITIVE, show_default=True),
+    Option("clip_target", ("--clip-target",), "float", 0.1, "Suggest the smallest max_norm that clips at most "
+           "this fraction of the finite steps.", metavar="F", range=o.SHARE, show_default=True),
+    click.option("--fail-on", type=click.Choice(["spike", "nonfinite"]), multiple=True,
+                 help="Exit 1 when a step is a spike, or holds NaN/Inf (repeatable)."),
+    Option("max_clip_fraction", ("--max-clip-fraction",), "float", None,
+           "Exit 1 when more than this fraction of the finite steps is clipped at --max-norm.", metavar="F",
+           range=o.SHARE),
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+)
+def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
+          include: tuple[str, ...], exclude: tuple[str, ...], group_by: int | str | None, group_sep: str,
+          step_pattern: str | None, window: int, spike_factor: float, clip_target: float, fail_on: tuple[str, ...],
+          max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
+          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None) -> None:
+    """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
+
+    Each PATH is one step: a file, or a directory or *.safetensors.index.json
+    holding one step's files (per-rank shards with --shards); a quoted glob
+    is one step per match ('run/step_*.safetensors', 'run/step_*/').  Each
+    step's numbers are those of `gradinspect norms` on that step alone.  A
+    step's number: --step-pattern, else the safetensors metadata key step
+    (the files of one step must agree), else the last integer in the final
+    path component.  Two PATHs with the same step number are an error.
+
+    A spike: a finite global norm > --spike-factor times the median of the
+    finite ones among the up to --window steps before it; its culprits are
+    the tensors whose squared L2 norm grew most over their own median.
+
+    \b
+    Examples:
+      gradinspect trend 'sample_data/run/step_*.safetensors'
+      gradinspect trend 'run/step_*/' --shards slices --group-by 2
+      gradinspect trend 'run/step_*.safetensors' --format json | jq .spikes
+      gradinspect trend 'run/*.npz' --step-pattern 'iter(\\d+)' --format csv > run.csv
+      gradinspect trend 'run/step_*.safetensors' --fail-on nonfinite --max-clip-fraction 0.5 -f github
+
+    Exit status: 0 on success; 1 when a --fail-on or --max-clip-fraction
+    rule fails; 2 on unreadable input or bad usage (a step number twice, a
+    PATH --step-pattern does not match).
+    """
+    from .runs import compile_step_pattern, step_warnings
+    from .runs import trend as run_trend
+    from .trend import evaluate
+
+    if not group_sep:
+        raise click.BadParameter("must not be empty", param_hint="--sep")
+    try:
+        compile_step_pattern(step_pattern)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--step-pattern") from None
+    fmt = _output_format("trend", "json" if as_json else format,
+                         as_json or _given(click.get_current_context(), "format"), output)
+    warnings: list[Any] = []
+    with _ProgressBar(not quiet) as bar:
+        report = run_trend(
+            list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
+            group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
+            allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
+            spike_factor=spike_factor, clip_target=clip_target,
+            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar,
+        )
+    report = evaluate(report, fail_on, max_clip_fraction)
+    _warn(step_warnings(warnings), quiet >= 1)
+    _emit(fmt, "trend", report, width, output)
+    sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
 def main(argv: list[str] | None = None) -> None:

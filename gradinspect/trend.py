@@ -36,11 +36,12 @@ drift.  Rows are tensors, or groups with ``group_by``; ``first_nonfinite`` and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -64,10 +65,12 @@ __all__ = [
     "Spike",
     "StepResult",
     "StepTotals",
+    "TrendFinding",
     "TrendReport",
     "allowed_clipped",
     "analyze",
     "baselines",
+    "evaluate",
     "max_norm_for_target",
     "median_rows",
     "series",
@@ -80,6 +83,7 @@ DEFAULT_WINDOW = 20
 DEFAULT_SPIKE_FACTOR = 3.0
 DEFAULT_CLIP_TARGET = 0.1
 DRIFT_TOP = 10
+FAIL_ON = ("spike", "nonfinite")  # --fail-on rules; --max-clip-fraction is the rule clip_fraction
 MIN_BASELINE = 3  # finite steps a baseline needs
 
 
@@ -428,12 +432,24 @@ class Drift:
 
 
 @dataclass(frozen=True)
+class TrendFinding:
+    """A failed CI rule (``spike``, ``nonfinite``, ``clip_fraction``), at one step or over the run."""
+
+    rule: str
+    step: int | None
+    message: str
+
+
+@dataclass(frozen=True)
 class TrendReport:
     """The result of ``gradinspect trend``; ``to_dict()`` is the ``gradinspect.trend/1`` JSON shape.
 
     ``series_norm`` / ``series_share``: [row][step], ``None`` where the row is
-    absent from the step.
+    absent from the step.  ``rules`` and ``findings``: the CI rules checked and
+    what failed (:func:`evaluate`); ``ok`` when nothing did.
     """
+
+    kind: ClassVar[str] = "trend"
 
     norm_type: float
     max_norm: float
@@ -451,6 +467,12 @@ class TrendReport:
     dead: tuple[str, ...]
     missing: tuple[Missing, ...]
     drift: tuple[Drift, ...]
+    rules: tuple[str, ...] = ()
+    findings: tuple[TrendFinding, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -495,6 +517,45 @@ def spell(x: float) -> str:
     if math.isinf(x):
         return "Infinity" if x > 0 else "-Infinity"
     return repr(float(x))
+
+
+# --- CI rules -----------------------------------------------------------------
+
+def evaluate(report: TrendReport, fail_on: Sequence[str] = (), max_clip_fraction: float | None = None) -> TrendReport:
+    """``report`` with the rules checked and their findings: ``fail_on`` ``spike`` (each spike) and
+    ``nonfinite`` (each step with NaN/Inf), and ``clip_fraction`` (more than ``max_clip_fraction`` of
+    the finite steps clipped, or no finite step at all)."""
+    for rule in fail_on:
+        if rule not in FAIL_ON:
+            raise ValueError(f"fail_on must be among {', '.join(FAIL_ON)}, not {rule!r}")
+    rules = tuple(r for r in FAIL_ON if r in fail_on)
+    found: list[TrendFinding] = []
+    from .report import norm_label
+
+    label = norm_label(report.norm_type)
+    if "spike" in rules:
+        for s in report.spikes:
+            top = ", ".join(f"{c.name} {c.part:.1%}" for c in s.culprits[:3])
+            found.append(TrendFinding("spike", s.step, f"step {s.step}: global {label} norm {s.norm:.6g} is "
+                                      f"{s.ratio:.3g}x the baseline {s.baseline:.6g}" + (f" ({top})" if top else "")))
+    if "nonfinite" in rules:
+        for st in report.steps:
+            if st.total.nonfinite:
+                bad = [f"{n} ({a} NaN, {b} Inf)" for n, a, b in zip(st.tensor_names, st.tensor_nan, st.tensor_inf,
+                                                                     strict=True) if a + b]
+                names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                found.append(TrendFinding("nonfinite", st.step, f"step {st.step}: {st.total.nan} NaN and "
+                                          f"{st.total.inf} Inf gradient values in {names}"))
+    if max_clip_fraction is not None:
+        rules += ("clip_fraction",)
+        frac = report.clip_summary.fraction_clipped
+        if math.isnan(frac):
+            found.append(TrendFinding("clip_fraction", None, "no finite step: the fraction clipped is undefined"))
+        elif frac > max_clip_fraction:
+            n = int(sum(st.finite for st in report.steps))
+            found.append(TrendFinding("clip_fraction", None, f"{frac:.1%} of the {n} finite steps are clipped at "
+                                      f"max_norm {report.max_norm:g}, more than {max_clip_fraction:g}"))
+    return dataclasses.replace(report, rules=rules, findings=tuple(found))
 
 
 # --- the analysis -------------------------------------------------------------

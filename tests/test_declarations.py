@@ -142,7 +142,7 @@ def test_every_format_implements_the_contract() -> None:
         assert set(f.kinds) <= kinds and all(s.startswith(".") for s in f.suffixes)
     for kind, name in formats.DEFAULT.items():
         assert kind in formats.get(name).kinds
-    assert formats.DEFAULT == {"norms": "table", "diff": "table", "info": "table", "check": "text"}
+    assert formats.DEFAULT == {"norms": "table", "diff": "table", "info": "table", "check": "text", "trend": "table"}
 
 
 def test_render_returns_the_whole_document() -> None:

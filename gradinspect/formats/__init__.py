@@ -27,7 +27,7 @@ __all__ = ["Format", "RenderOptions", "MODULES", "DEFAULT", "names", "get", "ren
 MODULES = ("table", "text", "json", "csv", "markdown", "github", "junit", "png", "svg", "html")
 
 #: The format of each kind of report when --format and --output say nothing.
-DEFAULT: Mapping[str, str] = {"norms": "table", "diff": "table", "info": "table", "check": "text"}
+DEFAULT: Mapping[str, str] = {"norms": "table", "diff": "table", "info": "table", "check": "text", "trend": "table"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Format(ABC):
 
 
 def kind_of(report: Any) -> str:
-    """``"norms"``, ``"check"``, ``"diff"`` or ``"info"``: the report class's ``kind``."""
+    """``"norms"``, ``"check"``, ``"diff"``, ``"info"`` or ``"trend"``: the report class's ``kind``."""
     return report.kind  # type: ignore[no-any-return]
 
 

@@ -79,15 +79,26 @@ def render_info(report: Any, out: TextIO, options: RenderOptions) -> None:
     _rows(report.tensors, columns(InfoTensor.FIELDS), out)
 
 
+def render_trend(report: Any, out: TextIO, options: RenderOptions) -> None:
+    """Long format: one row per (step, tensor or group present in it), numbers spelled as in the JSON."""
+    from ..trend import TREND_CSV_COLUMNS
+
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(TREND_CSV_COLUMNS)
+    for step, name, *rest in report.csv_rows(spelled=True):
+        w.writerow([step, _text(name), *rest])
+
+
 class CsvFormat(Format):
     name = "csv"
     suffixes = ('.csv',)
-    kinds = ('norms', 'diff', 'info')
+    kinds = ('norms', 'diff', 'info', 'trend')
     machine = True
     help = "one row per tensor"
 
     def render(self, report: Any, options: RenderOptions) -> str:
-        return write_with({"norms": render_norms, "diff": render_diff, "info": render_info}, report, options)
+        return write_with({"norms": render_norms, "diff": render_diff, "info": render_info, "trend": render_trend},
+                          report, options)
 
 
 FORMAT = CsvFormat()

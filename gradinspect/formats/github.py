@@ -35,15 +35,33 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
     out.write(buf.getvalue().splitlines()[-1] + "\n")
 
 
+def verdict_trend(report: Any) -> str:
+    """``trend``'s one-line verdict on its CI rules."""
+    n = len(report.steps)
+    what = f"{n:,} step{'s' if n != 1 else ''}, {len(report.spikes)} spike{'s' if len(report.spikes) != 1 else ''}"
+    if report.ok:
+        return f"OK    {what}; rules hold: {', '.join(report.rules) or 'no rules'}"
+    n = len(report.findings)
+    failed = ", ".join(dict.fromkeys(f.rule for f in report.findings))
+    return f"FAIL  {n} finding{'s' if n != 1 else ''} ({failed}); {what}"
+
+
+def render_trend(report: Any, out: TextIO, options: RenderOptions) -> None:
+    for f in report.findings:
+        title = f"gradinspect trend {f.rule}" + (f" step {f.step}" if f.step is not None else "")
+        out.write(f"::error title={escape_property(printable(title))}::{escape_data(printable(f.message))}\n")
+    out.write(verdict_trend(report) + "\n")
+
+
 class GithubFormat(Format):
     name = "github"
     suffixes = ()
-    kinds = ('check',)
+    kinds = ('check', 'trend')
     machine = True
     help = "GitHub Actions ::error workflow commands, shown as annotations"
 
     def render(self, report: Any, options: RenderOptions) -> str:
-        return write_with({"check": render_check}, report, options)
+        return write_with({"check": render_check, "trend": render_trend}, report, options)
 
 
 FORMAT = GithubFormat()

@@ -42,7 +42,9 @@ PRETTY_MAX_ROWS = 1000
 
 
 def dumps(doc: dict[str, Any]) -> str:
-    rows = len(doc.get("tensors", ())) + len(doc.get("report", {}).get("tensors", ()))
+    # A trend document holds a row's numbers for every step: its series count steps x tensors.
+    rows = len(doc.get("tensors", ())) * max(1, len(doc.get("steps", ())))
+    rows += len(doc.get("report", {}).get("tensors", ()))
     indent = 2 if rows <= PRETTY_MAX_ROWS else None
     try:  # the common case: every number finite, no rewriting needed
         text = json.dumps(doc, indent=indent, allow_nan=False, ensure_ascii=False)
@@ -68,13 +70,13 @@ def _render(report: Any, out: TextIO, options: RenderOptions) -> None:
     out.write(dumps(report.to_dict()))
 
 
-render_norms = render_check = render_diff = render_info = _render
+render_norms = render_check = render_diff = render_info = render_trend = _render
 
 
 class JsonFormat(Format):
     name = "json"
     suffixes = ('.json',)
-    kinds = ('norms', 'check', 'diff', 'info')
+    kinds = ('norms', 'check', 'diff', 'info', 'trend')
     machine = True
     help = "strict JSON with a schema version, for scripts"
 

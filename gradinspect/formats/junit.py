@@ -20,18 +20,26 @@ def _x(text: str) -> str:
 
 
 def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
+    _suites(report, ", ".join(report.report.sources), "check", out)
+
+
+def render_trend(report: Any, out: TextIO, options: RenderOptions) -> None:
+    _suites(report, ", ".join(src for st in report.steps for src in st.sources), "trend", out)
+
+
+def _suites(report: Any, sources: str, command: str, out: TextIO) -> None:
+    """One testcase per rule of ``report`` (``rules``, ``findings`` with ``rule`` and ``message``)."""
     by_rule: dict[str, list[Any]] = {r: [] for r in report.rules}
     for f in report.findings:
         by_rule.setdefault(f.rule, []).append(f)
     failures = sum(1 for fs in by_rule.values() if fs)
-    sources = ", ".join(report.report.sources)
-    suites = ET.Element("testsuites", name="gradinspect check", tests=str(len(by_rule)), failures=str(failures))
-    suite = ET.SubElement(suites, "testsuite", name="gradinspect.check", tests=str(len(by_rule)),
+    suites = ET.Element("testsuites", name=f"gradinspect {command}", tests=str(len(by_rule)), failures=str(failures))
+    suite = ET.SubElement(suites, "testsuite", name=f"gradinspect.{command}", tests=str(len(by_rule)),
                           failures=str(failures), errors="0", skipped="0")
     props = ET.SubElement(suite, "properties")
     ET.SubElement(props, "property", name="sources", value=_x(sources))
     for rule, findings in by_rule.items():
-        case = ET.SubElement(suite, "testcase", classname="gradinspect.check", name=rule)
+        case = ET.SubElement(suite, "testcase", classname=f"gradinspect.{command}", name=rule)
         if findings:
             fail = ET.SubElement(case, "failure", message=_x(findings[0].message) if len(findings) == 1
                                  else f"{len(findings)} findings", type=rule)
@@ -45,12 +53,12 @@ def render_check(report: Any, out: TextIO, options: RenderOptions) -> None:
 class JunitFormat(Format):
     name = "junit"
     suffixes = ('.xml',)
-    kinds = ('check',)
+    kinds = ('check', 'trend')
     machine = True
     help = "JUnit XML, one testcase per rule, for CI dashboards"
 
     def render(self, report: Any, options: RenderOptions) -> str:
-        return write_with({"check": render_check}, report, options)
+        return write_with({"check": render_check, "trend": render_trend}, report, options)
 
 
 FORMAT = JunitFormat()

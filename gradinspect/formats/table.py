@@ -281,11 +281,14 @@ def _info(con: Console, report: Any, elide: bool) -> None:
 class TableFormat(Format):
     name = "table"
     suffixes = (".txt",)
-    kinds = ("norms", "diff", "info")
+    kinds = ("norms", "diff", "info", "trend")
     help = "a table for the terminal"
 
     def render(self, report: Any, options: RenderOptions) -> str:
-        return write_with({"norms": render_norms, "diff": render_diff, "info": render_info}, report, options)
+        from ._trend import render_trend
+
+        return write_with({"norms": render_norms, "diff": render_diff, "info": render_info, "trend": render_trend},
+                          report, options)
 
 
 FORMAT = TableFormat()
