@@ -217,28 +217,33 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
-def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: str | None = None) -> None:
+def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: str | None = None,
+          heatmap: str = "norm") -> None:
     """Render fully in memory first: on any error nothing half-written reaches stdout or ``output``.
 
     Names are elided to fit ``width`` (--width), else the terminal; output that
     is not a terminal keeps them whole (laid out as for its COLUMNS or 80).
-    With ``output``, the report replaces that file atomically, without colour."""
+    With ``output``, the report replaces that file atomically, without colour.
+    A binary format (PNG) is never written to a terminal."""
     f = formats.get(fmt)
     if output is not None:
-        data = f.render(report, formats.RenderOptions(width=width, color=False, elide=width is not None))
+        data = f.render(report, formats.RenderOptions(width=width, color=False, elide=width is not None,
+                                                      heatmap=heatmap))
         try:
             formats.write_file(output, data)
         except OSError as e:
             _fail(f"{output}: cannot write the report ({e.strerror or e})")
         return
-    options = formats.RenderOptions(width=width)
+    if f.binary and sys.stdout.isatty():
+        _fail(f"the {fmt} format is binary: write it to a file with --output FILE.{fmt} (or pipe stdout)")
+    options = formats.RenderOptions(width=width, heatmap=heatmap)
     if not f.machine:
         # Let rich see the real stdout to detect width, colour and NO_COLOR.
         from .formats.table import console_for
 
         con = console_for(sys.stdout, options)
         options = formats.RenderOptions(width=con.width, color=con.is_terminal and not con.no_color,
-                                        elide=width is not None or con.is_terminal)
+                                        elide=width is not None or con.is_terminal, heatmap=heatmap)
     data = f.render(report, options)
     if isinstance(data, bytes):
         sys.stdout.flush()
@@ -552,12 +557,16 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
            "Exit 1 when more than this fraction of the finite steps is clipped at --max-norm.", metavar="F",
            range=o.SHARE),
     o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    click.option("--heatmap", type=click.Choice(["norm", "share"]), default="norm", show_default=True,
+                 help="What the plots' heatmap shows per tensor and step (--output run.png/.svg/.html): "
+                      "log10 of the norm, or the share of the squared L2 norm."),
 )
 def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           include: tuple[str, ...], exclude: tuple[str, ...], group_by: int | str | None, group_sep: str,
           step_pattern: str | None, window: int, spike_factor: float, clip_target: float, fail_on: tuple[str, ...],
           max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None) -> None:
+          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
+          heatmap: str) -> None:
     """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
 
     Each PATH is one step: a file, or a directory or *.safetensors.index.json
@@ -579,6 +588,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
       gradinspect trend 'run/step_*.safetensors' --format json | jq .spikes
       gradinspect trend 'run/*.npz' --step-pattern 'iter(\\d+)' --format csv > run.csv
       gradinspect trend 'run/step_*.safetensors' --fail-on nonfinite --max-clip-fraction 0.5 -f github
+      gradinspect trend 'sample_data/run/step_*.safetensors' --output run.html --heatmap share
 
     Exit status: 0 on success; 1 when a --fail-on or --max-clip-fraction
     rule fails; 2 on unreadable input or bad usage (a step number twice, a
@@ -607,7 +617,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)
-    _emit(fmt, "trend", report, width, output)
+    _emit(fmt, "trend", report, width, output, heatmap)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 

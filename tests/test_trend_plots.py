@@ -343,3 +343,17 @@ def sample_run() -> TrendReport:
         step = int(re.findall(r"\d+", path.name)[-1])
         steps.append(StepResult.from_reports(step, inspect(str(path), sort="none")))
     return analyze(steps)
+
+
+def test_trend_writes_the_html_page_with_the_share_heatmap(tmp_path: Path) -> None:
+    """--output picks the format from the suffix; --heatmap share reaches the page."""
+    from conftest import run
+
+    out = tmp_path / "run.html"
+    r = run("trend", str(ROOT / "sample_data/run/step_*.safetensors"), "--output", out, "--heatmap", "share", "-qq")
+    assert r.exit_code == 0 and r.stdout == "", r.output
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "head.weight" in page
+    plain = tmp_path / "plain.html"
+    assert run("trend", str(ROOT / "sample_data/run/step_*.safetensors"), "--output", plain, "-qq").exit_code == 0
+    assert page != plain.read_text()  # the initial heatmap mode differs
