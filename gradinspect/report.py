@@ -22,7 +22,7 @@ def _fields_dict(fields: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
     items = ", ".join(f"{k!r}: " + (f"None if self.{k} is None else list(self.{k})" if k == "shape" else f"self.{k}")
                       for k in fields)
     namespace: dict[str, Any] = {}
-    exec(f"def to_dict(self):\n    return {{{items}}}", namespace)  # noqa: S102 - field names, not input
+    exec(f"def to_dict(self):\n    return {{{items}}}", namespace)
     return namespace["to_dict"]  # type: ignore[no-any-return]
 
 __all__ = [
@@ -128,7 +128,8 @@ def skipped_warnings(skipped: tuple[Skipped, ...], shown: int = 3) -> list[str]:
 class Totals:
     """Statistics of every selected tensor taken as one vector (:meth:`from_stats`)."""
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite", "nan", "inf")
+    FIELDS: ClassVar[tuple[str, ...]] = ("tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite",
+                                         "nan", "inf")
 
     tensors: int
     numel: int
@@ -270,7 +271,8 @@ class Finding:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "tensor": self.tensor, "value": self.value, "limit": self.limit, "message": self.message}
+        return {"rule": self.rule, "tensor": self.tensor, "value": self.value, "limit": self.limit,
+                "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -368,7 +370,8 @@ class Tolerances:
         return self.rtol is not None or self.atol is not None or self.min_cosine is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rtol": self.rtol, "atol": self.atol, "min_cosine": self.min_cosine, "allow_missing": self.allow_missing}
+        return {"rtol": self.rtol, "atol": self.atol, "min_cosine": self.min_cosine,
+                "allow_missing": self.allow_missing}
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import InputError
-from . import limits, store as _store
+from . import limits
+from . import store as _store
 from .base import Container, Source
 
 __all__ = ["resolve_paths", "open_source", "open_paths", "close_all", "container_for", "PICKLE_SUFFIXES"]
@@ -104,8 +105,10 @@ def open_source(path: str) -> Source:
     c = container_for(path)
     if c is None or _expands(c):
         if _suffix(path) in PICKLE_SUFFIXES:
-            raise InputError(path, "pickle-based files are never loaded (they can run code); save gradients with safetensors")
-        raise InputError(path, "unsupported file type (expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
+            raise InputError(path, "pickle-based files are never loaded (they can run code); "
+                                   "save gradients with safetensors")
+        raise InputError(path, "unsupported file type "
+                               "(expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
     store = _store.store_class(path).open(path)
     try:
         return c.describe(store, path)
