@@ -495,9 +495,9 @@ def check_norms_options(max_norm: float, eps: float, sort: str, top: int | None,
                         group_sep: str = ".", loss_scale: float | None = None) -> None:
     """The library's checks of the norm options: the ranges declared once in :mod:`gradinspect.options`."""
     if loss_scale is not None:
-        LOSS_SCALE.range.check("loss_scale", loss_scale)  # type: ignore[union-attr]
-    MAX_NORM.range.check("max_norm", max_norm)  # type: ignore[union-attr]
-    EPS.range.check("eps", eps)  # type: ignore[union-attr]
+        LOSS_SCALE.check(loss_scale)
+    MAX_NORM.check(max_norm)
+    EPS.check(eps)
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
     if top is not None:

@@ -23,7 +23,8 @@ def _fields_dict(fields: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
                       for k in fields)
     namespace: dict[str, Any] = {}
     exec(f"def to_dict(self):\n    return {{{items}}}", namespace)
-    return namespace["to_dict"]  # type: ignore[no-any-return]
+    to_dict: Callable[[Any], dict[str, Any]] = namespace["to_dict"]
+    return to_dict
 
 __all__ = [
     "TensorNorms", "Skipped", "Totals", "Clip", "NormsReport", "NORMS_SCHEMA",
@@ -90,8 +91,7 @@ class Skipped:
     dtype: str
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "dtype": self.dtype, "reason": self.reason}
+    to_dict = _fields_dict(("name", "source", "dtype", "reason"))
 
     def warning(self) -> str:
         return f"skipped {self.name} ({self.source}): {self.reason}"
@@ -270,9 +270,7 @@ class Finding:
     limit: float
     message: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "tensor": self.tensor, "value": self.value, "limit": self.limit,
-                "message": self.message}
+    to_dict = _fields_dict(("rule", "tensor", "value", "limit", "message"))
 
 
 @dataclass(frozen=True)
@@ -369,9 +367,7 @@ class Tolerances:
     def any(self) -> bool:
         return self.rtol is not None or self.atol is not None or self.min_cosine is not None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"rtol": self.rtol, "atol": self.atol, "min_cosine": self.min_cosine,
-                "allow_missing": self.allow_missing}
+    to_dict = _fields_dict(("rtol", "atol", "min_cosine", "allow_missing"))
 
 
 @dataclass(frozen=True)

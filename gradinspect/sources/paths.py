@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Sequence
+from typing import TypeGuard
 
 from ..errors import InputError
 from . import limits
@@ -28,7 +29,7 @@ def container_for(path: str) -> Container | None:
     return next((c for c in _containers() if c.recognises(path)), None)
 
 
-def _expands(c: Container | None) -> bool:
+def _expands(c: Container | None) -> TypeGuard[Container]:
     return c is not None and c.expands
 
 
@@ -70,7 +71,7 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
         else:
             c = container_for(p)
             if _expands(c):
-                out.extend(c.expand(p, allow_outside_index))  # type: ignore[union-attr]
+                out.extend(c.expand(p, allow_outside_index))
             else:
                 out.append(p)
     return out
