@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,13 +106,14 @@ def reference(path: Path, cache: dict) -> float:
     return cache[key]
 
 
-def _iter_arrays(path: Path):  # type: ignore[no-untyped-def]
+def _iter_arrays(path: Path) -> Iterator[np.ndarray]:
     if path.suffix == ".safetensors":
         import ml_dtypes  # noqa: F401  (registers bfloat16 for safetensors' numpy loader)
         from safetensors import safe_open
 
         with safe_open(str(path), "numpy") as f:
-            for k in f.keys():
+            names = f.keys()  # a safe_open handle is not iterable itself
+            for k in names:
                 yield f.get_tensor(k)
     else:
         with np.load(path) as z:
@@ -203,7 +205,7 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -270,7 +272,8 @@ def main() -> None:
         if name == "f32.safetensors":
             approaches.append(("floor: np.dot over the memory map", [sys.executable, "-c", FLOOR_MMAP_DOT, str(path)]))
         if name == "f32_compressed.npz":
-            approaches.append(("floor: inflate every member (zlib, one thread)", [sys.executable, "-c", FLOOR_INFLATE, str(path)]))
+            approaches.append(("floor: inflate every member (zlib, one thread)",
+                               [sys.executable, "-c", FLOOR_INFLATE, str(path)]))
         approaches.append(("floor: cat FILE > /dev/null", ["sh", "-c", f"cat '{path}' > /dev/null"]))
         ours = None
         for label, cmd in approaches:

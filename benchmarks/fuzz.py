@@ -308,7 +308,7 @@ def _boundaries_npy(data: bytes) -> list[int]:
     if len(data) >= 12 and data[:6] == b"\x93NUMPY":
         hl = struct.unpack("<H", data[8:10])[0] + 10 if data[6] == 1 else struct.unpack("<I", data[8:12])[0] + 12
         out += [hl, hl - 1, hl + 1]
-    return out + [len(data) - 1]
+    return [*out, len(data) - 1]
 
 
 def _boundaries_zip(data: bytes) -> list[int]:
@@ -345,11 +345,11 @@ def mut_st_header(r: random.Random, data: bytes) -> tuple[bytes, str]:
                    "nonobject", "raw", "drop", "extra"])
     detail = op
     if op == "dtype":
-        info["dtype"] = r.choice(list(_ST_NP) + ["C64", "F4", "F6_E2M3", "F6_E3M2", "XX", "f32", "", 5, None, "U64"])
+        info["dtype"] = r.choice([*_ST_NP, "C64", "F4", "F6_E2M3", "F6_E3M2", "XX", "f32", "", 5, None, "U64"])
         detail += f"={info['dtype']!r}"
     elif op == "shape":
         s = list(info["shape"])
-        choices = [[], [0], s + [1], s[:-1], [x * 2 for x in s], [-1], [1 << 63], [1 << 64], [1 << 32, 1 << 32],
+        choices = [[], [0], [*s, 1], s[:-1], [x * 2 for x in s], [-1], [1 << 63], [1 << 64], [1 << 32, 1 << 32],
                    [1 << 62, 4], [1.5], ["3"], [True], [s], s[::-1], [math.prod(s) or 1], [2] * 64]
         info["shape"] = r.choice(choices)
         detail += f"={info['shape']!r}"[:60]
@@ -473,17 +473,17 @@ def mut_npy_header(r: random.Random, data: bytes) -> tuple[bytes, str]:
     raw: str | None = None
     if op == "descr":
         descr = r.choice(_DESCRS)
-        raw = "{'descr': %s, 'fortran_order': %r, 'shape': %r, }" % (
-            descr if descr[:1] in "[(" else repr(descr), d["fortran_order"], d["shape"])
+        shown = descr if descr[:1] in "[(" else repr(descr)
+        raw = f"{{'descr': {shown}, 'fortran_order': {d['fortran_order']!r}, 'shape': {d['shape']!r}, }}"
         detail += "=" + raw.split(",")[0][10:]
     elif op == "shape":
         sh = r.choice(_SHAPES)
-        raw = "{'descr': %r, 'fortran_order': %r, 'shape': %s, }" % (d["descr"], d["fortran_order"], sh)
+        raw = f"{{'descr': {d['descr']!r}, 'fortran_order': {d['fortran_order']!r}, 'shape': {sh}, }}"
         detail += "=" + sh
     elif op == "fortran":
         fo = r.choice(["True", "False", "1", "'True'", "None"])
         shape = r.choice([d["shape"], d["shape"][::-1]])
-        raw = "{'descr': %r, 'fortran_order': %s, 'shape': %r, }" % (d["descr"], fo, shape)
+        raw = f"{{'descr': {d['descr']!r}, 'fortran_order': {fo}, 'shape': {shape!r}, }}"
         detail += "=" + fo
     elif op == "length":
         n = len(text)
@@ -529,12 +529,12 @@ def mut_values(r: random.Random, data: bytes, fmt: str) -> tuple[bytes, str]:
                    and i["data_offsets"][1] > i["data_offsets"][0]]
         if not entries:
             return mut_generic(r, data)
-        k, i = r.choice(entries)
+        _, i = r.choice(entries)
         start = len(data) - len(body) + i["data_offsets"][0]
         dt = _ST_NP[i["dtype"]]
         n = (i["data_offsets"][1] - i["data_offsets"][0]) // dt.itemsize
     else:
-        major, text, body = _split_npy(data)
+        _, text, body = _split_npy(data)
         d = eval(text, {"__builtins__": {}})
         dt = np.dtype(d["descr"])
         start = len(data) - len(body)
@@ -576,7 +576,7 @@ def zip_fields(data: bytes) -> list[tuple[int, str, str]]:
     for off, code, label in ((4, "H", "disk"), (6, "H", "cd_disk"), (8, "H", "count_disk"), (10, "H", "count"),
                              (12, "I", "cd_size"), (16, "I", "cd_offset"), (20, "H", "comment_len")):
         out.append((e + off, code, "eocd." + label))
-    count, cd_size, cd_off = struct.unpack_from("<HLL", data, e + 10)
+    count, _, cd_off = struct.unpack_from("<HLL", data, e + 10)
     loc = e - 20
     if loc >= 0 and data[loc : loc + 4] == b"PK\x06\x07":
         out += [(loc + 4, "I", "loc64.disk"), (loc + 8, "Q", "loc64.eocd64_offset"), (loc + 16, "I", "loc64.disks")]
@@ -585,7 +585,7 @@ def zip_fields(data: bytes) -> list[tuple[int, str, str]]:
             for off, code, label in ((4, "Q", "size"), (16, "I", "disk"), (20, "I", "cd_disk"), (24, "Q", "count_disk"),
                                      (32, "Q", "count"), (40, "Q", "cd_size"), (48, "Q", "cd_offset")):
                 out.append((e64 + off, code, "eocd64." + label))
-            count, cd_size, cd_off = struct.unpack_from("<QQQ", data, e64 + 32)
+            count, _, cd_off = struct.unpack_from("<QQQ", data, e64 + 32)
     pos = cd_off
     locals_: list[int] = []
     for i in range(min(count, 64)):
@@ -619,7 +619,7 @@ def _extra_fields(data: bytes, at: int, n: int, label: str) -> list[tuple[int, s
     out = []
     i = 0
     while i + 4 <= n:
-        tag, ln = struct.unpack_from("<HH", data, at + i)
+        _, ln = struct.unpack_from("<HH", data, at + i)
         out += [(at + i, "H", f"{label}.tag"), (at + i + 2, "H", f"{label}.len")]
         for j in range(min(ln // 8, 4)):
             out.append((at + i + 4 + 8 * j, "Q", f"{label}.{['usize', 'csize', 'offset', 'disk'][j]}"))
@@ -660,7 +660,7 @@ def mut_zip_structure(r: random.Random, data: bytes) -> tuple[bytes, str]:
     if op == "double-eocd" and e >= 0:
         return data + data[e : e + 22], "zip-struct:double-eocd"
     if op == "swap-cd" and e >= 0:
-        _, _, _, count, size, off = struct.unpack_from("<4HLL", data, e + 4)
+        _, _, _, _, size, off = struct.unpack_from("<4HLL", data, e + 4)
         if 0 < off < e:
             cd = data[off : off + size]
             parts = [p for p in cd.split(b"PK\x01\x02") if p]
@@ -817,7 +817,7 @@ def make_case(seed: int, index: int, seeds: dict[str, Seed]) -> Case:
         data, mutation = mutate_file(r, rel, s.files[rel], s.fmt == "npz-zip64")
         files[f"in/{rel}"] = data
         if s.fmt not in ("dir", "index") and r.random() < 0.06:
-            evil = r.choice(_EVIL_FILE_NAMES + ["devzero"])
+            evil = r.choice([*_EVIL_FILE_NAMES, "devzero"])
             new = f"in/{evil}.{rel.rsplit('.', 1)[1]}"
             if evil == "devzero":
                 del files[f"in/{rel}"]
@@ -1251,7 +1251,7 @@ def _close(ours: float, truth: float, rtol: float) -> bool:
     return abs(ours - truth) <= rtol * abs(truth) if truth else ours == 0.0
 
 
-def judge(case: Case, run: Run, truth: Truth | None | OracleRefused) -> Verdict:
+def judge(case: Case, run: Run, truth: Truth | OracleRefused | None) -> Verdict:
     """The contract, applied to one run; ``truth`` is the oracle's result (None: not applicable)."""
     fails: list[tuple[str, str]] = []
     cmd = case.command
@@ -1268,7 +1268,7 @@ def judge(case: Case, run: Run, truth: Truth | None | OracleRefused) -> Verdict:
     if "Traceback (most recent call last)" in err or "MemoryError" in err:
         last = [ln for ln in err.strip().splitlines() if ln and not ln.startswith(" ")][-1]
         kind = "memory" if "MemoryError" in err else "traceback"
-        return Verdict("failure", fails + [(kind, last)])
+        return Verdict("failure", [*fails, (kind, last)])
     # A line starting "::error::" in a CI log is a GitHub workflow command.  JSON escapes newlines; a CSV field
     # or XML text may legitimately hold one, so machine stdout is left to its own parser.
     shown = err + ("" if fmt in ("json", "csv", "junit") else run.stdout.decode("utf-8", "replace"))

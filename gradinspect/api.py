@@ -7,32 +7,32 @@ builds ``check.Rules``).  Each is a thin call into :mod:`gradinspect.pipeline`
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .clip import DEFAULT_EPS
 from .norms import parse_norm_type
 from .options import COSINE, NON_NEGATIVE
+from .pipeline import SHARDS as SHARDS  # re-exported
 from .pipeline import (
-    SHARDS,  # noqa: F401 (re-exported)
     SORT_KEYS,
     Progress,
     array_set,
     check_norms_options,
     check_shards,
-    compile_group_by,  # noqa: F401 (re-exported)
     diff_report,
-    group_name,  # noqa: F401 (re-exported)
     info_report,
     norms_report,
     open_set,
     records_of_sets,
-    require_floats,  # noqa: F401 (re-exported)
     select,
-    sort_rows,  # noqa: F401 (re-exported)
     tensor_stats,
 )
+from .pipeline import compile_group_by as compile_group_by  # re-exported
+from .pipeline import group_name as group_name  # re-exported
+from .pipeline import require_floats as require_floats  # re-exported
+from .pipeline import sort_rows as sort_rows  # re-exported
 from .report import CheckReport, DiffReport, InfoReport, NormsReport, Tolerances
 
 __all__ = ["inspect", "compute_norms", "check", "diff", "info", "SORT_KEYS", "tensor_stats", "select"]
@@ -187,7 +187,8 @@ def diff(
     ZeRO) or split along the first dimension; otherwise the tensor is listed as
     not compared ("sliced differently").
     """
-    for name, v, rng in (("rtol", rtol, NON_NEGATIVE), ("atol", atol, NON_NEGATIVE), ("min_cosine", min_cosine, COSINE)):
+    for name, v, rng in (("rtol", rtol, NON_NEGATIVE), ("atol", atol, NON_NEGATIVE),
+                         ("min_cosine", min_cosine, COSINE)):
         if v is not None:
             rng.check(name, v)
     mode_a = shards if shards_a is None else shards_a

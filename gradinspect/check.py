@@ -116,6 +116,15 @@ def _replica_message(h: Hit, report: NormsReport, v: Any) -> str:
     return f"{t.name}: {what}"
 
 
+def _of_tensor(say: Callable[[TensorNorms, Hit, NormsReport], str]) -> Callable[[Hit, NormsReport, Any], str]:
+    """The message of a per-tensor rule's hit (whose ``tensor`` is set)."""
+    def message(h: Hit, report: NormsReport, v: Any) -> str:
+        assert h.tensor is not None
+        return say(h.tensor, h, report)
+
+    return message
+
+
 def _number(name: str, metavar: str, help: str, rng: Range = o.FINITE) -> Option:
     return Option(name, ("--" + name.replace("_", "-"),), "float", None, help, metavar=metavar, range=rng, config=True)
 
@@ -133,12 +142,13 @@ def _n(report: NormsReport) -> str:
 RULES: tuple[Rule, ...] = (
     Rule("nonfinite", _flag("allow_nonfinite", "Turn off the nonfinite rule (NaN/Inf in a tensor)."), True,
          _tensors(lambda t, v: bool(t.nonfinite), lambda t: float(t.nonfinite), lambda v: 0.0),
-         lambda h, r, v: f"{h.tensor.name}: {h.tensor.nan} NaN and {h.tensor.inf} inf values",  # type: ignore[union-attr]
+         _of_tensor(lambda t, h, r: f"{t.name}: {t.nan} NaN and {t.inf} inf values"),
          field="nonfinite", invert=True),
     Rule("max_total", _number("max_total", "X", "Fail when the global norm > X."), None,
          _total(lambda norm, limit: not norm <= limit),
          lambda h, r, v: f"global {_n(r)} {_g(h.value)} > {_g(h.limit)}"),
-    Rule("min_total", _number("min_total", "X", "Fail when the global norm < X (vanishing gradients, a detached loss)."),
+    Rule("min_total",
+         _number("min_total", "X", "Fail when the global norm < X (vanishing gradients, a detached loss)."),
          None, _total(lambda norm, limit: not norm >= limit),
          lambda h, r, v: f"global {_n(r)} {_g(h.value)} < {_g(h.limit)}"),
     Rule("clip", _flag("fail_on_clip", "Fail when clipping at --max-norm would scale the gradients."), False, _clip,
@@ -147,13 +157,13 @@ RULES: tuple[Rule, ...] = (
     Rule("max_share", _number("max_share", "F", "Fail when a tensor holds more than F (0..1) of the squared L2 norm.",
                               o.SHARE), None,
          _tensors(lambda t, v: t.share > v, lambda t: t.share),  # NaN shares belong to the nonfinite rule
-         lambda h, r, v: f"{h.tensor.name} holds {h.value:.1%} of the squared L2 norm > {h.limit:.1%}"),  # type: ignore[union-attr]
+         _of_tensor(lambda t, h, r: f"{t.name} holds {h.value:.1%} of the squared L2 norm > {h.limit:.1%}")),
     Rule("zero", _flag("fail_on_zero", "Fail when a tensor's gradient is all zeros (frozen or disconnected)."), False,
          _tensors(lambda t, v: t.all_zero, lambda t: 0.0, lambda v: 0.0),
-         lambda h, r, v: f"{h.tensor.name}: gradient is all zeros ({h.tensor.numel:,} elements)"),  # type: ignore[union-attr]
+         _of_tensor(lambda t, h, r: f"{t.name}: gradient is all zeros ({t.numel:,} elements)")),
     Rule("max_tensor_norm", _number("max_tensor_norm", "X", "Fail when a tensor's norm > X."), None,
          _tensors(lambda t, v: not t.norm <= v, lambda t: t.norm),
-         lambda h, r, v: f"{h.tensor.name}: {_n(r)} {_g(h.value)} > {_g(h.limit)}"),  # type: ignore[union-attr]
+         _of_tensor(lambda t, h, r: f"{t.name}: {_n(r)} {_g(h.value)} > {_g(h.limit)}")),
     Rule("replicas_differ", _number(
         "max_replica_diff", "X",
         "With --shards replicas (rule replicas_differ, on with it): tolerate copies of a tensor that "

@@ -73,7 +73,8 @@ def _read(path: Path) -> dict[str, Any]:
     except InputError as e:
         raise ConfigError(path, e.problem) from None
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        doc: dict[str, Any] = tomllib.loads(data.decode("utf-8"))  # tomli (Python < 3.11) has no stubs
+        return doc
     except RecursionError:
         raise ConfigError(path, "not valid TOML (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError; an integer past Python's digit limit

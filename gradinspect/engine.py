@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,7 +32,7 @@ __all__ = ["default_jobs", "reduce_entries", "crc32_combine", "WorkUnit", "plan"
 
 Progress = Callable[[int], None]
 # What a unit gives: (tensor index, chunk index, statistics, CRC-32 of the chunk's bytes or None)
-Part = tuple[int, int, Stats, Union[int, None]]
+Part = tuple[int, int, Stats, int | None]
 
 
 def default_jobs() -> int:
@@ -148,12 +149,12 @@ def _batch(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDesc
     assert dtype is not None
     offsets = [t.extent.offset for t in batch]  # type: ignore[union-attr]
     total = sum(t.nbytes for t in batch)
-    contiguous = all(b == a + t.nbytes for a, b, t in zip(offsets, offsets[1:], batch))
+    contiguous = all(b == a + t.nbytes for a, b, t in zip(offsets, offsets[1:], batch, strict=False))
     if contiguous:
         data, raw = w.buf, span
     else:  # members with headers between them (npz): copy the data together
         pos = 0
-        for t, off in zip(batch, offsets):
+        for t, off in zip(batch, offsets, strict=True):
             rel = off - unit.offset
             w.pack.view[pos : pos + t.nbytes] = span[rel : rel + t.nbytes]
             pos += t.nbytes
@@ -166,7 +167,7 @@ def _batch(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDesc
         pos += t.nbytes
     x = data.array(dtype, total // dtype.itemsize)
     stats = w.reducer.reduce_segments(x, [t.numel for t in batch], scratch=True)
-    return [(i, 0, st, None) for i, st in zip(unit.tensors, stats)]
+    return [(i, 0, st, None) for i, st in zip(unit.tensors, stats, strict=True)]
 
 
 def merge(descs: Sequence[TensorDesc], units: Sequence[WorkUnit], results: Sequence[list[Part]],
@@ -175,7 +176,7 @@ def merge(descs: Sequence[TensorDesc], units: Sequence[WorkUnit], results: Seque
     members read chunk by chunk have their CRC-32 combined from the chunks' and checked."""
     parts: list[list[Stats]] = [[] for _ in descs]
     crcs: dict[int, list[tuple[int, int]]] = {}  # tensor -> [(crc, bytes)] of its raw chunks
-    for unit, got in zip(units, results):
+    for unit, got in zip(units, results, strict=True):
         for i, _, st, crc in got:
             parts[i].append(st)
             if unit.kind == "raw" and crc is not None:

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Mapping, Protocol, Sequence
+from itertools import pairwise
+from typing import Any, Protocol
 
 from .config import MAX_JOBS
-from .engine import Part, Progress, WorkUnit, Worker, run_unit
+from .engine import Part, Progress, Worker, WorkUnit, run_unit
 from .sources.base import TensorDesc
 from .sources.store import ByteStore
 
@@ -163,14 +165,14 @@ class ProcessExecutor:
         n = min(len(units), self.jobs * self.TASKS_PER_JOB)
         cuts = [len(units) * k // n for k in range(n + 1)]
         futures = []
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in pairwise(cuts):
             part = list(units[a:b])
             needed = {i: descs[i] for u in part for i in u.tensors}
             keys = {u.store for u in part}
             futures.append(self.pool.submit(_run_task, (part, needed, {k: specs[k] for k in keys}, p, chunk)))
         results: list[list[Part]] = []
         try:
-            for (a, b), f in zip(zip(cuts, cuts[1:]), futures):
+            for (a, b), f in zip(pairwise(cuts), futures, strict=True):
                 results.extend(f.result())
                 if progress is not None:
                     progress(sum(u.nbytes for u in units[a:b]))

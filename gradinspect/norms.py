@@ -32,10 +32,12 @@ with :func:`math.fsum`, which is correctly rounded and independent of order.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
+import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "CHUNK",
@@ -164,7 +166,7 @@ class Stats:
 def _scaled_root(m: float, s: float, p: float) -> float:
     """m · s**(1/p) for m >= 0 and s >= 1, without intermediate overflow."""
     try:
-        r = s ** (1.0 / p)
+        r: float = s ** (1.0 / p)
     except OverflowError:
         r = math.inf
     if math.isfinite(r):
@@ -228,7 +230,7 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
 _IEEE: dict[np.dtype, tuple[type, int, int]] = {}
 
 
-def _ieee(dtype: np.dtype, uint: type, bits: int, exp_bits: int) -> None:
+def _ieee(dtype: npt.DTypeLike, uint: type, bits: int, exp_bits: int) -> None:
     sign = 1 << (bits - 1)
     inf = ((1 << exp_bits) - 1) << (bits - 1 - exp_bits)
     _IEEE[np.dtype(dtype)] = (uint, sign - 1, inf)
@@ -241,29 +243,25 @@ _ieee(np.float16, np.uint16, 16, 5)
 _TABLES: dict[np.dtype, np.ndarray] = {}  # |value| of each 1-byte code
 _SIGNED: dict[np.dtype, np.ndarray] = {}  # value of each 1-byte code
 
-try:  # bfloat16 and the float8 family come from ml_dtypes
-    import ml_dtypes as _mld
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency
-    _mld = None
-else:
-    _ieee(_mld.bfloat16, np.uint16, 16, 8)
-    for _name in (
-        "float8_e4m3fn",
-        "float8_e5m2",
-        "float8_e4m3",
-        "float8_e3m4",
-        "float8_e4m3fnuz",
-        "float8_e5m2fnuz",
-        "float8_e4m3b11fnuz",
-        "float8_e8m0fnu",
-    ):
-        _t = getattr(_mld, _name, None)
-        if _t is not None:
-            # |value| of each of the 256 codes, decoded exactly by ml_dtypes.
-            _codes = np.arange(256, dtype=np.uint8).view(_t)
-            with np.errstate(invalid="ignore"):
-                _SIGNED[np.dtype(_t)] = _codes.astype(np.float64)
-            _TABLES[np.dtype(_t)] = np.abs(_SIGNED[np.dtype(_t)])
+# bfloat16 and the float8 family come from ml_dtypes
+_ieee(ml_dtypes.bfloat16, np.uint16, 16, 8)
+for _name in (
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3",
+    "float8_e3m4",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e8m0fnu",
+):
+    _t = getattr(ml_dtypes, _name, None)
+    if _t is not None:
+        # |value| of each of the 256 codes, decoded exactly by ml_dtypes.
+        _codes = np.arange(256, dtype=np.uint8).view(_t)
+        with np.errstate(invalid="ignore"):
+            _SIGNED[np.dtype(_t)] = _codes.astype(np.float64)
+        _TABLES[np.dtype(_t)] = np.abs(_SIGNED[np.dtype(_t)])
 
 
 def is_float_dtype(dtype: np.dtype) -> bool:
@@ -285,7 +283,7 @@ class Reducer:
         self._general = general_p(self.p)
         self._w = np.empty(chunk, np.float64)
         self._bits = np.empty(chunk * 8, np.uint8)
-        self._tmp = np.empty(chunk, np.float64) if self._general else None
+        self._tmp = np.empty(chunk if self._general else 0, np.float64)  # used only for a general p
 
     def magnitudes(self, x: np.ndarray, scratch: bool = False) -> tuple[np.ndarray, float]:
         """(|x| as float64 in a work buffer, max |x|) for a 1-d chunk; the max is

@@ -115,6 +115,11 @@ class Option:
     config: bool = False
     show_default: bool = False
 
+    def check(self, v: Any) -> None:
+        """Refuse ``v`` outside ``range`` (a ValueError naming the option)."""
+        if self.range is not None:
+            self.range.check(self.name, v)
+
     def from_config(self, v: Any) -> Any:
         """The value of a config file's key; TypeError("<what it must be>") when it is wrong."""
         if self.kind in ("bool", "count"):

@@ -22,15 +22,15 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .clip import clip_coef
 from .errors import InputError
-from .sources import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
 from .norms import Stats, combine, unscaled
 from .options import EPS, LOSS_SCALE, MAX_NORM, Range
 from .report import (
@@ -46,6 +46,7 @@ from .report import (
     Tolerances,
     Totals,
 )
+from .sources import ChunkBuffer, Source, TensorEntry, array_source, close_all, open_paths
 
 SORT_KEYS = ("share", "norm", "name", "numel", "none")
 SHARDS = ("slices", "replicas")
@@ -200,7 +201,7 @@ def tensor_stats(
         floats = [t for t in entries if t.is_float]
         if floats:
             with src:
-                results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress)))
+                results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress), strict=True))
     return results, skipped
 
 
@@ -225,7 +226,9 @@ def loss_scale_of(given: float | None, sources: Sequence[Source]) -> tuple[float
         if first is None:
             first = (s.path, text, value)
         elif value != first[2]:
-            say = (lambda t: "none" if t is None else repr(t))
+            def say(t: str | None) -> str:
+                return "none" if t is None else repr(t)
+
             raise InputError(s.path, f"metadata loss_scale {say(text)} differs from {say(first[1])} in {first[0]} "
                              "(--loss-scale, loss_scale= in Python, overrides it)")
     return None if first is None or first[2] is None else (first[2], "metadata")
@@ -253,9 +256,11 @@ def _check_replicas(name: str, copies: Sequence[TensorEntry]) -> None:
     t0 = copies[0]
     for t in copies[1:]:
         if t.shape != t0.shape:
-            raise InputError(t.source, f"replica of {name!r} has shape {list(t.shape)}, but {list(t0.shape)} in {t0.source}")
+            raise InputError(t.source,
+                             f"replica of {name!r} has shape {list(t.shape)}, but {list(t0.shape)} in {t0.source}")
         if _column_major(t) != _column_major(t0):
-            raise InputError(t.source, f"replica of {name!r} is stored in {_order(t)} order, but in {_order(t0)} order in {t0.source}")
+            raise InputError(t.source, f"replica of {name!r} is stored in {_order(t)} order, "
+                                       f"but in {_order(t0)} order in {t0.source}")
 
 
 def merge_shards(results: list[tuple[TensorEntry, Stats]], shards: str | None,
@@ -354,7 +359,7 @@ def pair_stats(a: Sequence[Piece], b: Sequence[Piece], tools: _PairTools) -> Any
         (sa, ta), (sb, tb) = a[0], b[0]
         with sa, sb:
             ga, gb = sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)
-            parts = [reducer.reduce(ca, cb) for ca, cb in zip(ga, gb)]
+            parts = [reducer.reduce(ca, cb) for ca, cb in zip(ga, gb, strict=False)]  # _drain checks the ends
             _drain(ga, gb)
     else:
         ga, gb = _elements(a, buf_a), _elements(b, buf_b)
@@ -425,7 +430,7 @@ def _same_bytes(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, tools:
     """True when two tensors of the same dtype and shape hold the same bytes (NaN payloads and -0.0 included)."""
     _, buf_a, buf_b = tools
     with sa, sb:
-        for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b)):
+        for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b), strict=False):  # stops at a difference
             if not np.array_equal(np.ascontiguousarray(ca).view(np.uint8), np.ascontiguousarray(cb).view(np.uint8)):
                 return False
     return True
@@ -490,9 +495,9 @@ def check_norms_options(max_norm: float, eps: float, sort: str, top: int | None,
                         group_sep: str = ".", loss_scale: float | None = None) -> None:
     """The library's checks of the norm options: the ranges declared once in :mod:`gradinspect.options`."""
     if loss_scale is not None:
-        LOSS_SCALE.range.check("loss_scale", loss_scale)  # type: ignore[union-attr]
-    MAX_NORM.range.check("max_norm", max_norm)  # type: ignore[union-attr]
-    EPS.range.check("eps", eps)  # type: ignore[union-attr]
+        LOSS_SCALE.check(loss_scale)
+    MAX_NORM.check(max_norm)
+    EPS.check(eps)
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, not {sort!r}")
     if top is not None:
@@ -704,7 +709,7 @@ def _dtype(pieces: Sequence[Piece]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
-def _layout(pieces: Sequence[Piece]) -> tuple[int, ...] | None | bool:
+def _layout(pieces: Sequence[Piece]) -> tuple[int, ...] | bool | None:
     """How the pieces, concatenated in file order, lay out a C-order tensor.
 
     One tensor: its trailing dimensions.  Flat (0-d or 1-d) slices, as FSDP and
@@ -740,7 +745,7 @@ def _unpaired(name: str, pa: list[Piece], pb: list[Piece]) -> Mismatch | Skipped
     if float_a != float_b:
         return mismatch("one side is not a floating-point tensor")
     if same_slicing:
-        for (_, x), (_, y) in zip(pa, pb):
+        for (_, x), (_, y) in zip(pa, pb, strict=True):
             if _column_major(x) != _column_major(y):
                 return mismatch(f"A is in {_order(x)} order, B in {_order(y)} order")
         return None

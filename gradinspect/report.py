@@ -22,8 +22,9 @@ def _fields_dict(fields: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
     items = ", ".join(f"{k!r}: " + (f"None if self.{k} is None else list(self.{k})" if k == "shape" else f"self.{k}")
                       for k in fields)
     namespace: dict[str, Any] = {}
-    exec(f"def to_dict(self):\n    return {{{items}}}", namespace)  # noqa: S102 - field names, not input
-    return namespace["to_dict"]  # type: ignore[no-any-return]
+    exec(f"def to_dict(self):\n    return {{{items}}}", namespace)
+    to_dict: Callable[[Any], dict[str, Any]] = namespace["to_dict"]
+    return to_dict
 
 __all__ = [
     "TensorNorms", "Skipped", "Totals", "Clip", "NormsReport", "NORMS_SCHEMA",
@@ -90,8 +91,7 @@ class Skipped:
     dtype: str
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "dtype": self.dtype, "reason": self.reason}
+    to_dict = _fields_dict(("name", "source", "dtype", "reason"))
 
     def warning(self) -> str:
         return f"skipped {self.name} ({self.source}): {self.reason}"
@@ -128,7 +128,8 @@ def skipped_warnings(skipped: tuple[Skipped, ...], shown: int = 3) -> list[str]:
 class Totals:
     """Statistics of every selected tensor taken as one vector (:meth:`from_stats`)."""
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite", "nan", "inf")
+    FIELDS: ClassVar[tuple[str, ...]] = ("tensors", "numel", "l1", "l2", "linf", "norm", "sq", "nonfinite",
+                                         "nan", "inf")
 
     tensors: int
     numel: int
@@ -269,8 +270,7 @@ class Finding:
     limit: float
     message: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "tensor": self.tensor, "value": self.value, "limit": self.limit, "message": self.message}
+    to_dict = _fields_dict(("rule", "tensor", "value", "limit", "message"))
 
 
 @dataclass(frozen=True)
@@ -367,8 +367,7 @@ class Tolerances:
     def any(self) -> bool:
         return self.rtol is not None or self.atol is not None or self.min_cosine is not None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"rtol": self.rtol, "atol": self.atol, "min_cosine": self.min_cosine, "allow_missing": self.allow_missing}
+    to_dict = _fields_dict(("rtol", "atol", "min_cosine", "allow_missing"))
 
 
 @dataclass(frozen=True)

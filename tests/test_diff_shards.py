@@ -30,11 +30,11 @@ def exact(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     x = [float(v) for v in np.asarray(a, np.float64).ravel()]
     y = [float(v) for v in np.asarray(b, np.float64).ravel()]
     assert len(x) == len(y)
-    d = [Fraction(u) - Fraction(v) for u, v in zip(x, y)]  # exact differences
+    d = [Fraction(u) - Fraction(v) for u, v in zip(x, y, strict=True)]  # exact differences
     la, lb = math.sqrt(math.fsum(u * u for u in x)), math.sqrt(math.fsum(v * v for v in y))
     ld = math.sqrt(float(sum(e * e for e in d)))
-    return {"l2_a": la, "l2_b": lb, "l2_diff": ld, "cosine": math.fsum(u * v for u, v in zip(x, y)) / (la * lb),
-            "linf_diff": float(max(abs(e) for e in d))}
+    cosine = math.fsum(u * v for u, v in zip(x, y, strict=True)) / (la * lb)
+    return {"l2_a": la, "l2_b": lb, "l2_diff": ld, "cosine": cosine, "linf_diff": float(max(abs(e) for e in d))}
 
 
 def assert_close(row: object, want: dict[str, float]) -> None:
@@ -186,7 +186,7 @@ def test_several_gradient_sets_in_one_run(tmp_path: Path, rng: np.random.Generat
         sets = pipeline.records_of_sets([s0, s1, s2], 2.0, progress=Progress())
         reports = [pipeline.norms_report(sr, 2.0, 1.0, 1e-6) for sr in sets]
     assert told == [8 * (50 + 51 + 52 + 3 * 7)]  # one total for every set
-    for p, rep in zip(paths, reports):
+    for p, rep in zip(paths, reports, strict=True):
         assert rep.to_dict() == gradinspect.inspect(p).to_dict()
 
 
@@ -201,5 +201,5 @@ def test_strip_prefix_with_slices(tmp_path: Path, rng: np.random.Generator) -> N
     assert [(t.name, t.numel, t.l2_diff) for t in sorted(r.tensors, key=lambda t: t.name)] == [("w", 10, 0.0),
                                                                                               ("x", 2, 0.0)]
     save_file({"module.w": w[4:], "w": w[:1]}, str(wrapped / "r1.safetensors"))  # two names that become one
-    with pytest.raises(InputError, match="--strip-prefix turns both 'module.w' and 'w' into 'w'"):
+    with pytest.raises(InputError, match=r"--strip-prefix turns both 'module\.w' and 'w' into 'w'"):
         diff(wrapped, tmp_path / "plain.safetensors", shards_a="slices", strip_prefix_a=["module."])

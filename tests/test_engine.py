@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -175,8 +176,6 @@ def test_errors_in_worker_threads_reach_the_caller(
 
 def _after_planning(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
     """Run ``change`` once the work is planned (headers read), before any data is read."""
-    from gradinspect import engine
-
     real = engine.plan
 
     def plan_then_change(*args: Any, **kwargs: Any) -> Any:
@@ -196,7 +195,7 @@ def test_errors_in_worker_processes_reach_the_caller(tmp_path: Path, rng: np.ran
     at = data.find(g["t7"].tobytes())
     data[at + 3] ^= 0x10
     path.write_bytes(bytes(data))
-    with ProcessExecutor(2) as pool, pytest.raises(gradinspect.InputError, match="t7.npy.*CRC-32 mismatch") as e:
+    with ProcessExecutor(2) as pool, pytest.raises(gradinspect.InputError, match=r"t7\.npy.*CRC-32 mismatch") as e:
         gradinspect.inspect(path, jobs=pool)
     assert type(e.value.__cause__).__name__ == "_RemoteTraceback"  # raised in a worker, re-raised here
 
@@ -210,7 +209,7 @@ def test_a_worker_process_refuses_a_file_changed_since_its_header(tmp_path: Path
     save_file({"w": np.zeros(4 * CHUNK), "v": np.zeros(3 * CHUNK)}, str(other))  # the same size
     _after_planning(monkeypatch, lambda: other.replace(path))
     with ProcessExecutor(2) as pool, pytest.raises(gradinspect.InputError,
-                                                   match="g.safetensors: changed while being read") as e:
+                                                   match=r"g\.safetensors: changed while being read") as e:
         gradinspect.inspect(path, jobs=pool)
     # found by the worker before reading (the unlinked old file's ctime changed too: the exit check says so again)
     chain = [e.value, e.value.__context__]

@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 import gradinspect
 from conftest import run
 from gradinspect import api, engine, pipeline
-from gradinspect.sources import store as byte_store
 from gradinspect.errors import InputError
+from gradinspect.sources import store as byte_store
 
 
 def _fds() -> int:

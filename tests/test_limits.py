@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 import gradinspect
 from conftest import ROOT, run, run_process, write_raw_safetensors
 from gradinspect import api
-from gradinspect.sources import limits, open_source
 from gradinspect.errors import InputError
+from gradinspect.sources import limits, open_source
 
 
 def one_error_line(r: Result, fragment: str) -> None:

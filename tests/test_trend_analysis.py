@@ -71,7 +71,7 @@ def test_step_numbers_are_those_of_inspect_on_that_step_alone(tmp_path: Path, rn
     trend = analyze(list(reversed(steps)), max_norm=2.0, group_by=group_by)
     doc = trend.to_dict()
     assert [s["step"] for s in doc["steps"]] == [0, 10, 20, 30]
-    for s, report in zip(doc["steps"], reports):
+    for s, report in zip(doc["steps"], reports, strict=True):
         assert s["sources"] == list(report.sources)
         for key, value in report.total.to_dict().items():
             assert same(s["total"][key], value), key
@@ -83,9 +83,9 @@ def test_step_numbers_are_those_of_inspect_on_that_step_alone(tmp_path: Path, rn
     rows = list(trend.csv_rows(spelled=False))
     assert len(rows) == sum(len(r.tensors) for r in reports)
     for (step, name, *nums, nonfinite), row in zip(rows, [(10 * j, r) for j, rep in enumerate(reports)
-                                                           for r in rep.tensors]):
+                                                           for r in rep.tensors], strict=True):
         assert (step, name, nonfinite) == (row[0], row[1].name, row[1].nonfinite)
-        assert all(same(x, getattr(row[1], k)) for x, k in zip(nums, TREND_CSV_COLUMNS[2:8]))
+        assert all(same(x, getattr(row[1], k)) for x, k in zip(nums, TREND_CSV_COLUMNS[2:8], strict=True))
     # first_nonfinite names the tensor also with --group-by
     assert doc["first_nonfinite"] == {"step": 20, "tensors": [{"name": "dec.w", "nan": 1, "inf": 0}]}
 
@@ -170,7 +170,7 @@ def test_baselines_and_median_rows_are_numpys_median(rng: np.random.Generator) -
     values = rng.standard_normal((50, 9))
     values[rng.random((50, 9)) < 0.3] = np.nan
     med, count = median_rows(values)
-    for row, m, c in zip(values, med, count):
+    for row, m, c in zip(values, med, count, strict=True):
         present = row[~np.isnan(row)]
         assert c == len(present)
         assert (math.isnan(m) and c == 0) or m == np.median(present)
@@ -318,7 +318,7 @@ def test_drift_keeps_the_ten_largest_changes_with_medians_over_where_present(rng
     trend = analyze(run(mappings))
     shares = {n: [] for n in names}
     for s in trend.steps:
-        for n, share in zip(s.names, s.share):
+        for n, share in zip(s.names, s.share, strict=True):
             shares[n].append((s.step, share))
     expected = []
     for n in names:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -207,7 +208,8 @@ class Container(ABC):
 
 def dtype_name(dtype: np.dtype) -> str:
     """A dtype as numpy spells it (``float32``, ``bfloat16``), whatever its byte order."""
-    return dtype.newbyteorder("=").name if dtype.byteorder not in ("=", "|") else dtype.name
+    name: str = dtype.newbyteorder("=").name if dtype.byteorder not in ("=", "|") else dtype.name
+    return name
 
 
 def skip_reason(name: str, np_dtype: np.dtype | None) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import InputError
 from .store import ByteStore

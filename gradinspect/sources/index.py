@@ -7,14 +7,14 @@ every tensor the weight_map names must be in the shard it names.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import InputError
-from . import limits, store as _store
+from . import limits
+from . import store as _store
 from .base import Container, Source
-from .jsonscan import Refusal, not_an_object, short, string_object, value, walk, ws
+from .jsonscan import not_an_object, refusals, short, string_object, value, walk_all
 from .store import ByteStore
 
 __all__ = ["CONTAINER", "INDEX_SUFFIX", "weight_map", "check_index_names"]
@@ -77,21 +77,11 @@ def weight_map(path: str) -> dict[str, str]:
             return end
         return value(text, at)[1]
 
-    try:
+    with refusals(path):
         text = raw.decode("utf-8")
         del raw
         if not not_an_object(text):
-            end = ws(text, walk(text, 0, member))
-            if end != len(text):
-                raise json.JSONDecodeError("Extra data", text, end)
-    except Refusal as e:
-        raise InputError(path, str(e)) from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(path, f"not valid JSON ({e})") from None
-    except RecursionError:
-        raise InputError(path, "not valid JSON (nested too deeply)") from None
-    except MemoryError:
-        raise InputError(path, "too large for the memory available") from None
+            walk_all(text, member)
     wm = found.get("weight_map")
     if wm is None:
         raise InputError(path, _NO_WEIGHT_MAP)

@@ -6,17 +6,23 @@ from __future__ import annotations
 import json
 import json.decoder
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Refusal", "walk", "value", "string_object", "not_an_object", "ws", "short"]
+from ..errors import InputError
+
+__all__ = ["Refusal", "walk", "walk_all", "refusals", "value", "string_object", "not_an_object", "ws", "short"]
 
 
 def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate key {dup!r}")
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -29,11 +35,14 @@ def short(v: object, limit: int = 80) -> str:
 
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder(object_pairs_hook=reject_duplicate_keys)
-scanstring = json.decoder.scanstring
+# json.decoder.scanstring (the C scanner) is not in typeshed's json.decoder
+scanstring: Callable[[str, int, bool], tuple[str, int]] = vars(json.decoder)["scanstring"]
 
 
 def ws(s: str, pos: int) -> int:
-    return _WS.match(s, pos).end()  # type: ignore[union-attr]
+    m = _WS.match(s, pos)
+    assert m is not None  # the pattern matches the empty string
+    return m.end()
 
 
 def walk(s: str, pos: int, member: Any) -> int:
@@ -97,6 +106,28 @@ def string_object(s: str, pos: int, what: str, limit: int, too_many: str, not_st
 
 class Refusal(ValueError):
     """A problem, found while parsing JSON, that is not a syntax error."""
+
+
+def walk_all(s: str, member: Any) -> None:
+    """:func:`walk` the object at the start of ``s``: nothing but whitespace may follow it."""
+    end = ws(s, walk(s, 0, member))
+    if end != len(s):
+        raise json.JSONDecodeError("Extra data", s, end)
+
+
+@contextmanager
+def refusals(path: str, what: str = "") -> Iterator[None]:
+    """What is wrong with the JSON text parsed in the block, as ``InputError(path, what + "...")``."""
+    try:
+        yield
+    except Refusal as e:
+        raise InputError(path, str(e)) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(path, f"{what}not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(path, f"{what}not valid JSON (nested too deeply)") from None
+    except MemoryError:
+        raise InputError(path, f"{what}too large for the memory available") from None
 
 
 def not_an_object(s: str) -> bool:

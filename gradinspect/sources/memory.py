@@ -6,19 +6,16 @@ so the engine reads them like any other store (without a copy when it can).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .base import Container, Extent, Source, TensorDesc, dtype_name, skip_reason
 from .store import ByteStore, MemoryStore
 
 __all__ = ["CONTAINER", "array_source"]
-
-try:
-    import ml_dtypes as _mld
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency
-    _mld = None
 
 
 def array_source(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], path: str = "<memory>") -> Source:
@@ -69,10 +66,11 @@ def _as_numpy(value: Any) -> np.ndarray:
     # torch tensors: detach and move to the CPU; numpy has no bfloat16, so view its bits.
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu()
-        if str(getattr(value, "dtype", "")) == "torch.bfloat16" and _mld is not None:
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
             import torch  # only reachable with a torch tensor in hand
 
-            return value.view(torch.int16).numpy().view(_mld.bfloat16)
+            bits: np.ndarray = value.view(torch.int16).numpy()
+            return bits.view(ml_dtypes.bfloat16)
     return np.asarray(value)
 
 

@@ -6,6 +6,7 @@ import ast
 import math
 import os
 import struct
+
 import numpy as np
 
 from ..errors import InputError
@@ -128,7 +129,8 @@ def read_npy(store: ByteStore, path: str) -> Source:
     name = os.path.splitext(os.path.basename(path))[0]
     entry = npy_desc(name, path, "", dtype, shape, store.key, hlen, fortran)
     if hlen + entry.nbytes > size:
-        raise InputError(path, f"array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes of data, the file has {size - hlen}: truncated")
+        raise InputError(path, f"array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes of data, "
+                               f"the file has {size - hlen}: truncated")
     return Source(path, "npy", [entry], {}, size, store)
 
 
@@ -136,7 +138,8 @@ def npy_header_complete(head: bytes) -> bool:
     """Whether ``head`` holds a whole .npy header (or enough for the parser to say what is wrong)."""
     if len(head) < 12 or not head.startswith(NPY_MAGIC):
         return len(head) >= 10  # let the parser say what is wrong
-    hlen, start = (struct.unpack("<H", head[8:10])[0], 10) if head[6] == 1 else (struct.unpack("<I", head[8:12])[0], 12)
+    start = 10 if head[6] == 1 else 12
+    hlen: int = struct.unpack("<H" if start == 10 else "<I", head[8:start])[0]
     return len(head) >= start + hlen
 
 

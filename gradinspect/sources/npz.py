@@ -113,7 +113,8 @@ def _zip_directory(path: str, store: ByteStore, size: int) -> tuple[list[_Member
         raise InputError(path, f"the central directory ({cd_size} bytes at byte {cd_off}) {where} the end record "
                          f"at byte {cd_end}: corrupt, truncated or not a plain zip")
     if cd_size > limits.MAX_ZIP_CD:
-        raise InputError(path, f"a zip central directory of {cd_size} bytes exceeds the {limits.MAX_ZIP_CD >> 20} MiB limit")
+        raise InputError(path,
+                         f"a zip central directory of {cd_size} bytes exceeds the {limits.MAX_ZIP_CD >> 20} MiB limit")
     if count * _CDIR.size > cd_size:
         raise InputError(path, f"the end record counts {count} entries, more than a central directory "
                          f"of {cd_size} bytes can hold")
@@ -206,7 +207,8 @@ def read_npz(store: ByteStore, path: str) -> Source:
         if flags & 1:
             raise InputError(path, f"{where}is encrypted")
         if flags & _UNREADABLE_FLAGS:  # patched data (bit 5), strong encryption (6), a masked header (13)
-            raise InputError(path, f"{where}uses zip features that are not supported (general purpose flags {flags:#06x})")
+            raise InputError(path,
+                             f"{where}uses zip features that are not supported (general purpose flags {flags:#06x})")
         if method not in (0, 8):
             raise InputError(path, f"{where}unsupported zip compression method {method}")
         if method == 0 and csize != usize:
@@ -256,7 +258,8 @@ def read_npz(store: ByteStore, path: str) -> Source:
         if have > entry.nbytes:
             raise InputError(path, f"{where}{have - entry.nbytes} unexpected bytes after the array")
         if entry.nbytes > have:
-            raise InputError(path, f"{where}array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes, the member holds {have}: truncated")
+            raise InputError(path, f"{where}array of shape {list(shape)} {entry.dtype} needs {entry.nbytes} bytes, "
+                                   f"the member holds {have}: truncated")
         tensors.append(entry)
     _check_spans(path, spans, cd_off)
     return Source(path, "npz", tensors, {}, size, store)

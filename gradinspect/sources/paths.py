@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TypeGuard
 
 from ..errors import InputError
-from . import limits, store as _store
+from . import limits
+from . import store as _store
 from .base import Container, Source
 
 __all__ = ["resolve_paths", "open_source", "open_paths", "close_all", "container_for", "PICKLE_SUFFIXES"]
@@ -27,7 +29,7 @@ def container_for(path: str) -> Container | None:
     return next((c for c in _containers() if c.recognises(path)), None)
 
 
-def _expands(c: Container | None) -> bool:
+def _expands(c: Container | None) -> TypeGuard[Container]:
     return c is not None and c.expands
 
 
@@ -69,7 +71,7 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
         else:
             c = container_for(p)
             if _expands(c):
-                out.extend(c.expand(p, allow_outside_index))  # type: ignore[union-attr]
+                out.extend(c.expand(p, allow_outside_index))
             else:
                 out.append(p)
     return out
@@ -104,8 +106,10 @@ def open_source(path: str) -> Source:
     c = container_for(path)
     if c is None or _expands(c):
         if _suffix(path) in PICKLE_SUFFIXES:
-            raise InputError(path, "pickle-based files are never loaded (they can run code); save gradients with safetensors")
-        raise InputError(path, "unsupported file type (expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
+            raise InputError(path, "pickle-based files are never loaded (they can run code); "
+                                   "save gradients with safetensors")
+        raise InputError(path, "unsupported file type "
+                               "(expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
     store = _store.store_class(path).open(path)
     try:
         return c.describe(store, path)

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import itertools
-import json
 import struct
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import InputError
 from . import limits
 from .base import Container, Extent, Source, TensorDesc, skip_reason
-from .jsonscan import Refusal, not_an_object, short, string_object, value, walk, ws
+from .jsonscan import not_an_object, refusals, short, string_object, value, walk_all
 from .store import ByteStore
 
 __all__ = ["CONTAINER", "ST_DTYPES"]
-
-try:
-    import ml_dtypes as _mld
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency
-    _mld = None
 
 # safetensors dtype -> numpy dtype (None: known to the format but not readable here)
 ST_DTYPES: dict[str, tuple[str, np.dtype | None]] = {
@@ -41,10 +36,9 @@ ST_DTYPES: dict[str, tuple[str, np.dtype | None]] = {
     "BOOL": ("bool", np.dtype("?")),
     "C64": ("complex64", np.dtype("<c8")),
 }
-if _mld is not None:
-    for _st, (_name, _dt) in list(ST_DTYPES.items()):
-        if _dt is None and hasattr(_mld, _name):
-            ST_DTYPES[_st] = (_name, np.dtype(getattr(_mld, _name)))
+for _st, (_name, _dt) in list(ST_DTYPES.items()):  # bfloat16 and the float8 family come from ml_dtypes
+    if _dt is None and hasattr(ml_dtypes, _name):
+        ST_DTYPES[_st] = (_name, np.dtype(getattr(ml_dtypes, _name)))
 # Sub-byte float formats: bits per element; their norms are not computed.
 _ST_PACKED = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
@@ -89,11 +83,12 @@ def read_safetensors(store: ByteStore, path: str) -> Source:
         raise InputError(path, f"file is too short to be safetensors ({size} bytes)")
     (n,) = struct.unpack("<Q", store.read(8, 0))
     if n > size - 8:
-        raise InputError(path, f"header length {n} runs past the end of the file ({size} bytes): truncated or not safetensors")
+        raise InputError(path, f"header length {n} runs past the end of the file ({size} bytes): "
+                               "truncated or not safetensors")
     if n > limits.MAX_ST_HEADER:
         raise InputError(path, f"header length {n} exceeds the {limits.MAX_ST_HEADER}-byte limit")
     data_start = 8 + n
-    try:
+    with refusals(path, "header is "):
         raw = bytearray(n)  # decoded in place: one copy of the header less than store.read
         store.read_into(memoryview(raw), 8)
         reader = _HeaderReader(path, store.key, raw.decode("utf-8"), data_start, size - data_start)
@@ -101,17 +96,7 @@ def read_safetensors(store: ByteStore, path: str) -> Source:
         text = reader.text
         if not_an_object(text):
             raise InputError(path, "header is not a JSON object")
-        end = ws(text, walk(text, 0, reader.member))
-        if end != len(text):
-            raise json.JSONDecodeError("Extra data", text, end)
-    except Refusal as e:
-        raise InputError(path, str(e)) from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(path, f"header is not valid JSON ({e})") from None
-    except RecursionError:
-        raise InputError(path, "header is not valid JSON (nested too deeply)") from None
-    except MemoryError:
-        raise InputError(path, "header is too large for the memory available") from None
+        walk_all(text, reader.member)
     del text, reader.text, reader.names
     tensors = reader.tensors
     if any(b.extent.offset < a.extent.offset  # type: ignore[union-attr]
@@ -191,7 +176,8 @@ class _HeaderReader:
             raise InputError(path, f"tensor {name!r}: shape {short(shape)} of {st_dtype} needs {expected} "
                              f"bytes, but data_offsets span {end_ - begin}")
         if end_ > self.data_size:
-            raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end_} of the data, past the end of the file (the data holds {self.data_size} bytes): truncated?")
+            raise InputError(path, f"tensor {name!r}: data_offsets end at byte {end_} of the data, past the end of "
+                                   f"the file (the data holds {self.data_size} bytes): truncated?")
         dtype_name, np_dtype = ST_DTYPES.get(st_dtype, (st_dtype, None))
         reason = _REASONS.get(st_dtype)
         if reason is None:  # a sub-byte float: one name and one reason string for all its tensors
@@ -232,7 +218,8 @@ class _HeaderReader:
                 raise InputError(self.path, "__metadata__ is not an object of strings")
             return end
         self.meta, end = string_object(
-            self.text, at, "__metadata__", limits.MAX_METADATA_KEYS, f"__metadata__ holds more than {limits.MAX_METADATA_KEYS:,} keys",
+            self.text, at, "__metadata__", limits.MAX_METADATA_KEYS,
+            f"__metadata__ holds more than {limits.MAX_METADATA_KEYS:,} keys",
             "__metadata__ is not an object of strings", limits.MAX_METADATA_VALUE)
         return end
 

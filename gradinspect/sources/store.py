@@ -30,7 +30,7 @@ import os
 import re
 import stat
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
