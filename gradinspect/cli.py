@@ -10,24 +10,30 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from . import __version__, formats
 from . import options as o
 from .check import COMMAND_OPTIONS, COMMAND_OPTIONS_AFTER
-from .formats._escape import printable
+from .formats import printable
 from .options import FINITE, Option, Range
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_INPUT = 2
 
+if TYPE_CHECKING:  # click >= 8.3 types ParamType by its value; older click cannot subscript it
+    _ParamType = click.ParamType[Any]
+else:
+    _ParamType = click.ParamType
+
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-class NormType(click.ParamType):
+class NormType(_ParamType):
     name = "P"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
@@ -41,7 +47,7 @@ class NormType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-class GroupBy(click.ParamType):
+class GroupBy(_ParamType):
     """``--group-by``: an integer depth, or a regular expression."""
 
     name = "N|REGEX"
@@ -135,7 +141,7 @@ class _RangedInt(click.IntRange):
         return x
 
 
-class _Finite(click.ParamType):
+class _Finite(_ParamType):
     name = "float"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
@@ -179,10 +185,13 @@ def _click(opt: Option) -> Any:
     return click.option(*opt.flags, opt.name, **kw)
 
 
-def _options(*opts: Option | Any) -> Any:
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _options(*opts: Option | Any) -> Callable[[_F], _F]:
     """Apply options (declared ones or click decorators) so that --help lists them in this order."""
 
-    def apply(f: Any) -> Any:
+    def apply(f: _F) -> _F:
         for opt in reversed(opts):
             f = (_click(opt) if isinstance(opt, Option) else opt)(f)
         return f
@@ -367,7 +376,8 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
     if not group_sep:
         raise click.BadParameter("must not be empty", param_hint="--sep")
-    fmt = _output_format("norms", "json" if as_json else format, as_json or _given(click.get_current_context(), "format"),
+    fmt = _output_format("norms", "json" if as_json else format,
+                         as_json or _given(click.get_current_context(), "format"),
                          output)
     with _ProgressBar(not quiet) as bar:
         report = inspect(
@@ -502,7 +512,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     """
     from .api import diff as run_diff
 
-    fmt = _output_format("diff", "json" if as_json else format, as_json or _given(click.get_current_context(), "format"),
+    fmt = _output_format("diff", "json" if as_json else format,
+                         as_json or _given(click.get_current_context(), "format"),
                          output)
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
@@ -530,7 +541,8 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     """
     from .api import info as run_info
 
-    fmt = _output_format("info", "json" if as_json else format, as_json or _given(click.get_current_context(), "format"),
+    fmt = _output_format("info", "json" if as_json else format,
+                         as_json or _given(click.get_current_context(), "format"),
                          output)
     report = run_info(list(paths), allow_outside_index=allow_outside_index)
     _warn(list(report.notes))

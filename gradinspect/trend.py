@@ -308,7 +308,8 @@ def baselines(norms: np.ndarray, finite: np.ndarray, window: int = DEFAULT_WINDO
 
 def _baseline_columns(finite: np.ndarray, i: int, window: int) -> np.ndarray:
     cols = np.arange(max(0, i - window), i)
-    return cols[finite[cols]]
+    picked: np.ndarray = cols[finite[cols]]
+    return picked
 
 
 def allowed_clipped(n: int, target: float) -> int:
@@ -626,14 +627,15 @@ def _culprits(s: Series, i: int, window: int) -> tuple[Culprit, ...]:
     parts = inc[rows] / total
     order = np.argsort(-parts, kind="stable")
     return tuple(Culprit(s.names[r], float(sq[r]), float(base[r]), float(p))
-                 for r, p in zip(rows[order].tolist(), parts[order].tolist()))
+                 for r, p in zip(rows[order].tolist(), parts[order].tolist(), strict=True))
 
 
 def _first_nonfinite(s: Series) -> FirstNonfinite | None:
     for st in s.steps:
         if st.total.nonfinite:
             return FirstNonfinite(st.step, tuple(
-                NonfiniteTensor(nm, a, b) for nm, a, b in zip(st.tensor_names, st.tensor_nan, st.tensor_inf) if a + b))
+                NonfiniteTensor(nm, a, b)
+                for nm, a, b in zip(st.tensor_names, st.tensor_nan, st.tensor_inf, strict=True) if a + b))
     return None
 
 

@@ -95,7 +95,8 @@ def test_a_non_editable_install_has_every_subpackage() -> None:
     else:  # pragma: no cover
         import tomli as tomllib
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    packages = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "gradinspect").rglob("__init__.py")}
+    packages = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+                for p in (ROOT / "gradinspect").rglob("__init__.py")}
     assert {"gradinspect", "gradinspect.sources", "gradinspect.formats"} <= packages
     missing = [p for p in packages if not any(fnmatch.fnmatchcase(p, pat) for pat in find["include"])]
     assert not missing, missing

@@ -11,6 +11,7 @@ kind's default format.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
@@ -20,8 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TextIO
 
+from ._escape import printable
+
 __all__ = ["Format", "RenderOptions", "MODULES", "DEFAULT", "names", "get", "render", "for_suffix", "suffixes",
-           "kind_of", "write_with", "write_file"]
+           "kind_of", "write_with", "write_file", "printable"]
 
 #: The format modules, in --help order: adding a format is a module and a line here.
 MODULES = ("table", "text", "json", "csv", "markdown", "github", "junit", "png", "svg", "html")
@@ -143,8 +146,6 @@ def write_file(path: str | os.PathLike[str], data: str | bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..clip import DEFAULT_EPS
 from ..norms import general_p
-from ..report import norm_label
+from ..report import norm_label as norm_label  # re-exported for the formats
 
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
@@ -152,7 +152,8 @@ def summary(report: Any) -> list[tuple[str, str]]:
     if report.loss_scale is not None:
         s = f"{report.loss_scale:g}"
         s = s if float(s) == report.loss_scale else repr(report.loss_scale)
-        lines.append(("loss scale", f"{s} removed ({'from metadata' if report.loss_scale_from == 'metadata' else '--loss-scale'})"))
+        where = "from metadata" if report.loss_scale_from == "metadata" else "--loss-scale"
+        lines.append(("loss scale", f"{s} removed ({where})"))
     lines += [
         ("global L2", num(t.l2, 8)),
         ("global L1", num(t.l1, 8)),

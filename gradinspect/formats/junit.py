@@ -9,7 +9,6 @@ from typing import Any, TextIO
 from . import Format, RenderOptions, write_with
 from ._escape import printable
 
-
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 

@@ -34,7 +34,8 @@ def render_diff(report: Any, out: TextIO, options: RenderOptions) -> None:
     from ._human import diff_summary, dtypes, num, shape
 
     tol = report.tolerances.any
-    head = ["#", "tensor", "shape", "dtype", "L2 A", "L2 B", "L2 A−B", "rel", "cosine", "max abs diff"] + (["ok"] if tol else [])
+    head = ["#", "tensor", "shape", "dtype", "L2 A", "L2 B", "L2 A−B", "rel", "cosine", "max abs diff",
+            *(["ok"] if tol else [])]
     rows = []
     for i, r in enumerate(report.tensors, 1):
         cells = [str(i), _code(r.name), shape(r.shape), dtypes(r.dtype_a, r.dtype_b), num(r.l2_a, 4), num(r.l2_b, 4),

@@ -13,14 +13,15 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from . import Format, RenderOptions, write_with
 from ._escape import printable
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
 
 _BAR = 6
 _MIN_NAME = 12
@@ -177,14 +178,14 @@ def _print_table(con: Console, cols: list[tuple[str, str]], rows: list[list[str]
 
     widths, gap = layout
     if elide:
-        for c, name in zip(rows, elide_names([c[1] for c in rows], widths[1])):
+        for c, name in zip(rows, elide_names([c[1] for c in rows], widths[1]), strict=True):
             c[1] = name
     else:
-        widths = widths[:1] + [max([len(cols[1][0])] + [len(c[1]) for c in rows])] + widths[2:]
+        widths = [widths[0], max([len(cols[1][0]), *(len(c[1]) for c in rows)]), *widths[2:]]
     table = Table(box=None, pad_edge=False, header_style="bold underline", padding=(0, 0, 0, gap))
     for j, (h, just) in enumerate(cols):
-        table.add_column(h, justify=just, no_wrap=True, width=widths[j], overflow="crop")
-    for c, style in zip(rows, styles):
+        table.add_column(h, justify=cast("JustifyMethod", just), no_wrap=True, width=widths[j], overflow="crop")
+    for c, style in zip(rows, styles, strict=True):
         table.add_row(*map(Text, c), style=style)
     need = sum(widths) + gap * (len(widths) - 1)
     width = con.width
@@ -251,7 +252,8 @@ def _info(con: Console, report: Any, elide: bool) -> None:
     from ._human import shape, size
 
     many = len(report.sources) > 1
-    cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("numel", "right"), ("bytes", "right")]
+    cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("numel", "right"),
+            ("bytes", "right")]
     if many:
         cols.append(("source", "left"))
     rows = []
