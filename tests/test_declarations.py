@@ -247,3 +247,21 @@ def test_csv_columns_are_the_json_fields(grads: Path) -> None:
     assert list(diff["total"]) == list(DiffRow.TOTAL_FIELDS)
     info = json.loads(run("info", grads, "--json").stdout)["tensors"][0]
     assert list(info) == list(InfoTensor.FIELDS) == run("info", grads, "-f", "csv").stdout.split("\n")[0].split(",")
+
+
+def test_help_imports_no_numpy_rich_or_extras() -> None:
+    """`gradinspect --help` and `COMMAND --help` stay instant: the formats import their heavy modules in render."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys\nfrom gradinspect.cli import main\n"
+            "for argv in (['--help'], ['trend', '--help'], ['norms', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('numpy', 'rich', 'matplotlib', 'torch', 'multiprocessing') if m in sys.modules]\n"
+            "sys.stderr.write(repr(heavy))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stderr == "[]", r.stderr

@@ -17,8 +17,8 @@ import pytest
 from gradinspect import compute_norms, formats
 from gradinspect.errors import GradInspectError
 from gradinspect.formats._escape import printable
+from gradinspect.formats._html import safe_json
 from gradinspect.formats._plot import heat_values, plot_data
-from gradinspect.formats.html import safe_json
 from gradinspect.trend import StepResult, TrendReport, analyze
 
 ROOT = Path(__file__).resolve().parent.parent
