@@ -491,3 +491,17 @@ def test_zip_members_with_unsupported_flags_are_refused(tmp_path: Path, bit: int
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"member 'w\.npy': uses zip features that are not supported"):
         gradinspect.inspect(path)
+
+
+@pytest.mark.parametrize("extra_len", [10, 19])
+def test_a_short_zip64_local_extra_field_is_an_error_not_a_traceback(tmp_path: Path, extra_len: int) -> None:
+    """Found by benchmarks/fuzz.py: a local header whose ZIP64 extra field is cut short."""
+    path = tmp_path / "f.npz"
+    np.savez(path, w=np.ones(4, np.float32))
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"PK\x03\x04" and struct.unpack_from("<H", data, 28)[0] == 20  # np.savez: ZIP64 locals
+    struct.pack_into("<H", data, 28, extra_len)
+    path.write_bytes(bytes(data))
+    r = run("norms", path)
+    assert r.exit_code == 2 and r.stdout == "" and r.stderr.startswith(f"Error: {path}: ")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

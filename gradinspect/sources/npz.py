@@ -184,7 +184,8 @@ def _check_local(path: str, where: str, local: tuple[Any, ...], lname: bytes, le
     if local[2] & 8:  # sizes and CRC in a data descriptor after the data
         return
     lcrc, lcsize, lusize = local[6], local[7], local[8]
-    if lcsize == lusize == 0xFFFFFFFF and lextra[:4] == b"\x01\x00\x10\x00":  # np.savez: always ZIP64 locals
+    if lcsize == lusize == 0xFFFFFFFF and len(lextra) >= 20 and lextra[:4] == b"\x01\x00\x10\x00":
+        # np.savez writes every local header with a ZIP64 extra field: the fast path
         lusize, lcsize = struct.unpack_from("<QQ", lextra, 4)
     elif 0xFFFFFFFF in (lcsize, lusize):
         lusize, lcsize, _ = _zip64_extra(lextra, lusize, lcsize, 0, path)
