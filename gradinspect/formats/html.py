@@ -1,15 +1,6 @@
 """HTML: the trend plot as one self-contained interactive page (no matplotlib, no network).
 
-The global norm and clip coefficient panels are SVG written here (they show
-without JavaScript); the heatmap is drawn by the page's own script on a
-canvas from the data embedded as JSON, with hover tooltips on every panel and
-a toggle between the log10-norm and share heatmaps.  Nothing is loaded from
-anywhere: no CDN, no font, no image.
-
-Names are input: every one is shown through :func:`~._escape.printable` and
-HTML-escaped in the markup; the script only ever sets ``textContent``.  The
-JSON is made safe inside ``<script>``: every ``<``, ``>`` and ``&`` is a
-``\\u`` escape, so neither ``</script>`` nor ``<!--`` can appear in it.
+The page is built by :mod:`._html`, imported only when a page is written.
 """
 
 from __future__ import annotations
