@@ -560,13 +560,18 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     click.option("--heatmap", type=click.Choice(["norm", "share"]), default="norm", show_default=True,
                  help="What the plots' heatmap shows per tensor and step (--output run.png/.svg/.html): "
                       "log10 of the norm, or the share of the squared L2 norm."),
+    click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                 help="Where each file's exact statistics are cached, so a re-run reads only new or changed "
+                      "files (default: $GRADINSPECT_CACHE_DIR, else $XDG_CACHE_HOME/gradinspect, else "
+                      "~/.cache/gradinspect; the oldest entries beyond 20,000 files or 512 MiB are pruned)."),
+    click.option("--no-cache", is_flag=True, help="Read every file; neither use nor write the cache."),
 )
 def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           include: tuple[str, ...], exclude: tuple[str, ...], group_by: int | str | None, group_sep: str,
           step_pattern: str | None, window: int, spike_factor: float, clip_target: float, fail_on: tuple[str, ...],
           max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
           jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
-          heatmap: str) -> None:
+          heatmap: str, cache_dir: str | None, no_cache: bool) -> None:
     """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
 
     Each PATH is one step: a file, or a directory or *.safetensors.index.json
@@ -606,6 +611,9 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         raise click.BadParameter(str(e), param_hint="--step-pattern") from None
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
+    from .cache import Cache
+
+    cache = None if no_cache else Cache(cache_dir)
     warnings: list[Any] = []
     with _ProgressBar(not quiet) as bar:
         report = run_trend(
@@ -613,7 +621,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
             allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
             spike_factor=spike_factor, clip_target=clip_target,
-            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar,
+            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar, cache=cache,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)
