@@ -31,7 +31,7 @@ from .norms import Stats, combine, general_p
 from .report import TensorNorms
 from .trend import DEFAULT_CLIP_TARGET, DEFAULT_SPIKE_FACTOR, DEFAULT_WINDOW, StepResult, TrendReport, analyze
 
-__all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings"]
+__all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings", "files_state"]
 
 _INT = re.compile(r"\d+")
 
@@ -119,6 +119,23 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
         if a.step == b.step:
             raise InputError(b.path, f"step {b.step} twice: also {a.path}")
     return found
+
+
+def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bool = False) -> tuple[Any, ...]:
+    """What ``trend --follow`` watches: the files ``paths`` resolve to now (globs expanded again), each with
+    its identity; when it differs from the last, the trend is computed again.  InputError as
+    :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches nothing yet)."""
+    from .sources import resolve_paths
+
+    state = []
+    for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index):
+        try:
+            st = os.stat(f)
+        except OSError:
+            state.append((f, None))
+            continue
+        state.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(state)
 
 
 def trend(

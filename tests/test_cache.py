@@ -347,3 +347,58 @@ def test_two_runs_at_once_leave_the_cache_valid(tmp_path: Path, reads: list[str]
     assert not [p for p in cdir.iterdir() if p.name.startswith(".tmp-")]
     assert _trend_json(tmp_path, "--cache-dir", str(cdir)).encode() == outs[0][0]
     assert reads == []  # every entry valid
+
+
+# --- trend --follow -------------------------------------------------------------------------------
+
+
+def _atomic_step(path: Path, value: float) -> None:
+    tmp = path.with_name(".writing")
+    save_file({"w": np.full(4, value, np.float32)}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _read_until(proc: subprocess.Popen, text: bytes, seen: bytearray, timeout: float = 30.0) -> bool:
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+    end = time.monotonic() + timeout
+    while text not in seen and time.monotonic() < end:
+        if sel.select(timeout=0.2):
+            chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+            if not chunk:
+                break
+            seen += chunk
+    return text in seen
+
+
+def test_follow_redraws_as_steps_land_and_ctrl_c_exits_0(tmp_path: Path) -> None:
+    import signal
+
+    for i in range(3):
+        _atomic_step(tmp_path / f"step_{i}.safetensors", i + 1.0)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "COLUMNS": "80"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradinspect", "trend", str(tmp_path / "step_*.safetensors"),
+                             "--follow", "--interval", "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = bytearray()
+        assert _read_until(proc, b"steps           3 (0\xe2\x80\x932)", seen), bytes(seen)
+        _atomic_step(tmp_path / "step_3.safetensors", 9.0)
+        assert _read_until(proc, b"steps           4 (0\xe2\x80\x933)", seen), bytes(seen)
+        assert b"spikes          1: steps 3" in seen
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"Traceback" not in out
+    assert bytes(seen + out).count(b"steps           ") == 2  # drawn once per change, not per look
+
+
+def test_follow_is_for_the_table(tmp_path: Path) -> None:
+    _run(tmp_path, 1)
+    r = run("trend", _glob(tmp_path), "--follow", "-f", "json")
+    assert r.exit_code == 2 and "--follow draws the table" in r.output
