@@ -56,14 +56,9 @@ def default_dir() -> str:
 
 def _fingerprint(src: Source) -> str:
     """A hash of the tensor list as the header describes it (names, dtypes, shapes, where the bytes are)."""
-    h = hashlib.sha256()
-    for t in src.tensors:
-        ext = t.extent
-        dt = t.np_dtype.str if t.np_dtype is not None else ""
-        h.update(repr((t.name, t.dtype, dt, t.shape, t.numel, t.nbytes, t.order, t.skip_reason,
-                       None if ext is None else tuple(ext))).encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()
+    rows = [(t.name, t.dtype, t.np_dtype.str if t.np_dtype is not None else "", t.shape, t.numel, t.nbytes, t.order,
+             t.skip_reason, None if t.extent is None else tuple(t.extent)) for t in src.tensors]
+    return hashlib.sha256(repr(rows).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _stats_row(s: Stats) -> list[Any]:
