@@ -127,7 +127,7 @@ def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bo
     :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches nothing yet)."""
     from .sources import resolve_paths
 
-    state = []
+    state: list[tuple[Any, ...]] = []
     for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index):
         try:
             st = os.stat(f)
