@@ -130,9 +130,10 @@ class Cache:
 
     # --- lookup and store ---------------------------------------------------------------------------------
 
-    def lookup(self, src: Source, p: float) -> dict[int, Stats]:
-        """The cached statistics of ``src``'s tensors, by index in ``src.tensors`` (empty: nothing usable)."""
-        key = self.key(src, p)
+    def lookup(self, src: Source, p: float, key: dict[str, Any] | None = None) -> dict[int, Stats]:
+        """The cached statistics of ``src``'s tensors, by index in ``src.tensors`` (empty: nothing usable).
+        ``key``: :meth:`key` of ``src`` and ``p``, when the caller has it."""
+        key = key or self.key(src, p)
         if key is None:
             return {}
         try:
@@ -157,9 +158,9 @@ class Cache:
         except (OSError, ValueError, TypeError, KeyError, RecursionError, OverflowError):
             return {}
 
-    def store(self, src: Source, p: float, stats: Mapping[int, Stats]) -> bool:
+    def store(self, src: Source, p: float, stats: Mapping[int, Stats], key: dict[str, Any] | None = None) -> bool:
         """Write ``src``'s entry (atomically); False when not written (not cacheable, too recent, an OS error)."""
-        key = self.key(src, p)
+        key = key or self.key(src, p)
         if key is None or not stats:
             return False
         if time.time_ns() - max(key["mtime_ns"], key["ctime_ns"]) < SETTLE_NS:
@@ -227,7 +228,8 @@ def cached_stats(cache: Cache, src: Source, floats: Sequence[Any], p: float,
     ones computed with ``compute(tensors) -> [Stats]`` and the entry rewritten.  ``progress`` is told the
     bytes of the tensors found in the cache."""
     index = {id(t): i for i, t in enumerate(src.tensors)}
-    have = cache.lookup(src, p)
+    key = cache.key(src, p)
+    have = cache.lookup(src, p, key)
     want = [index[id(t)] for t in floats]
     missing = [t for t, i in zip(floats, want, strict=True) if i not in have]
     if progress is not None and len(missing) < len(floats):
@@ -235,7 +237,7 @@ def cached_stats(cache: Cache, src: Source, floats: Sequence[Any], p: float,
     if missing:
         cache.misses += 1
         have.update(zip((index[id(t)] for t in missing), compute(missing), strict=True))
-        cache.store(src, p, have)
+        cache.store(src, p, have, key)
     else:
         cache.hits += 1
     return [have[i] for i in want]

@@ -179,8 +179,8 @@ def test_a_file_changed_after_the_lookup_is_exit_2(tmp_path: Path, monkeypatch: 
     inspect(f, cache=c)
     real = Cache.lookup
 
-    def then_change(self: Cache, src, p):  # type: ignore[no-untyped-def]
-        got = real(self, src, p)
+    def then_change(self: Cache, src, p, *key):  # type: ignore[no-untyped-def]
+        got = real(self, src, p, *key)
         assert got  # a hit
         _rewrite_same_size(f)
         return got
