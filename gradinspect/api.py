@@ -56,6 +56,7 @@ def inspect(
     dedup: bool = False,
     loss_scale: float | None = None,
     allow_outside_index: bool = False,
+    cache: Any = None,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -82,6 +83,9 @@ def inspect(
     ``loss_scale`` (a decimal string; the files must agree), and the clip is
     computed on the result.
 
+    ``cache``: a :class:`gradinspect.cache.Cache` of each file's statistics (see there); the numbers
+    are bit for bit those without it.
+
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
     """
@@ -89,7 +93,7 @@ def inspect(
     check_norms_options(max_norm, eps, sort, top, group_by, group_sep, loss_scale)
     check_shards(shards)
     with open_set(paths, shards, allow_outside_index=allow_outside_index) as gset:
-        (records,) = records_of_sets([gset], p, include, exclude, progress, jobs, loss_scale, dedup)
+        (records,) = records_of_sets([gset], p, include, exclude, progress, jobs, loss_scale, dedup, cache)
         return norms_report(records, p, max_norm, eps, group_by, group_sep, sort, top, dedup)
 
 

@@ -572,13 +572,24 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     click.option("--heatmap", type=click.Choice(["norm", "share"]), default="norm", show_default=True,
                  help="What the plots' heatmap shows per tensor and step (--output run.png/.svg/.html): "
                       "log10 of the norm, or the share of the squared L2 norm."),
+    click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                 help="Where each file's exact statistics are cached, so a re-run reads only new or changed "
+                      "files (default: $GRADINSPECT_CACHE_DIR, else $XDG_CACHE_HOME/gradinspect, else "
+                      "~/.cache/gradinspect; the oldest entries beyond 20,000 files or 512 MiB are pruned)."),
+    click.option("--no-cache", is_flag=True, help="Read every file; neither use nor write the cache."),
+    click.option("--follow", is_flag=True,
+                 help="Keep watching the PATHs (globs expanded again every --interval seconds) and redraw the "
+                      "table as steps land, for a run in progress (on a terminal in place; in a pipe, the table "
+                      "again after each change). Unreadable steps are warnings, retried. Ctrl-C exits 0."),
+    Option("interval", ("--interval",), "float", 2.0, "How often --follow looks for new steps, in seconds.",
+           metavar="S", range=o.POSITIVE, show_default=True),
 )
 def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           include: tuple[str, ...], exclude: tuple[str, ...], group_by: int | str | None, group_sep: str,
           step_pattern: str | None, window: int, spike_factor: float, clip_target: float, fail_on: tuple[str, ...],
           max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
           jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
-          heatmap: str) -> None:
+          heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool, interval: float) -> None:
     """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
 
     Each PATH is one step: a file, or a directory or *.safetensors.index.json
@@ -618,6 +629,25 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         raise click.BadParameter(str(e), param_hint="--step-pattern") from None
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
+    from .cache import Cache
+
+    cache = None if no_cache else Cache(cache_dir)
+    if follow:
+        if fmt != "table" or output is not None or fail_on or max_clip_fraction is not None:
+            raise click.UsageError("--follow draws the table on stdout: not with --format, --output, --fail-on "
+                                   "or --max-clip-fraction")
+
+        def compute() -> Any:
+            found: list[Any] = []
+            report = run_trend(
+                list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
+                group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup,
+                loss_scale=loss_scale, allow_outside_index=allow_outside_index, step_pattern=step_pattern,
+                window=window, spike_factor=spike_factor, clip_target=clip_target,
+                on_step=lambda st, r: found.append((st, r.input_warnings())), cache=cache)
+            return report, step_warnings(found)
+
+        _follow(paths, allow_outside_index, interval, compute, width, quiet)
     warnings: list[Any] = []
     with _ProgressBar(not quiet) as bar:
         report = run_trend(
@@ -625,12 +655,64 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
             allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
             spike_factor=spike_factor, clip_target=clip_target,
-            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar,
+            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar, cache=cache,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)
     _emit(fmt, "trend", report, width, output, heatmap)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
+
+
+def _follow(paths: tuple[str, ...], allow_outside_index: bool, interval: float, compute: Any,
+            width: int | None, quiet: int) -> NoReturn:
+    """``trend --follow``: recompute when the files the PATHs resolve to change; redraw; Ctrl-C exits 0."""
+    import time
+
+    from .errors import InputError
+    from .runs import files_state
+
+    f = formats.get("table")
+    con = None
+    live: Any = None
+    said: set[str] = set()
+    last: Any = None
+    try:
+        from .formats.table import console_for
+
+        con = console_for(sys.stdout, formats.RenderOptions(width=width))
+        options = formats.RenderOptions(width=con.width, color=con.is_terminal and not con.no_color,
+                                        elide=width is not None or con.is_terminal)
+        while True:
+            try:
+                state = files_state(paths, allow_outside_index)
+                if state != last:
+                    report, warned = compute()
+                    last = state
+                    _warn([w for w in warned if w not in said], quiet >= 1)
+                    said.update(warned)
+                    text = f.render(report, options)
+                    assert isinstance(text, str)
+                    if con.is_terminal:
+                        from rich.live import Live
+                        from rich.text import Text
+
+                        if live is None:
+                            live = Live(console=con, auto_refresh=False, transient=False)
+                            live.start()
+                        live.update(Text.from_ansi(text.rstrip("\n")), refresh=True)
+                    else:
+                        click.echo(text, nl=False)
+                        click.echo("")
+                        sys.stdout.flush()
+            except InputError as e:
+                if str(e) not in said:  # a step being written, a glob with no match yet: look again later
+                    said.add(str(e))
+                    _warn([f"{e} (trying again every {interval:g} s)"], quiet >= 2)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        if live is not None:
+            live.stop()
+        sys.exit(EXIT_OK)
 
 
 def main(argv: list[str] | None = None) -> None:

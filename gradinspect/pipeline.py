@@ -180,12 +180,14 @@ def tensor_stats(
     exclude: Iterable[str] = (),
     progress: Progress | None = None,
     jobs: int | None = None,
+    cache: Any = None,
 ) -> tuple[list[tuple[TensorEntry, Stats]], list[Skipped]]:
     """Stream every selected floating tensor through reducers, source by source.
 
     ``jobs`` threads (default: one per core) share the work; the results do not
     depend on ``jobs``.  The caller finishes the sources (:meth:`Source.finish`:
-    checked unchanged, released) after its last read of them.
+    checked unchanged, released) after its last read of them.  ``cache``: a
+    :class:`~gradinspect.cache.Cache` whose entries stand for the reads (the same bits).
     """
     from .engine import default_jobs, reduce_entries
 
@@ -199,7 +201,15 @@ def tensor_stats(
         entries = [t for t in src.tensors if chosen(t.name)]
         skipped.extend(Skipped(t.name, t.source, t.dtype, t.skip_reason or "") for t in entries if not t.is_float)
         floats = [t for t in entries if t.is_float]
-        if floats:
+        if floats and cache is not None:
+            from .cache import cached_stats
+
+            def compute(todo: list[TensorEntry], src: Source = src) -> list[Stats]:
+                with src:
+                    return reduce_entries(src, todo, p, jobs, progress)
+
+            results.extend(zip(floats, cached_stats(cache, src, floats, p, compute, progress), strict=True))
+        elif floats:
             with src:
                 results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress), strict=True))
     return results, skipped
@@ -450,12 +460,12 @@ class SetRecords:
 
 def set_records(gset: GradientSet, p: float, include: Iterable[str] = (), exclude: Iterable[str] = (),
                 progress: Progress | None = None, jobs: int | None = None, loss_scale: float | None = None,
-                dedup: bool = False) -> SetRecords:
+                dedup: bool = False, cache: Any = None) -> SetRecords:
     """Select, compute and merge one gradient set; finishes its sources (their last read is here)."""
     scale_from = loss_scale_of(loss_scale, gset.sources)
     chosen = select(include, exclude)
     require_floats(gset.sources, lambda t: chosen(t.name))
-    results, skipped = tensor_stats(gset.sources, p, include, exclude, progress, jobs)
+    results, skipped = tensor_stats(gset.sources, p, include, exclude, progress, jobs, cache)
     scale = 1.0 if scale_from is None else scale_from[0]
     if scale != 1.0:
         results = [(t, unscaled(st, scale)) for t, st in results]
@@ -475,7 +485,7 @@ def set_records(gset: GradientSet, p: float, include: Iterable[str] = (), exclud
 
 def records_of_sets(sets: Sequence[GradientSet], p: float, include: Iterable[str] = (),
                     exclude: Iterable[str] = (), progress: Progress | None = None, jobs: int | None = None,
-                    loss_scale: float | None = None, dedup: bool = False) -> list[SetRecords]:
+                    loss_scale: float | None = None, dedup: bool = False, cache: Any = None) -> list[SetRecords]:
     """:func:`set_records` of each independent set in turn; ``progress`` is told the total of them all."""
     if len(sets) > 1 and progress is not None and hasattr(progress, "set_total"):
         chosen = select(include, exclude)
@@ -485,7 +495,7 @@ def records_of_sets(sets: Sequence[GradientSet], p: float, include: Iterable[str
         def progress(n: int) -> None:  # no set_total: the total of every set was told
             told(n)
 
-    return [set_records(s, p, include, exclude, progress, jobs, loss_scale, dedup) for s in sets]
+    return [set_records(s, p, include, exclude, progress, jobs, loss_scale, dedup, cache) for s in sets]
 
 
 # --- 5. reports --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .norms import Stats, combine, general_p
 from .report import TensorNorms
 from .trend import DEFAULT_CLIP_TARGET, DEFAULT_SPIKE_FACTOR, DEFAULT_WINDOW, StepResult, TrendReport, analyze
 
-__all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings"]
+__all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings", "files_state"]
 
 _INT = re.compile(r"\d+")
 
@@ -121,6 +121,23 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
     return found
 
 
+def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bool = False) -> tuple[Any, ...]:
+    """What ``trend --follow`` watches: the files ``paths`` resolve to now (globs expanded again), each with
+    its identity; when it differs from the last, the trend is computed again.  InputError as
+    :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches nothing yet)."""
+    from .sources import resolve_paths
+
+    state: list[tuple[Any, ...]] = []
+    for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index):
+        try:
+            st = os.stat(f)
+        except OSError:
+            state.append((f, None))
+            continue
+        state.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(state)
+
+
 def trend(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
@@ -142,6 +159,7 @@ def trend(
     clip_target: float = DEFAULT_CLIP_TARGET,
     on_step: Callable[[StepPath, Any], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    cache: Any = None,
 ) -> TrendReport:
     """The trend of a run whose steps ``paths`` name (see the module docstring and :func:`gradinspect.trend.analyze`).
 
@@ -152,6 +170,8 @@ def trend(
     and ``dead`` name tensors), and grouped from those rows by :func:`regroup`
     (exactly as ``norms --group-by``); for a ``norm_type`` other than 1, 2 and
     inf, or rows whose sums cannot be rebuilt exactly, the step is read again grouped.
+    ``cache``: a :class:`gradinspect.cache.Cache` (the CLI's default), so that a file read before is
+    not read again (bit-for-bit the same numbers); pruned after the run.
     """
     from .api import inspect
     from .norms import parse_norm_type
@@ -160,7 +180,7 @@ def trend(
     steps = find_steps([paths] if isinstance(paths, (str, os.PathLike)) else paths, step_pattern, allow_outside_index)
     opts: dict[str, Any] = dict(norm_type=p, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
                                 group_sep=group_sep, sort="none", shards=shards, jobs=jobs, dedup=dedup,
-                                loss_scale=loss_scale, allow_outside_index=allow_outside_index)
+                                loss_scale=loss_scale, allow_outside_index=allow_outside_index, cache=cache)
     if progress is not None and hasattr(progress, "set_total"):
         from .sources import resolve_paths
 
@@ -175,6 +195,8 @@ def trend(
         if on_step is not None:
             on_step(st, report)
         results.append(StepResult.from_reports(st.step, report, tensor_report if group_by is not None else None))
+    if cache is not None and cache.stored:
+        cache.prune()
     return analyze(results, norm_type=p, max_norm=max_norm, eps=eps, group_by=group_by, window=window,
                    spike_factor=spike_factor, clip_target=clip_target)
 

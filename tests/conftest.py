@@ -19,6 +19,15 @@ from click.testing import CliRunner, Result
 
 from gradinspect.cli import cli
 
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets an empty statistics cache of its own (``trend`` caches by default), never ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("GRADINSPECT_CACHE_DIR", str(path))
+    return path
+
+
 FLOAT_DTYPES = [
     np.dtype(np.float64),
     np.dtype(np.float32),

@@ -1,0 +1,404 @@
+"""The statistics cache (issue 9 §5): warm runs are bit-for-bit cold runs, read no tensor data, and
+nothing stale, corrupt, forged or foreign is ever trusted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import gradinspect.cache as cache_mod
+import gradinspect.engine as engine
+from conftest import ROOT, run, strict_json
+from gradinspect.api import inspect
+from gradinspect.cache import Cache
+from gradinspect.errors import InputError
+from gradinspect.runs import trend
+
+
+@pytest.fixture(autouse=True)
+def _settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files written by a test are stored at once (the 2 s racy window is tested on its own)."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The source of every engine call (each reads tensor data)."""
+    calls: list[str] = []
+    real = engine.reduce_entries
+
+    def counted(src, entries, *a, **k):  # type: ignore[no-untyped-def]
+        calls.append(src.path)
+        return real(src, entries, *a, **k)
+
+    monkeypatch.setattr(engine, "reduce_entries", counted)
+    return calls
+
+
+def _step(path: Path, seed: int, nan: bool = False) -> Path:
+    r = np.random.default_rng(seed)
+    t = {
+        "a.w": r.standard_normal((33, 17)).astype(np.float32) * 10.0 ** r.integers(-3, 3),
+        "a.b": r.standard_normal(5).astype(np.float32),
+        "b.w": r.standard_normal(70_000).astype(ml_dtypes.bfloat16),
+        "b.big": r.standard_normal(300_000).astype(np.float64) * 1e-30,
+        "count": np.array([seed], dtype=np.int64),
+    }
+    if nan:
+        t["a.b"][2] = np.nan
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path))
+    return path
+
+
+def _run(tmp_path: Path, n: int = 4) -> list[Path]:
+    return [_step(tmp_path / "run" / f"step_{i:03d}.safetensors", i, nan=i == 2) for i in range(n)]
+
+
+def _glob(tmp_path: Path) -> str:
+    return str(tmp_path / "run" / "step_*.safetensors")
+
+
+def _trend_json(tmp_path: Path, *args: str) -> str:
+    r = run("trend", _glob(tmp_path), "-f", "json", "-q", *args)
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def _entries(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.suffix == ".json")
+
+
+# --- bit for bit, no reads ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [(), ("-p", "3"), ("-p", "inf", "--group-by", "1"), ("--loss-scale", "3")])
+def test_warm_is_cold_bit_for_bit_and_reads_nothing(tmp_path: Path, reads: list[str], args: tuple) -> None:
+    _run(tmp_path)
+    cdir = tmp_path / "c"
+    plain = _trend_json(tmp_path, "--no-cache", *args)
+    assert len(reads) == 4
+    cold = _trend_json(tmp_path, "--cache-dir", str(cdir), *args)
+    assert len(reads) == 8 and len(_entries(cdir)) == 4
+    warm = _trend_json(tmp_path, "--cache-dir", str(cdir), *args)
+    assert len(reads) == 8  # not one tensor read
+    assert warm == cold == plain
+    assert strict_json(warm)["steps"][2]["total"]["nan"] == 1
+
+
+def test_library_inspect_with_a_cache_is_bit_for_bit(tmp_path: Path, reads: list[str]) -> None:
+    (f,) = _run(tmp_path, 1)
+    c = Cache(tmp_path / "c")
+    want = json.dumps(inspect(f, norm_type=2.5).to_dict(), sort_keys=True)
+    assert json.dumps(inspect(f, norm_type=2.5, cache=c).to_dict(), sort_keys=True) == want
+    assert (c.hits, c.misses, c.stored) == (0, 1, 1)
+    assert json.dumps(inspect(f, norm_type=2.5, cache=c).to_dict(), sort_keys=True) == want
+    assert (c.hits, c.misses) == (1, 1) and len(reads) == 2
+    # another norm type is another entry; a subset selected is served from the entry of the whole
+    inspect(f, norm_type=2, cache=c, include=["a.*"])
+    assert c.misses == 2 and len(_entries(tmp_path / "c")) == 2
+    sub = inspect(f, norm_type=2.5, cache=c, include=["a.*"])
+    assert c.hits == 2 and len(reads) == 3
+    assert sub.to_dict() == inspect(f, norm_type=2.5, include=["a.*"]).to_dict()
+
+
+def test_a_partial_entry_computes_only_the_missing_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (f,) = _run(tmp_path, 1)
+    c = Cache(tmp_path / "c")
+    inspect(f, cache=c, include=["a.*"])
+    asked: list[list[str]] = []
+    real = engine.reduce_entries
+    monkeypatch.setattr(engine, "reduce_entries",
+                        lambda src, e, *a, **k: asked.append([t.name for t in e]) or real(src, e, *a, **k))
+    assert inspect(f, cache=c).to_dict() == inspect(f).to_dict()
+    assert sorted(asked[0]) == ["b.big", "b.w"]  # then the uncached reference run reads all four
+    assert inspect(f, cache=c).to_dict() == inspect(f).to_dict() and len(asked) == 3
+
+
+# --- invalidation ---------------------------------------------------------------------------------
+
+
+def _rewrite_same_size(f: Path) -> None:
+    """Other numbers, same size, mtime set back: only ctime (and the bytes) tell."""
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-8:] = np.full(1, 7.5, np.float64).tobytes()  # the last element of b.big
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def _touch(f: Path) -> None:
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_000))
+
+
+def _replace_by_copy(f: Path) -> None:
+    """Same bytes and mtime (cp -p), another inode, renamed over."""
+    tmp = f.with_suffix(".tmp")
+    shutil.copy2(f, tmp)
+    os.replace(tmp, f)
+
+
+@pytest.mark.parametrize("change", [_touch, _rewrite_same_size, _replace_by_copy])
+def test_a_changed_file_is_read_again(tmp_path: Path, reads: list[str], change) -> None:  # type: ignore[no-untyped-def]
+    files = _run(tmp_path)
+    cdir = str(tmp_path / "c")
+    _trend_json(tmp_path, "--cache-dir", cdir)
+    change(files[1])
+    del reads[:]
+    warm = _trend_json(tmp_path, "--cache-dir", cdir)
+    assert reads == [str(files[1])]
+    assert warm == _trend_json(tmp_path, "--no-cache")
+    del reads[:]
+    assert _trend_json(tmp_path, "--cache-dir", cdir) == warm and reads == []  # and cached again
+
+
+def test_a_truncated_file_is_an_error_not_a_hit(tmp_path: Path) -> None:
+    files = _run(tmp_path)
+    cdir = str(tmp_path / "c")
+    _trend_json(tmp_path, "--cache-dir", cdir)
+    size = files[3].stat().st_size
+    os.truncate(files[3], size - 8)
+    r = run("trend", _glob(tmp_path), "-q", "--cache-dir", cdir)
+    assert r.exit_code == 2 and r.stderr.startswith(f"Error: {files[3]}: ") and r.stdout == ""
+
+
+def test_a_file_changed_after_the_lookup_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (f,) = _run(tmp_path, 1)
+    c = Cache(tmp_path / "c")
+    inspect(f, cache=c)
+    real = Cache.lookup
+
+    def then_change(self: Cache, src, p, *key):  # type: ignore[no-untyped-def]
+        got = real(self, src, p, *key)
+        assert got  # a hit
+        _rewrite_same_size(f)
+        return got
+
+    monkeypatch.setattr(Cache, "lookup", then_change)
+    with pytest.raises(InputError, match="changed while being read"):
+        inspect(f, cache=c)
+
+
+def test_a_file_changed_just_now_is_not_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 2_000_000_000)
+    (f,) = _run(tmp_path, 1)
+    c = Cache(tmp_path / "c")
+    inspect(f, cache=c)
+    assert c.stored == 0 and not (tmp_path / "c").exists()
+
+
+# --- corrupt, forged, foreign entries -------------------------------------------------------------
+
+
+def _bad_json(p: Path) -> None:
+    p.write_text(p.read_text()[:-1] + ",")
+
+
+def _truncated(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _wrong_checksum(p: Path) -> None:
+    doc = json.loads(p.read_text())
+    doc["checksum"] = "0" * 64
+    p.write_text(json.dumps(doc))
+
+
+def _forged(p: Path) -> None:
+    """The key matches, a sum is altered, the checksum left: the checksum catches it."""
+    doc = json.loads(p.read_text())
+    _double_a_sum(doc)
+    p.write_text(json.dumps(doc))
+
+
+def _double_a_sum(doc: dict) -> None:
+    for row in doc["stats"].values():
+        row[5] = (float.fromhex(row[5]) * 2).hex()
+
+
+def _other_version(p: Path) -> None:
+    """A well-formed entry (its checksum recomputed) of another version: foreign, not used."""
+    doc = json.loads(p.read_text())
+    doc["key"]["version"] = "0.0.1"
+    doc["checksum"] = cache_mod._checksum(doc["key"], doc["stats"])
+    p.write_text(json.dumps(doc))
+
+
+def _other_file(p: Path) -> None:
+    """Another file's valid entry under this file's name."""
+    others = [q for q in _entries(p.parent) if q != p]
+    shutil.copy(others[0], p)
+
+
+def _not_an_object(p: Path) -> None:
+    p.write_text('[1, 2, {"key": null}]')
+
+
+def _bad_row(p: Path) -> None:
+    doc = json.loads(p.read_text())
+    doc["stats"][next(iter(doc["stats"]))] = [1, 2]
+    doc["checksum"] = cache_mod._checksum(doc["key"], doc["stats"])
+    p.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("spoil", [_bad_json, _truncated, _wrong_checksum, _forged, _other_version, _other_file,
+                                   _not_an_object, _bad_row, lambda p: p.write_bytes(b"\xff\xfe\x00")])
+def test_a_spoiled_entry_is_ignored_and_rebuilt(tmp_path: Path, reads: list[str], spoil) -> None:  # type: ignore[no-untyped-def]
+    _run(tmp_path)
+    cdir = tmp_path / "c"
+    cold = _trend_json(tmp_path, "--cache-dir", str(cdir))
+    entries = _entries(cdir)
+    victim = entries[1]
+    spoil(victim)
+    del reads[:]
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)) == cold
+    assert len(reads) == 1
+    del reads[:]
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)) == cold and reads == []  # rebuilt
+    assert _entries(cdir) == entries
+
+
+def test_the_checksum_is_what_catches_a_forged_entry(tmp_path: Path) -> None:
+    """The same forgery with its checksum recomputed is served: so the checksum did the catching above
+    (it guards against corruption; whoever can write the cache directory can forge it, as ~/.cache)."""
+    _run(tmp_path, 2)
+    cdir = tmp_path / "c"
+    cold = _trend_json(tmp_path, "--cache-dir", str(cdir))
+    victim = _entries(cdir)[0]
+    doc = json.loads(victim.read_text())
+    _double_a_sum(doc)
+    doc["checksum"] = cache_mod._checksum(doc["key"], doc["stats"])
+    victim.write_text(json.dumps(doc))
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)) != cold
+
+
+def test_an_unwritable_cache_dir_is_no_error(tmp_path: Path) -> None:
+    _run(tmp_path, 2)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert _trend_json(tmp_path, "--cache-dir", str(blocker / "sub")) == _trend_json(tmp_path, "--no-cache")
+
+
+# --- where, how much, and two runs at once --------------------------------------------------------
+
+
+def test_no_cache_writes_nothing_and_cache_dir_is_used(tmp_path: Path, _own_cache_dir: Path) -> None:
+    _run(tmp_path, 2)
+    _trend_json(tmp_path, "--no-cache")
+    assert list(_own_cache_dir.iterdir()) == []
+    _trend_json(tmp_path, "--cache-dir", str(tmp_path / "mine"))
+    assert list(_own_cache_dir.iterdir()) == [] and len(_entries(tmp_path / "mine")) == 2
+    _trend_json(tmp_path)  # the default: $GRADINSPECT_CACHE_DIR
+    assert len(_entries(_own_cache_dir)) == 2
+
+
+def test_default_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("GRADINSPECT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Cache().directory == str(tmp_path / "xdg" / "gradinspect")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_mod.default_dir() == str(tmp_path / "home" / ".cache" / "gradinspect")
+
+
+def test_pruning_keeps_the_newest_within_the_bounds(tmp_path: Path) -> None:
+    files = _run(tmp_path, 6)
+    cdir = tmp_path / "c"
+    trend([str(f) for f in files], cache=Cache(cdir, max_files=4))
+    kept = _entries(cdir)
+    assert len(kept) == 4
+    for i, p in enumerate(_entries(cdir)):
+        os.utime(p, (1000 + i, 1000 + i))
+    stale = cdir / ".tmp-left.json"
+    stale.write_text("{")
+    os.utime(stale, (0, 0))
+    size = kept[0].stat().st_size
+    c = Cache(cdir, max_bytes=2 * size + size // 2)
+    assert c.prune() == 2
+    assert _entries(cdir) == kept[2:] and not stale.exists()
+
+
+_CHILD = ("import sys, gradinspect.cache as c; c.SETTLE_NS = 0; from gradinspect.cli import main; "
+          "main(sys.argv[1:])")
+
+
+def test_two_runs_at_once_leave_the_cache_valid(tmp_path: Path, reads: list[str]) -> None:
+    _run(tmp_path, 12)
+    cdir = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    args = [sys.executable, "-c", _CHILD, "trend", _glob(tmp_path), "-f", "json", "-q", "--cache-dir", str(cdir)]
+    for _ in range(2):
+        procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert outs[0][0] == outs[1][0] and outs[0][1] == b""
+    assert len(_entries(cdir)) == 12
+    assert not [p for p in cdir.iterdir() if p.name.startswith(".tmp-")]
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)).encode() == outs[0][0]
+    assert reads == []  # every entry valid
+
+
+# --- trend --follow -------------------------------------------------------------------------------
+
+
+def _atomic_step(path: Path, value: float) -> None:
+    tmp = path.with_name(".writing")
+    save_file({"w": np.full(4, value, np.float32)}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _read_until(proc: subprocess.Popen, text: bytes, seen: bytearray, timeout: float = 30.0) -> bool:
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+    end = time.monotonic() + timeout
+    while text not in seen and time.monotonic() < end:
+        if sel.select(timeout=0.2):
+            chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+            if not chunk:
+                break
+            seen += chunk
+    return text in seen
+
+
+def test_follow_redraws_as_steps_land_and_ctrl_c_exits_0(tmp_path: Path) -> None:
+    import signal
+
+    for i in range(3):
+        _atomic_step(tmp_path / f"step_{i}.safetensors", i + 1.0)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "COLUMNS": "80"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradinspect", "trend", str(tmp_path / "step_*.safetensors"),
+                             "--follow", "--interval", "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = bytearray()
+        assert _read_until(proc, b"steps           3 (0\xe2\x80\x932)", seen), bytes(seen)
+        _atomic_step(tmp_path / "step_3.safetensors", 9.0)
+        assert _read_until(proc, b"steps           4 (0\xe2\x80\x933)", seen), bytes(seen)
+        assert b"spikes          1: steps 3" in seen
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"Traceback" not in out
+    assert bytes(seen + out).count(b"steps           ") == 2  # drawn once per change, not per look
+
+
+def test_follow_is_for_the_table(tmp_path: Path) -> None:
+    _run(tmp_path, 1)
+    r = run("trend", _glob(tmp_path), "--follow", "-f", "json")
+    assert r.exit_code == 2 and "--follow draws the table" in r.output
