@@ -1251,6 +1251,16 @@ def _close(ours: float, truth: float, rtol: float) -> bool:
     return abs(ours - truth) <= rtol * abs(truth) if truth else ours == 0.0
 
 
+def _truth(case: Case, root: Path) -> Truth | OracleRefused | None:
+    """The oracle's reading of a norms/check case's file, its refusal, or None (no oracle for this case)."""
+    if not (case.oracle and case.command in ("norms", "check")):
+        return None
+    try:
+        return oracle(root, case.argv[1])
+    except OracleRefused as e:
+        return e
+
+
 def judge(case: Case, run: Run, truth: Truth | OracleRefused | None) -> Verdict:
     """The contract, applied to one run; ``truth`` is the oracle's result (None: not applicable)."""
     fails: list[tuple[str, str]] = []
@@ -1480,12 +1490,7 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 0, j
                 root.mkdir(parents=True)
                 materialise(case, root)
                 r = runner.run(case.argv, root)
-                truth: Truth | OracleRefused | None = None
-                if case.oracle and case.command in ("norms", "check"):
-                    try:
-                        truth = oracle(root, case.argv[1])
-                    except OracleRefused as e:
-                        truth = e
+                truth = _truth(case, root)
                 try:
                     v = judge(case, r, truth)
                 except Exception as e:  # a bug here must not stop a campaign: report it as such
@@ -1555,12 +1560,7 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 0, j
         for key, (case, _, _) in first.items():
             root = Path(res.failures[key]["saved"]) / "case"
             r2 = runner.run(case.argv, root)
-            truth: Truth | OracleRefused | None = None
-            if case.oracle and case.command in ("norms", "check"):
-                try:
-                    truth = oracle(root, case.argv[1])
-                except OracleRefused as e:
-                    truth = e
+            truth = _truth(case, root)
             try:
                 kinds = {k for k, _ in judge(case, r2, truth).failures}
             except Exception as e:
