@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from typing import Any, TextIO
 
 from . import Format, RenderOptions, write_with
@@ -28,6 +27,8 @@ def render_trend(report: Any, out: TextIO, options: RenderOptions) -> None:
 
 def _suites(report: Any, sources: str, command: str, out: TextIO) -> None:
     """One testcase per rule of ``report`` (``rules``, ``findings`` with ``rule`` and ``message``)."""
+    import xml.etree.ElementTree as ET  # only when JUnit is written: the CLI imports every format for --help
+
     by_rule: dict[str, list[Any]] = {r: [] for r in report.rules}
     for f in report.findings:
         by_rule.setdefault(f.rule, []).append(f)
