@@ -150,10 +150,20 @@ def _where(sources: Sequence[Source]) -> str:
     return sources[0].path + (f" (and {more} more file{'s' if more != 1 else ''})" if more else "")
 
 
+def _unread_values(t: TensorEntry) -> bool:
+    """A tensor whose values may be gradients but are not read: complex, float128, sub-byte floats, a zip
+    member that is not an .npy array.  Integers and booleans (step counters, masks) are merely skipped."""
+    return not t.is_float and (t.np_dtype is None or t.np_dtype.kind in "cf")
+
+
 def require_floats(sources: Sequence[Source], chosen: Callable[[TensorEntry], bool]) -> None:
     """Raise InputError unless ``chosen`` picks a floating-point tensor: a gate that checked nothing must not pass."""
     every = [t for s in sources for t in s.tensors]
     picked = [t for t in every if chosen(t)]
+    for t in picked:
+        if _unread_values(t):
+            raise InputError(t.source, f"tensor {t.name!r}: {t.skip_reason}: its values would be left out of every "
+                             f"total (--exclude {t.name!r} leaves it out knowingly)")
     if any(t.is_float for t in picked):
         return
     where = _where(sources)

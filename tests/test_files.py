@@ -245,7 +245,6 @@ def mixed(tmp_path: Path) -> Path:
     tensors: dict[str, np.ndarray] = {"w": np.array([1.0, np.nan, 2.0], np.float32)}
     tensors.update({f"step{i}": np.array(i, np.int64) for i in range(10)})
     tensors.update({"mask0": np.ones(3, bool), "mask1": np.zeros(3, bool)})
-    tensors["c"] = np.ones(2, np.complex64)
     save_file(tensors, str(path))
     return path
 
@@ -254,20 +253,35 @@ def test_skipped_tensors_are_summarised(mixed: Path) -> None:
     r = run("norms", mixed)
     assert r.exit_code == 0, r.output
     doc = json.loads(run("norms", mixed, "--json").stdout)
-    expected = ["c", "mask0", "mask1", *(f"step{i}" for i in range(10))]
+    expected = ["mask0", "mask1", *(f"step{i}" for i in range(10))]
     assert sorted(s["name"] for s in doc["skipped"]) == sorted(expected)
-    ints = [s["name"] for s in doc["skipped"] if s["name"] != "c"]  # in file order
+    ints = [s["name"] for s in doc["skipped"]]  # in file order
     skipped = [line for line in r.stderr.splitlines() if "skipped" in line]
-    assert sorted(skipped) == [
+    assert skipped == [
         ("Warning: skipped 12 tensors that are not floating point: 10 int64, 2 bool "
          f"({', '.join(ints[:3])}, ...; --format json lists them)"),
-        f"Warning: skipped c ({mixed}): complex dtype (complex64) is not supported",
     ]
 
 
+def test_values_that_are_not_read_are_refused_unless_excluded(tmp_path: Path) -> None:
+    """Complex, float128 or an npz member that is not .npy may hold NaN: a gate must not pass them unread."""
+    path = tmp_path / "cx.npz"
+    np.savez(path, w=np.ones(3, np.float32), c=np.array([1 + 1j, np.nan], np.complex64))
+    r = run("check", path)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == (f"Error: {path}: tensor 'c': complex dtype (complex64) is not supported: its values would be "
+                        "left out of every total (--exclude 'c' leaves it out knowingly)\n")
+    r = run("check", path, "--exclude", "c")
+    assert r.exit_code == 0 and "OK" in r.stdout
+    q = tmp_path / "q.npz"
+    np.savez(q, w=np.ones(3, np.float32), q=np.array([np.inf], np.longdouble))
+    assert run("norms", q).exit_code == 2
+
+
 def test_skipped_tensors_with_one_other_reason_share_a_line() -> None:
-    r = gradinspect.compute_norms({"a": np.ones(2, np.complex64), "b": np.ones(2, np.complex64), "w": np.ones(2)})
-    assert r.input_warnings() == ["skipped 2 tensors (a, b): complex dtype (complex64) is not supported"]
+    rec = np.zeros(2, dtype=[("x", "<f4")])
+    r = gradinspect.compute_norms({"a": rec, "b": rec.copy(), "w": np.ones(2)})
+    assert r.input_warnings() == ["skipped 2 tensors (a, b): structured dtype is not a gradient"]
 
 
 @pytest.mark.parametrize(("flags", "skips", "nans"), [((), True, True), (("-q",), False, True),

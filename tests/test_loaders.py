@@ -246,15 +246,16 @@ def test_index_problems(tmp_path: Path) -> None:
     _refused(idx, "weight_map")
 
 
-def test_packed_dtypes_are_skipped_and_unknown_ones_refused(tmp_path: Path) -> None:
+def test_packed_dtypes_are_refused_unless_excluded_and_unknown_ones_refused(tmp_path: Path) -> None:
     hdr = {
         "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "q": {"dtype": "F4", "shape": [4], "data_offsets": [8, 10]},
     }
     path = write_raw_safetensors(tmp_path / "u.safetensors", hdr, np.ones(2, np.float32).tobytes() + b"\0" * 2)
-    r = gradinspect.inspect(path)
-    assert [t.name for t in r.tensors] == ["w"]
-    assert {s.name: s.reason for s in r.skipped} == {"q": "unsupported dtype F4"}
+    with pytest.raises(InputError, match=r"tensor 'q': unsupported dtype F4: its values would be left out"):
+        gradinspect.inspect(path)  # sub-byte floats may be gradients: not left out silently
+    r = gradinspect.inspect(path, exclude=["q"])
+    assert [t.name for t in r.tensors] == ["w"] and not r.skipped
     # A dtype the format does not have says nothing about the bytes it covers: refused, as safetensors does.
     hdr["z"] = {"dtype": "ZZ9", "shape": [1], "data_offsets": [10, 13]}
     path = write_raw_safetensors(tmp_path / "z.safetensors", hdr, np.ones(2, np.float32).tobytes() + b"\0" * 5)
