@@ -104,9 +104,10 @@ class PairReducer:
             raise ValueError(f"chunks of {a.size} and {b.size} elements")
         n = a.size
         sa, sb = self._r.reduce(a), self._r.reduce(b)
-        if sa.nonfinite or sb.nonfinite:
-            nan = math.nan
-            return PairStats(sa, sb, Stats(numel=n, linf=nan, s1=nan, s2=nan, sp=nan), Dot(0, nan))
+        if sa.nonfinite or sb.nonfinite:  # A − B element by element: inf where one side is, NaN where undefined
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = np.subtract(to_float64(a, self._a), to_float64(b, self._b), out=self._d[:n])
+            return PairStats(sa, sb, self._r.reduce(d), Dot(0, math.nan))
         x = to_float64(a, self._a)
         y = to_float64(b, self._b)
         d = self._d[:n]

@@ -207,7 +207,8 @@ def combine(parts: Iterable[Stats], p: float | None = None) -> Stats:
     inf = sum(s.inf for s in parts)
     if nan or inf or any(not math.isfinite(s.s2) for s in parts):
         bad = math.nan if nan or any(math.isnan(s.s2) for s in parts) else math.inf
-        linf = math.nan if nan else max((s.linf for s in parts), default=0.0)
+        # max() skips a NaN that is not first: a part whose sums are NaN (a difference of NaN/Inf) stays NaN
+        linf = math.nan if nan or any(math.isnan(s.linf) for s in parts) else max((s.linf for s in parts), default=0.0)
         return Stats(numel=numel, nan=nan, inf=inf, linf=linf, exp=0, s1=bad, s2=bad, sp=bad, p=p)
     linf = max((s.linf for s in parts), default=0.0)
     # Shared exponent: that of the largest Σ|x|, so every rescaled sum is <= 1

@@ -246,3 +246,22 @@ def test_nan_tolerances_are_usage_errors(pair: tuple[Path, Path, dict, dict], op
     pa, pb, _, _ = pair
     r = run("diff", pa, pb, opt, "nan")
     assert r.exit_code == 2 and "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_nonfinite_differences_survive_the_totals(tmp_path: Path) -> None:
+    """Found in review: a NaN difference was lost in the total (max() skips NaN) and inf − finite gave NaN."""
+    from safetensors.numpy import save_file
+
+    from conftest import run, strict_json
+
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    save_file({"w": np.array([1.0, np.nan, 3.0], np.float32), "v": np.ones(3, np.float32)}, str(a))
+    save_file({"w": np.array([1.0, 2.0, 3.0], np.float32), "v": np.ones(3, np.float32)}, str(b))
+    save_file({"w": np.array([1.0, np.inf, 3.0], np.float32), "v": np.ones(3, np.float32)}, str(c))
+    doc = strict_json(run("diff", a, b, "--json").stdout)
+    assert doc["total"]["linf_diff"] == "NaN" and doc["total"]["l2_diff"] == "NaN"
+    doc = strict_json(run("diff", c, b, "--json").stdout)
+    w = next(t for t in doc["tensors"] if t["name"] == "w")
+    # numpy agrees: norm(c − b) and max|c − b| are inf
+    assert w["l2_diff"] == w["linf_diff"] == "Infinity"
+    assert doc["total"]["l2_diff"] == doc["total"]["linf_diff"] == "Infinity"
