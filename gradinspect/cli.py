@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -226,6 +226,30 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
+def _not_an_input(output: str | None, inputs: Sequence[str]) -> None:
+    """--output must never replace one of the gradient files the command reads (checked before any work)."""
+    if output is None:
+        return
+    try:
+        out = os.stat(output)
+    except OSError:
+        return  # a new file
+    from .errors import GradInspectError
+    from .sources import resolve_paths
+
+    try:
+        files = resolve_paths(list(inputs))
+    except GradInspectError:
+        return  # the command itself says what is wrong with its inputs
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+            _fail(f"{output}: --output names an input file; refusing to overwrite it")
+
+
 def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: str | None = None,
           heatmap: str = "norm") -> None:
     """Render fully in memory first: on any error nothing half-written reaches stdout or ``output``.
@@ -379,6 +403,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     fmt = _output_format("norms", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
+    _not_an_input(output, paths)
     with _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
@@ -435,6 +460,7 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
             options[opt.name] = settings[opt.name]
     given = as_json or _given(ctx, "format") or "format" in settings
     fmt = _output_format("check", "json" if as_json else options["format"], given, output)
+    _not_an_input(output, paths)
     try:
         rules = rules_from(options)
     except ValueError as e:
@@ -515,6 +541,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     fmt = _output_format("diff", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
+    _not_an_input(output, (a, b))
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
                       strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
@@ -544,6 +571,7 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     fmt = _output_format("info", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
+    _not_an_input(output, paths)
     report = run_info(list(paths), allow_outside_index=allow_outside_index)
     _warn(list(report.notes))
     _emit(fmt, "info", report, width, output)
@@ -629,6 +657,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         raise click.BadParameter(str(e), param_hint="--step-pattern") from None
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
+    _not_an_input(output, paths)
     from .cache import Cache
 
     cache = None if no_cache else Cache(cache_dir)

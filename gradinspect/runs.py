@@ -33,7 +33,15 @@ from .trend import DEFAULT_CLIP_TARGET, DEFAULT_SPIKE_FACTOR, DEFAULT_WINDOW, St
 
 __all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings", "files_state"]
 
-_INT = re.compile(r"\d+")
+_INT = re.compile(r"[0-9]+")
+_MAX_STEP = 2**63 - 1  # steps are kept as int64
+
+
+def _step(text: str, where: str, what: str) -> int:
+    """A step number: ASCII digits, at most 2**63 - 1."""
+    if not text.isascii() or not text.isdigit() or int(text) > _MAX_STEP:
+        raise InputError(where, f"{what} {text[:40]!r} is not a step number (a whole number from 0 to 2**63 - 1)")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -68,23 +76,21 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
         m = pattern.search(name)
         if m is None or m.group(1) is None:
             raise InputError(path, f"--step-pattern {pattern.pattern} does not match {name!r}")
-        try:
-            return int(m.group(1))
-        except ValueError:
-            raise InputError(path, f"--step-pattern {pattern.pattern} captures {m.group(1)!r} in {name!r}, "
-                             "not an integer") from None
+        return _step(m.group(1), path, f"--step-pattern {pattern.pattern} captures in {name!r}")
     from .api import info
 
-    meta = info(path, allow_outside_index=allow_outside_index).metadata
+    headers = info(path, allow_outside_index=allow_outside_index)
+    meta = headers.metadata
     first: tuple[str, int] | None = None
+    without = [src for src in headers.sources if "step" not in meta.get(src, {})]
     for src, md in meta.items():
         text = md.get("step")
         if text is None:
             continue
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise InputError(src, f"metadata step {text!r} is not an integer (--step-pattern overrides it)") from None
+        value = _step(text, src, "metadata step (--step-pattern overrides it)")
+        if without:
+            raise InputError(without[0], f"has no metadata step, but {src} says step {value} "
+                             "(the files of one step must agree)")
         if first is None:
             first = (src, value)
         elif value != first[1]:
@@ -95,7 +101,7 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
     found = _INT.findall(name)
     if not found:
         raise InputError(path, f"no step number: no metadata step and no integer in {name!r} (give --step-pattern)")
-    return int(found[-1])
+    return _step(found[-1], path, f"the last integer in {name!r}")
 
 
 def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None = None,

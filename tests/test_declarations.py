@@ -8,18 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from safetensors.numpy import save_file
 
+from conftest import ROOT, run
 from gradinspect import api, formats
 from gradinspect import options as o
 from gradinspect.check import RULES, Rules, evaluate, rules_from
 from gradinspect.cli import cli
 from gradinspect.config import CHECK_KEYS, ConfigError, load_check_config
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "80", "NO_COLOR": "1"})
 
 
 @pytest.fixture
@@ -265,3 +262,15 @@ def test_help_imports_no_numpy_rich_or_extras() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and r.stderr == "[]", r.stderr
+
+
+@pytest.mark.parametrize("command", ["norms", "check", "info", "trend"])
+def test_output_never_replaces_an_input(tmp_path: Path, command: str) -> None:
+    """Found in review: `norms h.safetensors -f json -o h.safetensors` replaced the dump with its report."""
+    path = tmp_path / "h.safetensors"
+    path.write_bytes((ROOT / "sample_data/healthy.safetensors").read_bytes())
+    before = path.read_bytes()
+    r = run(command, path, "-f", "json", "-o", path)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == f"Error: {path}: --output names an input file; refusing to overwrite it\n"
+    assert path.read_bytes() == before

@@ -455,3 +455,27 @@ def test_a_narrow_table_cuts_names_never_numbers() -> None:
     assert r.exit_code == 0
     row = next(x for x in r.stdout.splitlines() if x.lstrip().startswith("21 "))
     assert row.split()[:4] == ["21", "27.5", "2.68", "10.2×"] and row.endswith("88.6%") and "…" in row
+
+
+@pytest.mark.parametrize(("meta", "name", "message"), [
+    ({"step": "99999999999999999999999"}, "g.safetensors", r"metadata step .* is not a step number"),
+    ({}, "step_99999999999999999999999.safetensors", r"the last integer in .* is not a step number"),
+    ({"step": "\uff17"}, "g.safetensors", r"metadata step .* is not a step number"),
+    ({"step": " 7"}, "g.safetensors", r"metadata step .* is not a step number"),
+])
+def test_step_numbers_out_of_range_are_one_error(tmp_path: Path, meta: dict[str, str], name: str,
+                                                  message: str) -> None:
+    """Found in review: a step past int64 was a traceback; ' 7' and a fullwidth 7 were read as 7."""
+    save_file({"w": np.ones(3, np.float32)}, str(tmp_path / name), metadata=meta or None)
+    r = run("trend", tmp_path / name, "-q", "--json")
+    assert r.exit_code == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert re.search(message, r.stderr), r.stderr
+
+
+def test_one_file_of_a_step_without_metadata_step_is_an_error(tmp_path: Path) -> None:
+    """Found in review: one rank's metadata step was taken when another rank's file had none."""
+    (tmp_path / "step_7").mkdir()
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "step_7/r0.safetensors"), metadata={"step": "100"})
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "step_7/r1.safetensors"))
+    r = run("trend", str(tmp_path / "step_*/"), "--shards", "slices", "-q")
+    assert r.exit_code == 2 and "has no metadata step, but" in r.stderr and "must agree" in r.stderr
