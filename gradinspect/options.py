@@ -202,8 +202,9 @@ ALLOW_OUTSIDE_INDEX = Option(
 JSON = Option("as_json", ("--json",), "bool", False, "Short for --format json.")
 OUTPUT = Option("output", ("--output", "-o"), "path", None,
                 "Write the report to PATH (replaced whole, or not at all on error) instead of stdout; "
-                "without --format, the format follows the suffix: .json, .csv, .md, .xml (junit), "
-                ".txt (text or table, no colour).", metavar="PATH")
+                "without --format, the format follows the suffix (.json, .csv, .txt, and where the "
+                "command has them .md, .xml for JUnit, .png/.svg/.html plots); an input is never replaced.",
+                metavar="PATH")
 
 NORM_OPTIONS = (NORM_TYPE, MAX_NORM, EPS)
 SELECTION_OPTIONS = (INCLUDE, EXCLUDE)

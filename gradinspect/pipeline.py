@@ -584,13 +584,17 @@ def group_name(name: str, by: int | str | re.Pattern[str], sep: str = ".") -> st
     capturing groups that matched, joined by ``sep``, or the whole match when
     it has none; a name it does not match is a group of its own.
     """
+    return group_key(name, by, sep)[0]
+
+
+def group_key(name: str, by: int | str | re.Pattern[str], sep: str = ".") -> tuple[str, bool]:
+    """(the group's name, whether the tensor is a group of its own because the pattern does not match it):
+    rows are keyed by both, so a tensor named like a group is never merged into that group."""
     if isinstance(by, int):
-        return sep.join(name.split(sep)[:by])
+        return sep.join(name.split(sep)[:by]), False
     m = re.search(by, name)
-    if m is None:
-        return name
-    key = sep.join(g for g in m.groups() if g) if m.re.groups else m.group(0)
-    return key or name
+    key = "" if m is None else sep.join(g for g in m.groups() if g) if m.re.groups else m.group(0)
+    return (key, False) if key else (name, True)
 
 
 def compile_group_by(group_by: int | str | None) -> int | re.Pattern[str] | None:
@@ -608,11 +612,11 @@ def compile_group_by(group_by: int | str | None) -> int | re.Pattern[str] | None
 
 
 def _group_rows(records: list[Record], base: Stats, by: int | re.Pattern[str], sep: str) -> list[TensorNorms]:
-    groups: dict[str, list[Record]] = {}
+    groups: dict[tuple[str, bool], list[Record]] = {}
     for r in records:
-        groups.setdefault(group_name(r.name, by, sep), []).append(r)
+        groups.setdefault(group_key(r.name, by, sep), []).append(r)
     rows = []
-    for key, members in groups.items():
+    for (key, _), members in groups.items():
         if len(members) == 1:
             rows.append(_row(members[0], base, key))
             continue

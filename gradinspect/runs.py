@@ -229,7 +229,8 @@ def regroup(report: Any, group_by: int | str, sep: str = ".") -> Any:
     """The ``group_by`` rows of a per-tensor :class:`~gradinspect.report.NormsReport` made with every row in
     file order (``sort="none"``), exactly as ``norms --group-by`` computes them from the files; None when
     that cannot be done exactly (a general ``norm_type``, sums out of the normal range): read again then."""
-    from .api import compile_group_by, group_name
+    from .api import compile_group_by
+    from .pipeline import group_key
 
     p = report.norm_type
     if general_p(p) or report.omitted or report.group_by is not None:
@@ -241,11 +242,11 @@ def regroup(report: Any, group_by: int | str, sep: str = ".") -> Any:
     assert by is not None
     finite = [s for s, r in zip(stats, report.tensors, strict=True) if not r.nonfinite]
     base = combine(finite if report.total.nonfinite else stats, p)  # type: ignore[arg-type]
-    groups: dict[str, list[tuple[Any, Stats]]] = {}
+    groups: dict[tuple[str, bool], list[tuple[Any, Stats]]] = {}
     for r, s in zip(report.tensors, stats, strict=True):
-        groups.setdefault(group_name(r.name, by, sep), []).append((r, s))  # type: ignore[arg-type]
+        groups.setdefault(group_key(r.name, by, sep), []).append((r, s))  # type: ignore[arg-type]
     rows = []
-    for key, members in groups.items():
+    for (key, _), members in groups.items():
         if len(members) == 1:
             rows.append(dataclasses.replace(members[0][0], name=key))
             continue

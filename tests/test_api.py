@@ -270,3 +270,11 @@ def test_readme_lists_every_keyword() -> None:
         for name, param in pyinspect.signature(fn).parameters.items():
             if param.kind == param.KEYWORD_ONLY:
                 assert f"`{name}`" in section, (fn.__name__, name)
+
+
+def test_a_tensor_named_like_a_group_is_not_merged_into_it() -> None:
+    """Found in review: `--group-by '^(embed)\\.'` merged the unmatched tensor `embed` into the group `embed`."""
+    g = {"embed": np.full(1, 3.0), "embed.w": np.full(1, 1.0), "embed.b": np.full(1, 2.0), "x.y": np.full(1, 1.0)}
+    r = gradinspect.compute_norms(g, group_by=r"^(embed)\.", sort="none")
+    assert [(t.name, t.members, t.sq) for t in r.tensors] == [("embed", 1, 9.0), ("embed", 2, 5.0),
+                                                              ("x.y", 1, 1.0)]
