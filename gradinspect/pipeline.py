@@ -164,8 +164,10 @@ def require_floats(sources: Sequence[Source], chosen: Callable[[TensorEntry], bo
         if _unread_values(t):
             raise InputError(t.source, f"tensor {t.name!r}: {t.skip_reason}: its values would be left out of every "
                              f"total (--exclude {t.name!r} leaves it out knowingly)")
-    if any(t.is_float for t in picked):
+    if any(t.is_float and t.numel for t in picked):
         return
+    if any(t.is_float for t in picked):  # a gate over zero elements checked nothing either
+        raise InputError(_where(sources), "every selected floating-point tensor is empty (0 elements)")
     where = _where(sources)
     if not every:
         raise InputError(where, "no tensors")

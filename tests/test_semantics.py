@@ -367,3 +367,12 @@ def test_dedup_with_replicas_and_grouping(tmp_path: Path, rng: np.random.Generat
     r = gradinspect.inspect(tmp_path / "rank0.safetensors", group_by=1, dedup=True)
     assert r.total.l2 == pytest.approx(unique, rel=1e-12)
     assert all(t.duplicate_of is None for t in gradinspect.inspect(tmp_path / "rank0.safetensors", group_by=1).tensors)
+
+
+def test_a_gate_over_empty_tensors_only_checked_nothing(tmp_path: Path) -> None:
+    """Found in review: a file whose only float tensor has 0 elements passed check with 'OK 1 tensors'."""
+    path = tmp_path / "e.safetensors"
+    save_file({"w": np.zeros((0, 4), np.float32), "step": np.array(3)}, str(path))
+    r = run("check", path)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr == f"Error: {path}: every selected floating-point tensor is empty (0 elements)\n"
