@@ -498,13 +498,13 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                  help="Like --shards, for A only (each side is one gradient set with its own mode)."),
     click.option("--shards-b", type=click.Choice(["slices", "replicas"]), default=None,
                  help="Like --shards, for B only."),
-    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET,
 )
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
          include: tuple[str, ...], exclude: tuple[str, ...], shards: str | None, shards_a: str | None,
          shards_b: str | None, format: str, as_json: bool, width: int | None, allow_outside_index: bool,
-         output: str | None) -> None:
+         output: str | None, quiet: int) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -546,16 +546,16 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
                       strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
                       shards_a=shards_a, shards_b=shards_b)
-    _warn(report.warnings())
+    _warn(report.warnings(), quiet >= 1)
     _emit(fmt, "diff", report, width, output)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
 @cli.command(context_settings=_CONTEXT)
 @_PATHS
-@_options(o.format_option("info"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT)
+@_options(o.format_option("info"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET)
 def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, allow_outside_index: bool,
-         output: str | None) -> None:
+         output: str | None, quiet: int) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -573,7 +573,7 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
                          output)
     _not_an_input(output, paths)
     report = run_info(list(paths), allow_outside_index=allow_outside_index)
-    _warn(list(report.notes))
+    _warn(list(report.notes), quiet >= 1)
     _emit(fmt, "info", report, width, output)
 
 

@@ -452,3 +452,12 @@ def test_byte_stores_are_registered_by_scheme() -> None:
     assert store_class("/tmp/x.safetensors") is LocalFile and LocalFile in STORES
     with pytest.raises(gradinspect.InputError, match=r"gs:// URLs are not supported yet"):
         store_class("gs://b/x.safetensors")
+
+
+@pytest.mark.parametrize("command", ["diff", "info"])
+def test_quiet_on_diff_and_info(ckpt: Path, command: str) -> None:
+    """Found in review: diff and info printed their warnings with no -q to hide them."""
+    args = [ckpt, ckpt] if command == "diff" else [ckpt]
+    assert "Warning:" in run(command, *args).stderr
+    r = run(command, *args, "-q")
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout
