@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,18 @@ def _bands(data: PlotData, x: _X, top: float, bottom: float) -> list[str]:
             f'height="{_f(bottom - top)}"/>' for i in data.nonfinite]
 
 
+def _line(x: _X, y: Callable[[float], float], values: list[float | None]) -> list[str]:
+    """A polyline through the steps' values, broken where a value is None (a NaN/Inf step)."""
+    path, pen = [], "M"
+    for i, v in enumerate(values):
+        if v is None:
+            pen = "M"
+            continue
+        path.append(f"{pen}{_f(x(i))},{_f(y(v))}")
+        pen = "L"
+    return [f'<path class="line" d="{" ".join(path)}"/>'] if path else []
+
+
 def _norm_svg(data: PlotData, x: _X) -> str:
     h, top, bottom = NORM_H, TOP, NORM_H - BOTTOM
     ok = data.finite & (data.norm > 0)
@@ -131,15 +144,7 @@ def _norm_svg(data: PlotData, x: _X) -> str:
                f'y2="{_f(y(data.max_norm))}"/>')
     out.append(f'<text class="cliplabel" x="{W - RIGHT - 4}" y="{_f(y(data.max_norm) - 4)}">'
                f'max_norm {data.max_norm:g}</text>')
-    path, pen = [], "M"
-    for i in range(len(data.steps)):
-        if ok[i]:
-            path.append(f"{pen}{_f(x(i))},{_f(y(float(data.norm[i])))}")
-            pen = "L"
-        else:
-            pen = "M"
-    if path:
-        out.append(f'<path class="line" d="{" ".join(path)}"/>')
+    out += _line(x, y, [float(v) if ok[i] else None for i, v in enumerate(data.norm)])
     for i in np.flatnonzero(ok).tolist() if len(data.steps) <= MOST_DOTS else ():
         out.append(f'<circle class="pt" cx="{_f(x(i))}" cy="{_f(y(float(data.norm[i])))}" r="2.6"/>')
     for i in data.spikes:
@@ -169,16 +174,8 @@ def _coef_svg(data: PlotData, x: _X) -> str:
         cls = "clip" if t == 1.0 else "grid"
         out.append(f'<line class="{cls}" x1="{LEFT}" y1="{_f(y(t))}" x2="{W - RIGHT}" y2="{_f(y(t))}"/>')
         out.append(f'<text class="yl" x="{LEFT - 6}" y="{_f(y(t) + 4)}">{t:g}</text>')
-    path, pen = [], "M"
-    for i in range(len(data.steps)):
-        c = float(data.coef[i])
-        if data.finite[i] and math.isfinite(c):
-            path.append(f"{pen}{_f(x(i))},{_f(y(c))}")
-            pen = "L"
-        else:
-            pen = "M"
-    if path:
-        out.append(f'<path class="line" d="{" ".join(path)}"/>')
+    coefs = [float(c) for c in data.coef]
+    out += _line(x, y, [c if data.finite[i] and math.isfinite(c) else None for i, c in enumerate(coefs)])
     out += _x_axis(data, x, bottom, labels=True)
     out.append(f'<text class="xlabel" x="{_f(LEFT + x.width / 2)}" y="{h - 2}">step</text>')
     out.append(f'<text class="ylabel" x="14" y="{_f((top + bottom) / 2)}" '
