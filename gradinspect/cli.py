@@ -645,7 +645,8 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
     Exit status: 0 on success; 1 when a --fail-on or --max-clip-fraction
     rule fails; 2 on unreadable input or bad usage (a step number twice, a
-    PATH --step-pattern does not match).
+    PATH --step-pattern does not match, a step with no floating-point
+    values to read).
     """
     from .runs import compile_step_pattern, step_warnings
     from .runs import trend as run_trend

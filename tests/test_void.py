@@ -261,3 +261,25 @@ def test_structured_void_stays_skipped(tmp_path: Path) -> None:
     np.save(tmp_path / "w.npy", np.ones(2))
     r = gradinspect.inspect([tmp_path / "s.npy", tmp_path / "w.npy"])
     assert [s.name for s in r.skipped] == ["s"] and r.skipped[0].reason == "structured dtype is not a gradient"
+
+
+def test_trend_cache_keeps_dtypes_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statistics cache never serves the bfloat16 reading of a file to a run that reads it as float16."""
+    import gradinspect.cache as cache_mod
+    from gradinspect.cache import Cache
+    from gradinspect.runs import trend
+
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)  # store files written just now
+    bf = {step: _values("bfloat16", 50, step) for step in range(3)}
+    for step, a in bf.items():
+        np.savez(tmp_path / f"step_{step}.npz", w=a)
+    cache = Cache(tmp_path / "cache")
+    glob = str(tmp_path / "step_*.npz")
+    first = trend(glob, cache=cache)
+    assert cache.stored  # the bfloat16 reading is cached
+    as_f16 = trend(glob, cache=Cache(tmp_path / "cache"), void_as="float16")
+    again = trend(glob, cache=Cache(tmp_path / "cache"), void_as="bfloat16")
+    for step, a in bf.items():
+        assert first.steps[step].total.sq == again.steps[step].total.sq == \
+            gradinspect.compute_norms({"w": a}).total.sq
+        assert as_f16.steps[step].total.sq == gradinspect.compute_norms({"w": a.view(np.float16)}).total.sq
