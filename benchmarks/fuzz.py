@@ -987,6 +987,8 @@ def _oracle_file(path: str, truth: Truth, seen: set[str]) -> None:
             raise OracleRefused(f"tensor {name!r} in two files")
         seen.add(name)
         arr = get()
+        if arr is not None and arr.dtype.type is np.void and arr.dtype.fields is None and arr.dtype.itemsize == 2:
+            arr = arr.view(ml_dtypes.bfloat16)  # raw 2-byte values: read as bfloat16 by default (--void-as)
         if arr is not None and arr.dtype.fields is None and _is_float(arr.dtype):
             truth.add(name, arr)
 

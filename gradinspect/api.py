@@ -57,6 +57,7 @@ def inspect(
     loss_scale: float | None = None,
     allow_outside_index: bool = False,
     cache: Any = None,
+    void_as: str | None = None,
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
@@ -86,13 +87,18 @@ def inspect(
     ``cache``: a :class:`gradinspect.cache.Cache` of each file's statistics (see there); the numbers
     are bit for bit those without it.
 
+    ``void_as``: what raw void arrays (how ``np.save`` writes ml_dtypes' bfloat16 ``<V2`` and float8
+    ``<V1``) are read as: a dtype name (``"bfloat16"``, ``"float16"``, ``"float8_e4m3fn"``, ...) for every
+    raw array, of that width only, or ``"skip"``; None reads ``V2`` as bfloat16 (with a note in
+    ``notes``) and refuses the others.
+
     >>> report = inspect("sample_data/healthy.safetensors", max_norm=1.0)  # doctest: +SKIP
     >>> report.total.l2, report.clip.coef  # doctest: +SKIP
     """
     p = parse_norm_type(norm_type)
     check_norms_options(max_norm, eps, sort, top, group_by, group_sep, loss_scale)
     check_shards(shards)
-    with open_set(paths, shards, allow_outside_index=allow_outside_index) as gset:
+    with open_set(paths, shards, allow_outside_index=allow_outside_index, void_as=void_as) as gset:
         (records,) = records_of_sets([gset], p, include, exclude, progress, jobs, loss_scale, dedup, cache)
         return norms_report(records, p, max_norm, eps, group_by, group_sep, sort, top, dedup)
 
@@ -111,13 +117,15 @@ def compute_norms(
     top: int | None = None,
     dedup: bool = False,
     loss_scale: float | None = None,
+    void_as: str | None = None,
 ) -> NormsReport:
     """Like :func:`inspect`, for in-memory arrays: ``{name: array}`` or any mapping, or an
     iterable of ``(name, array)`` pairs (a name twice is a ValueError), where an array
-    is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too)."""
+    is anything ``np.asarray`` accepts (CPU torch tensors included, bfloat16 too; numpy void
+    arrays, as ``np.load`` gives bfloat16 saved by ``np.save``, are read as ``void_as`` says)."""
     p = parse_norm_type(norm_type)
     check_norms_options(max_norm, eps, sort, top, group_by, group_sep, loss_scale)
-    (records,) = records_of_sets([array_set(mapping)], p, include, exclude, None, 1, loss_scale, dedup)
+    (records,) = records_of_sets([array_set(mapping, void_as)], p, include, exclude, None, 1, loss_scale, dedup)
     return norms_report(records, p, max_norm, eps, group_by, group_sep, sort, top, dedup)
 
 
@@ -136,20 +144,22 @@ def check(
     dedup: bool = False,
     loss_scale: float | None = None,
     allow_outside_index: bool = False,
+    void_as: str | None = None,
 ) -> CheckReport:
     """Evaluate :class:`gradinspect.check.Rules` (default: only ``nonfinite``) on ``paths``."""
     from .check import Rules, evaluate
 
     report = inspect(paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include,
                      exclude=exclude, sort="none", progress=progress, jobs=jobs, shards=shards, dedup=dedup,
-                     loss_scale=loss_scale, allow_outside_index=allow_outside_index)
+                     loss_scale=loss_scale, allow_outside_index=allow_outside_index, void_as=void_as)
     return evaluate(report, rules if rules is not None else Rules())
 
 
 def info(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
-         allow_outside_index: bool = False) -> InfoReport:
-    """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names)."""
-    with open_set(paths, allow_repeats=True, allow_outside_index=allow_outside_index) as gset:
+         allow_outside_index: bool = False, void_as: str | None = None) -> InfoReport:
+    """Every tensor's name, dtype, shape and size, from the headers alone (shards may repeat names);
+    raw void arrays with the dtype ``void_as`` gives them (see :func:`inspect`)."""
+    with open_set(paths, allow_repeats=True, allow_outside_index=allow_outside_index, void_as=void_as) as gset:
         return info_report(gset)
 
 
@@ -171,6 +181,7 @@ def diff(
     shards: str | None = None,
     shards_a: str | None = None,
     shards_b: str | None = None,
+    void_as: str | None = None,
 ) -> DiffReport:
     """Compare two gradient sets tensor by tensor and as a whole, streaming both.
 
@@ -189,7 +200,7 @@ def diff(
     compared as their concatenation in file order, which is the tensor's
     elements when both sides are sliced alike, or the slices are flat (FSDP,
     ZeRO) or split along the first dimension; otherwise the tensor is listed as
-    not compared ("sliced differently").
+    not compared ("sliced differently").  ``void_as``: see :func:`inspect` (both sides).
     """
     for name, v, rng in (("rtol", rtol, NON_NEGATIVE), ("atol", atol, NON_NEGATIVE),
                          ("min_cosine", min_cosine, COSINE)):
@@ -200,7 +211,7 @@ def diff(
     for name, mode in (("shards", shards), ("shards_a", shards_a), ("shards_b", shards_b)):
         check_shards(mode, name)
     tol = Tolerances(rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing)
-    with open_set(a, mode_a, allow_outside_index=allow_outside_index) as set_a, \
-            open_set(b, mode_b, allow_outside_index=allow_outside_index) as set_b:
+    with open_set(a, mode_a, allow_outside_index=allow_outside_index, void_as=void_as) as set_a, \
+            open_set(b, mode_b, allow_outside_index=allow_outside_index, void_as=void_as) as set_b:
         return diff_report(set_a, set_b, tol, include, exclude, progress,
                            (*strip_prefix_a, *strip_prefix), (*strip_prefix_b, *strip_prefix))

@@ -370,12 +370,13 @@ _SEP = click.option("--sep", "group_sep", default=".", show_default=True, metava
     click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
                  show_default=True, help="Row order; none keeps file order."),
     _TOP, *o.SELECTION_OPTIONS, _GROUP_BY, _SEP,
-    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.VOID_AS,
 )
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
           group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None) -> None:
+          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
+          void_as: str | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -408,7 +409,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
             group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
-            dedup=dedup, loss_scale=loss_scale, allow_outside_index=allow_outside_index,
+            dedup=dedup, loss_scale=loss_scale, allow_outside_index=allow_outside_index, void_as=void_as,
         )
     _warn(report.input_warnings(), quiet >= 1)
     _warn(report.nonfinite_warnings(), quiet >= 2)
@@ -471,7 +472,7 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
                            shards=options["shards"], jobs=options["jobs"], progress=bar,
                            dedup=options["dedup"], loss_scale=options["loss_scale"],
-                           allow_outside_index=options["allow_outside_index"])
+                           allow_outside_index=options["allow_outside_index"], void_as=options["void_as"])
     _warn(result.report.input_warnings(), quiet)
     _emit(fmt, "check", result, output=output)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
@@ -498,13 +499,13 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                  help="Like --shards, for A only (each side is one gradient set with its own mode)."),
     click.option("--shards-b", type=click.Choice(["slices", "replicas"]), default=None,
                  help="Like --shards, for B only."),
-    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET,
+    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET, o.VOID_AS,
 )
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
          include: tuple[str, ...], exclude: tuple[str, ...], shards: str | None, shards_a: str | None,
          shards_b: str | None, format: str, as_json: bool, width: int | None, allow_outside_index: bool,
-         output: str | None, quiet: int) -> None:
+         output: str | None, quiet: int, void_as: str | None) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -545,7 +546,7 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
                       include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
                       strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
-                      shards_a=shards_a, shards_b=shards_b)
+                      shards_a=shards_a, shards_b=shards_b, void_as=void_as)
     _warn(report.warnings(), quiet >= 1)
     _emit(fmt, "diff", report, width, output)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
@@ -553,9 +554,9 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
 
 @cli.command(context_settings=_CONTEXT)
 @_PATHS
-@_options(o.format_option("info"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET)
+@_options(o.format_option("info"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET, o.VOID_AS)
 def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, allow_outside_index: bool,
-         output: str | None, quiet: int) -> None:
+         output: str | None, quiet: int, void_as: str | None) -> None:
     """List tensors from the file headers alone: instant on a file of any size.
 
     Name, dtype, shape, element count, bytes and source of every tensor,
@@ -572,7 +573,7 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
                          as_json or _given(click.get_current_context(), "format"),
                          output)
     _not_an_input(output, paths)
-    report = run_info(list(paths), allow_outside_index=allow_outside_index)
+    report = run_info(list(paths), allow_outside_index=allow_outside_index, void_as=void_as)
     _warn(list(report.notes), quiet >= 1)
     _emit(fmt, "info", report, width, output)
 
@@ -596,7 +597,7 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     Option("max_clip_fraction", ("--max-clip-fraction",), "float", None,
            "Exit 1 when more than this fraction of the finite steps is clipped at --max-norm.", metavar="F",
            range=o.SHARE),
-    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.VOID_AS,
     click.option("--heatmap", type=click.Choice(["norm", "share"]), default="norm", show_default=True,
                  help="What the plots' heatmap shows per tensor and step (--output run.png/.svg/.html): "
                       "log10 of the norm, or the share of the squared L2 norm."),
@@ -617,7 +618,8 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
           step_pattern: str | None, window: int, spike_factor: float, clip_target: float, fail_on: tuple[str, ...],
           max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
           jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
-          heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool, interval: float) -> None:
+          heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool, interval: float,
+          void_as: str | None) -> None:
     """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
 
     Each PATH is one step: a file, or a directory or *.safetensors.index.json
@@ -643,7 +645,8 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
     Exit status: 0 on success; 1 when a --fail-on or --max-clip-fraction
     rule fails; 2 on unreadable input or bad usage (a step number twice, a
-    PATH --step-pattern does not match).
+    PATH --step-pattern does not match, a step with no floating-point
+    values to read).
     """
     from .runs import compile_step_pattern, step_warnings
     from .runs import trend as run_trend
@@ -673,7 +676,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
                 group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup,
                 loss_scale=loss_scale, allow_outside_index=allow_outside_index, step_pattern=step_pattern,
                 window=window, spike_factor=spike_factor, clip_target=clip_target,
-                on_step=lambda st, r: found.append((st, r.input_warnings())), cache=cache)
+                on_step=lambda st, r: found.append((st, r.input_warnings())), cache=cache, void_as=void_as)
             return report, step_warnings(found)
 
         _follow(paths, allow_outside_index, interval, compute, width, quiet)
@@ -685,6 +688,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
             spike_factor=spike_factor, clip_target=clip_target,
             on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar, cache=cache,
+            void_as=void_as,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)

@@ -21,7 +21,7 @@ from typing import Any
 
 __all__ = ["Range", "Option", "MAX_JOBS", "NORM_TYPE", "MAX_NORM", "EPS", "INCLUDE", "EXCLUDE", "SHARDS", "DEDUP",
            "LOSS_SCALE", "JOBS", "QUIET", "WIDTH", "ALLOW_OUTSIDE_INDEX", "JSON", "OUTPUT", "format_option",
-           "NORM_OPTIONS", "SELECTION_OPTIONS"]
+           "NORM_OPTIONS", "SELECTION_OPTIONS", "VOID_AS", "VOID_AS_CHOICES"]
 
 MAX_JOBS = 64  # threads: more buy nothing (reads and numpy saturate first) and cost ~5 MiB each
 
@@ -205,6 +205,17 @@ OUTPUT = Option("output", ("--output", "-o"), "path", None,
                 "without --format, the format follows the suffix (.json, .csv, .txt, and where the "
                 "command has them .md, .xml for JUnit, .png/.svg/.html plots); an input is never replaced.",
                 metavar="PATH")
+
+#: What ``--void-as`` reads raw void arrays as: bfloat16, float16, the ml_dtypes float8 types, or skip.
+VOID_AS_CHOICES = ("bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                   "float8_e4m3b11fnuz", "float8_e4m3", "float8_e3m4", "float8_e8m0fnu", "skip")
+VOID_AS = Option(
+    "void_as", ("--void-as",), "choice", None,
+    "np.save/np.savez write ml_dtypes' bfloat16 as raw 2-byte values (<V2) and float8 types as raw 1-byte "
+    "values (<V1): read those of DTYPE's width as DTYPE (bfloat16, float16 or an ml_dtypes float8 name such "
+    "as float8_e4m3fn, float8_e5m2, float8_e4m3fnuz), or skip them all. Default: <V2 as bfloat16 (with a "
+    "note on stderr); <V1 has no default (an error).",
+    metavar="DTYPE", choices=VOID_AS_CHOICES, config=True)
 
 NORM_OPTIONS = (NORM_TYPE, MAX_NORM, EPS)
 SELECTION_OPTIONS = (INCLUDE, EXCLUDE)

@@ -108,25 +108,29 @@ def _paths(paths: Any) -> list[str | os.PathLike[str]]:
 
 @contextlib.contextmanager
 def open_set(paths: Any, shards: str | None = None, *, allow_repeats: bool | None = None,
-             allow_outside_index: bool = False) -> Iterator[GradientSet]:
+             allow_outside_index: bool = False, void_as: str | None = None) -> Iterator[GradientSet]:
     """The gradient set of ``paths`` (files, directories, index files, quoted globs), closed at the end.
 
     A tensor name in several files is refused unless ``shards`` (or ``allow_repeats``) allows it.
+    Raw void arrays (bfloat16/float8 written by ``np.save``) are read as ``void_as`` says.
     """
     check_shards(shards)
     notes: list[str] = []
     repeats = shards is not None if allow_repeats is None else allow_repeats
     gset = GradientSet(open_paths(_paths(paths), allow_repeats=repeats, notes=notes,
-                                  allow_outside_index=allow_outside_index), shards, notes)
+                                  allow_outside_index=allow_outside_index, void_as=void_as), shards, notes)
     try:
         yield gset
     finally:
         gset.close()
 
 
-def array_set(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> GradientSet:
-    """The gradient set of in-memory arrays (nothing to close)."""
-    return GradientSet([array_source(mapping)])
+def array_set(mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], void_as: str | None = None) -> GradientSet:
+    """The gradient set of in-memory arrays (nothing to close); numpy void arrays are read as ``void_as`` says."""
+    from .sources.voids import memory_voids
+
+    pairs, notes = memory_voids(mapping, void_as)
+    return GradientSet([array_source(pairs)], notes=notes)
 
 
 # --- 2. select ---------------------------------------------------------------------------------------------

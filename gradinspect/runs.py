@@ -70,7 +70,7 @@ def _final(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
-def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: bool) -> int:
+def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: bool, void_as: str | None = None) -> int:
     name = _final(path)
     if pattern is not None:
         m = pattern.search(name)
@@ -79,7 +79,7 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
         return _step(m.group(1), path, f"--step-pattern {pattern.pattern} captures in {name!r}")
     from .api import info
 
-    headers = info(path, allow_outside_index=allow_outside_index)
+    headers = info(path, allow_outside_index=allow_outside_index, void_as=void_as)
     meta = headers.metadata
     first: tuple[str, int] | None = None
     without = [src for src in headers.sources if "step" not in meta.get(src, {})]
@@ -105,7 +105,7 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
 
 
 def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None = None,
-               allow_outside_index: bool = False) -> list[StepPath]:
+               allow_outside_index: bool = False, void_as: str | None = None) -> list[StepPath]:
     """The steps ``paths`` name, sorted by number; InputError for a PATH without a number or a number twice."""
     pattern = compile_step_pattern(step_pattern)
     found: list[StepPath] = []
@@ -117,7 +117,7 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
                 raise InputError(p, "no file matches this pattern")
         else:
             matches = [p]
-        found.extend(StepPath(_number(m, pattern, allow_outside_index), m) for m in matches)
+        found.extend(StepPath(_number(m, pattern, allow_outside_index, void_as), m) for m in matches)
     if not found:
         raise ValueError("no paths given")
     found.sort(key=lambda s: s.step)
@@ -166,6 +166,7 @@ def trend(
     on_step: Callable[[StepPath, Any], None] | None = None,
     progress: Callable[[int], None] | None = None,
     cache: Any = None,
+    void_as: str | None = None,
 ) -> TrendReport:
     """The trend of a run whose steps ``paths`` name (see the module docstring and :func:`gradinspect.trend.analyze`).
 
@@ -178,15 +179,20 @@ def trend(
     inf, or rows whose sums cannot be rebuilt exactly, the step is read again grouped.
     ``cache``: a :class:`gradinspect.cache.Cache` (the CLI's default), so that a file read before is
     not read again (bit-for-bit the same numbers); pruned after the run.
+    ``void_as``: what raw void arrays are read as (see :func:`gradinspect.api.inspect`).
+    Every step must hold a floating-point tensor with elements (InputError otherwise, as for ``norms``):
+    a run is never reported with a step of zeros.
     """
     from .api import inspect
     from .norms import parse_norm_type
 
     p = parse_norm_type(norm_type)
-    steps = find_steps([paths] if isinstance(paths, (str, os.PathLike)) else paths, step_pattern, allow_outside_index)
+    steps = find_steps([paths] if isinstance(paths, (str, os.PathLike)) else paths, step_pattern, allow_outside_index,
+                       void_as)
     opts: dict[str, Any] = dict(norm_type=p, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
                                 group_sep=group_sep, sort="none", shards=shards, jobs=jobs, dedup=dedup,
-                                loss_scale=loss_scale, allow_outside_index=allow_outside_index, cache=cache)
+                                loss_scale=loss_scale, allow_outside_index=allow_outside_index, cache=cache,
+                                void_as=void_as)
     if progress is not None and hasattr(progress, "set_total"):
         from .sources import resolve_paths
 

@@ -63,8 +63,6 @@ def _mixed(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def test_every_jobs_value_gives_the_same_bits(tmp_path: Path, rng: np.random.Generator, fmt: str) -> None:
     g = _mixed(rng)
     path = tmp_path / ("g.safetensors" if fmt == "safetensors" else "g.npz")
-    if fmt != "safetensors":
-        del g["small.bf16"]  # np.save writes bfloat16 as raw void bytes, which are refused
     if fmt == "safetensors":
         save_file(g, str(path))
     elif fmt == "npz":

@@ -353,10 +353,10 @@ def test_corrupt_zip64_extra_field(tmp_path: Path, rng: np.random.Generator) -> 
         gradinspect.inspect(path)
 
 
-def test_bfloat16_through_np_save_explains_itself(tmp_path: Path) -> None:
-    np.savez(tmp_path / "b.npz", w=np.ones(3, ml_dtypes.bfloat16), v=np.ones(2, np.float32))
-    err = _refused(tmp_path / "b.npz", "member 'w.npy': raw void dtype |V2 (numpy writes bfloat16")
-    assert "save bfloat16/float8 gradients with safetensors" in str(err)
+def test_float8_through_np_save_explains_itself(tmp_path: Path) -> None:
+    np.savez(tmp_path / "b.npz", w=np.ones(3, ml_dtypes.float8_e4m3fn), v=np.ones(2, np.float32))
+    err = _refused(tmp_path / "b.npz", "member 'w.npy': raw 1-byte values (<V1): which float8 they hold")
+    assert "give --void-as DTYPE (e.g. float8_e4m3fn; void_as= in Python)" in str(err)
 
 
 def test_tensor_names_must_be_valid_unicode(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ a whole file, never a whole large tensor.  Nothing is ever unpickled.
 - :mod:`.codec`: deflate streaming, CRC-32 combining;  :mod:`.limits`: every limit;
 - one module per container: :mod:`.safetensors`, :mod:`.npz`, :mod:`.npy`,
   :mod:`.index` (expands to shard files), :mod:`.memory` (in-memory arrays);
-- :mod:`.paths`: PATHs (files, directories, globs, index files) to sources.
+- :mod:`.paths`: PATHs (files, directories, globs, index files) to sources;
+- :mod:`.voids`: the dtype of raw void arrays (bfloat16/float8 written by ``np.save``; ``--void-as``).
 
 A new container format is one module exporting ``CONTAINER`` and one line below.
 """

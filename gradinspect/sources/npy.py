@@ -6,11 +6,13 @@ import ast
 import math
 import os
 import struct
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import InputError
-from . import limits
+from . import limits, voids
 from .base import Container, Extent, Source, TensorDesc, dtype_name, skip_reason
 from .store import ByteStore
 
@@ -74,7 +76,10 @@ def parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tupl
         if not isinstance(shape, tuple) or not all(_is_int(s) for s in shape) or not isinstance(fortran, bool):
             raise ValueError("bad shape or fortran_order")
         try:
-            dtype = np.lib.format.descr_to_dtype(descr)
+            if isinstance(descr, str) and descr in _F1:  # how every ml_dtypes release writes float8_e5m2
+                dtype = np.dtype(ml_dtypes.float8_e5m2)
+            else:
+                dtype = np.lib.format.descr_to_dtype(descr)
         except Exception:
             shown = repr(descr)
             raise ValueError(f"descr {shown if len(shown) <= 40 else shown[:39] + '…'} is not a dtype") from None
@@ -82,6 +87,8 @@ def parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tupl
         raise InputError(path, f"{where}corrupt .npy header ({e})") from None
     if dtype.hasobject:
         raise InputError(path, f"{where}holds Python objects (dtype {dtype}); refusing to unpickle")
+    if voids.raw_dtype(dtype) and isinstance(descr, str):
+        dtype = np.dtype(dtype, metadata={"descr": descr})  # raw values (ml_dtypes): keep the byte order written
     # Norms do not depend on the element order; diff needs it (``order``).
     fortran = fortran and sum(1 for d in shape if d > 1) > 1
     if len(_NPY_CACHE) < 4096:
@@ -94,23 +101,20 @@ _NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int, bool]] = {}
 
 _NAMES: dict[np.dtype, tuple[str, str | None]] = {}  # dtype -> (name, skip reason)
 
-_VOID_HINTS = {
-    1: "numpy writes float8 types from ml_dtypes this way",
-    2: "numpy writes bfloat16 from ml_dtypes this way",
-}
+_F1 = ("<f1", "|f1", ">f1", "=f1")  # no numpy type: ml_dtypes' float8_e5m2 (the one float8 of kind "f")
 
 
 def npy_desc(name: str, path: str, where: str, dtype: np.dtype, shape: tuple[int, ...], key: str, offset: int,
              fortran: bool, encoding: str = "raw", stored: int = 0, crc: int | None = None, crc_head: int = 0,
              skip: int = 0) -> TensorDesc:
     """The description of an .npy array whose data (or deflated member, header included) is at ``offset``."""
-    if dtype.kind == "V" and dtype.fields is None:  # raw bytes: bfloat16 or float8 that np.save could not name
-        hint = _VOID_HINTS.get(dtype.itemsize, "numpy writes ml_dtypes types such as bfloat16 and float8 this way")
-        raise InputError(path, f"{where}raw void dtype {dtype.str} ({hint}); refusing to guess its type "
-                         "(save bfloat16/float8 gradients with safetensors)")
     numel = math.prod(shape)
     hit = _NAMES.get(dtype)
-    if hit is None:  # numpy's dtype names are slow to compute: once per dtype
+    if voids.raw_dtype(dtype):  # raw values (bfloat16, float8 that np.save could not name): see voids.resolve
+        meta: Any = dtype.metadata or {}
+        descr = str(meta.get("descr", dtype.str))
+        hit = (descr, voids.raw_reason(dtype.itemsize, descr))
+    elif hit is None:  # numpy's dtype names are slow to compute: once per dtype
         name_ = dtype_name(dtype) if dtype.fields is None else "structured"
         hit = (name_, skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient")
         if len(_NAMES) < 256:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TypeGuard
 
 from ..errors import InputError
-from . import limits
+from . import limits, voids
 from . import store as _store
 from .base import Container, Source
 
@@ -119,9 +119,11 @@ def open_source(path: str) -> Source:
 
 
 def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = False,
-               notes: list[str] | None = None, allow_outside_index: bool = False) -> list[Source]:
+               notes: list[str] | None = None, allow_outside_index: bool = False,
+               void_as: str | None = None) -> list[Source]:
     """Sources for ``paths``; a tensor name in two files is refused unless ``allow_repeats``
     (``--shards slices`` / ``replicas`` say what such names mean).  Warnings go to ``notes``.
+    Raw void arrays (bfloat16/float8 written by ``np.save``) are read as ``void_as`` says (:mod:`.voids`).
 
     The caller closes every source (:meth:`Source.finish` or :meth:`Source.close`);
     past :func:`~.store.hold_budget` files, sources are parked between reads.
@@ -158,6 +160,9 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
                 owner.setdefault(t.name, src.path)
         for c in _containers():
             c.check(paths, sources)
+        said = voids.resolve(sources, void_as)
+        if notes is not None:
+            notes.extend(said)
     except BaseException:
         close_all(sources)
         raise
