@@ -226,7 +226,7 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
-def _not_an_input(output: str | None, inputs: Sequence[str]) -> None:
+def _not_an_input(output: str | None, inputs: Sequence[str], option: str = "--output") -> None:
     """--output must never replace one of the gradient files the command reads (checked before any work)."""
     if output is None:
         return
@@ -247,7 +247,7 @@ def _not_an_input(output: str | None, inputs: Sequence[str]) -> None:
         except OSError:
             continue
         if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
-            _fail(f"{output}: --output names an input file; refusing to overwrite it")
+            _fail(f"{output}: {option} names an input file; refusing to overwrite it")
 
 
 def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: str | None = None,
@@ -286,7 +286,7 @@ def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: st
         click.echo(data, nl=False)
 
 def _run_part(command: str, part: str | None, partial: str | None, options: dict[str, Any], jobs: int | None,
-              fmt: str | None, output: str | None) -> None:
+              fmt: str | None, output: str | None, inputs: Sequence[str] = ()) -> None:
     """``--part I/N --partial OUT``: compute that part, write it, print nothing, exit 0 (neither given: return)."""
     if part is None and partial is None:
         return
@@ -302,6 +302,7 @@ def _run_part(command: str, part: str | None, partial: str | None, options: dict
         raise click.BadParameter(str(e), param_hint="--part") from None
     if os.path.isdir(partial):
         _fail(f"{partial}: is a directory")
+    _not_an_input(partial, inputs, "--partial")
     run_part(command, options, which, partial, jobs, fmt)
     sys.exit(EXIT_OK)
 
@@ -426,7 +427,8 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     _run_part("norms", part, partial, dict(
         paths=paths, norm_type=norm_type, max_norm=max_norm, eps=eps, sort=sort, top=top, include=include,
         exclude=exclude, group_by=group_by, group_sep=group_sep, shards=shards, dedup=dedup, loss_scale=loss_scale,
-        allow_outside_index=allow_outside_index), jobs, ("json" if as_json else format) if given else None, output)
+        allow_outside_index=allow_outside_index), jobs, ("json" if as_json else format) if given else None, output,
+        paths)
     fmt = _output_format("norms", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
@@ -494,7 +496,7 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
             raise click.UsageError(str(e)) from None
         recorded = {k: v for k, v in options.items() if k not in ("format", "jobs", "quiet")}
         _run_part("check", part, partial, {"paths": paths, **recorded}, options["jobs"],
-                  ("json" if as_json else options["format"]) if given else None, output)
+                  ("json" if as_json else options["format"]) if given else None, output, paths)
     fmt = _output_format("check", "json" if as_json else options["format"], given, output)
     _not_an_input(output, paths)
     try:
@@ -579,7 +581,8 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
         a=a, b=b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
         strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a, strip_prefix_b=strip_prefix_b, include=include,
         exclude=exclude, shards=shards, shards_a=shards_a, shards_b=shards_b,
-        allow_outside_index=allow_outside_index), None, ("json" if as_json else format) if given else None, output)
+        allow_outside_index=allow_outside_index), None, ("json" if as_json else format) if given else None, output,
+        (a, b))
     fmt = _output_format("diff", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
@@ -707,7 +710,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         group_by=group_by, group_sep=group_sep, step_pattern=step_pattern, window=window, spike_factor=spike_factor,
         clip_target=clip_target, fail_on=fail_on, max_clip_fraction=max_clip_fraction, shards=shards, dedup=dedup,
         loss_scale=loss_scale, allow_outside_index=allow_outside_index, heatmap=heatmap), jobs,
-        ("json" if as_json else format) if given else None, output)
+        ("json" if as_json else format) if given else None, output, paths)
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
     _not_an_input(output, paths)

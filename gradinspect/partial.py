@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -165,7 +166,8 @@ def _source_record(src: Any) -> dict[str, Any]:
     header = hashlib.sha256(_canonical([rows, src.metadata, src.kind])).hexdigest()
     store = src.store
     ident = store.identity() if store is not None else None
-    size, mtime = (ident[2], ident[3]) if ident is not None else (src.size, None)
+    # a local file's (device, inode, size, mtime_ns, ctime_ns): device and inode differ between nodes
+    size, mtime = (ident[2], ident[3]) if isinstance(ident, tuple) and len(ident) == 5 else (src.size, None)
     return {"path": src.path, "key": store.key if store is not None else src.path, "kind": src.kind,
             "size": src.size, "metadata": dict(src.metadata), "tensors": rows,
             "identity": {"size": size, "mtime_ns": mtime, "header": header}}
@@ -203,10 +205,11 @@ def _unit_back(row: Sequence[Any]) -> Any:
     return WorkUnit(kind, store, offset, size, encoding, tuple(tensors), part, nbytes)
 
 
-def _placeholder(numel: int, p: float) -> Stats:
-    """Statistics standing for data not read (a plan run): finite, non-zero, nothing shared."""
+def _placeholder(numel: int, p: float, k: int = 0) -> Stats:
+    """Statistics standing for data not read: finite, non-zero, and told apart by ``k`` (a largest magnitude
+    of its own, so that copy detection compares nothing)."""
     n = float(max(numel, 1))
-    return Stats(numel=numel, nan=0, inf=0, linf=1.0, exp=0, s1=n, s2=n, sp=n, p=p)
+    return Stats(numel=numel, nan=0, inf=0, linf=1.0 + k, exp=0, s1=n, s2=n, sp=n, p=p)
 
 
 def _placeholder_pair(a: Sequence[Any], b: Sequence[Any]) -> Any:
@@ -240,6 +243,10 @@ class _Recorder:
         self.index: dict[int, Key] = {}  # id(tensor) -> its key
         self.sources: dict[str, Any] = {}  # store key -> a source (open or not)
         self.steps: list[Any] | None = None
+        self.counter = itertools.count()
+
+    def placeholders(self, entries: Sequence[Any], p: float) -> list[Stats]:
+        return [_placeholder(t.numel, p, next(self.counter)) for t in entries]
 
     def open_paths(self, paths: Sequence[Any], allow_repeats: bool = False, notes: list[str] | None = None,
                    allow_outside_index: bool = False) -> list[Any]:
@@ -299,7 +306,7 @@ class _Planner(_Recorder):
         key = self.request_key(src, entries)
         if key not in self.requests:
             self.requests[key] = _Request(key, self.set_of.get(id(src), 0), list(entries))
-        return [_placeholder(t.numel, p) for t in entries]
+        return self.placeholders(entries, p)
 
     def pair_stats(self, a: Sequence[Any], b: Sequence[Any], tools: Any) -> Any:
         k = self.owner(a, b)
@@ -362,11 +369,13 @@ def _make_plan(planner: _Planner, n: int, describe: Any) -> _Plan:
 class _Worker(_Recorder):
     """The compute run: the part's own units, comparisons and fingerprints."""
 
-    def __init__(self, command: str, options: Mapping[str, Any], plan: _Plan, part: int, jobs: int | None) -> None:
+    def __init__(self, command: str, options: Mapping[str, Any], plan: _Plan, part: int, jobs: int | None,
+                 executor: Any = None) -> None:
         super().__init__(command, options)
         self.plan = plan
         self.part = part
         self.jobs = jobs
+        self.executor = executor
         self.by_key = {r.key: (r_no, r) for r_no, r in enumerate(plan.requests)}
         self.done: set[int] = set()
         self.results: dict[int, list[Any]] = {}  # global unit index -> [[tensor, chunk, stats row, crc]]
@@ -387,7 +396,7 @@ class _Worker(_Recorder):
             mine = [k for k in range(len(req.units)) if self.plan.unit_part[req.first + k] == self.part]
             if mine:
                 assert src.store is not None
-                executor = ThreadExecutor(default_jobs() if self.jobs is None else self.jobs)
+                executor = self.executor or ThreadExecutor(default_jobs() if self.jobs is None else self.jobs)
                 units = [req.units[k] for k in mine]
                 got = executor.run(units, list(entries), {src.store.key: src.store}, p, CHUNK, progress)
                 for k, parts in zip(mine, got, strict=True):
@@ -397,7 +406,7 @@ class _Worker(_Recorder):
                     u = req.units[k]
                     if want.intersection(u.tensors):
                         self.digests[req.first + k] = _fingerprints(src.store, u, list(entries), want)
-        return [_placeholder(t.numel, p) for t in entries]
+        return self.placeholders(entries, p)
 
     def pair_stats(self, a: Sequence[Any], b: Sequence[Any], tools: Any) -> Any:
         from .pipeline import pair_stats
@@ -454,8 +463,11 @@ def _identities(sets: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def run_part(command: str, options: Mapping[str, Any], part: tuple[int, int], out: str,
-             jobs: int | None = None, fmt: str | None = None) -> None:
-    """Compute part ``part`` = (I, N) of ``command`` and write it to ``out`` (atomically)."""
+             jobs: int | None = None, fmt: str | None = None, executor: Any = None) -> None:
+    """Compute part ``part`` = (I, N) of ``command`` and write it to ``out`` (atomically).
+
+    ``executor``: what runs the part's work units (an :class:`~gradinspect.executors.Executor`; default
+    ``jobs`` threads); the units are the same whatever runs them."""
     from . import __version__
 
     i, n = part
@@ -468,7 +480,7 @@ def run_part(command: str, options: Mapping[str, Any], part: tuple[int, int], ou
                          for s in planner.sets],
                 "steps": None if planner.steps is None else [[s.step, s.path] for s in planner.steps]}
     plan = _make_plan(planner, n, describe)
-    worker = _Worker(command, options, plan, i, jobs)
+    worker = _Worker(command, options, plan, i, jobs, executor)
     worker.steps = planner.steps
     with hooks.using(worker):
         compute(command, options, jobs)
