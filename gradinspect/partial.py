@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -402,10 +403,24 @@ class _Worker(_Recorder):
                 for k, parts in zip(mine, got, strict=True):
                     self.results[req.first + k] = [[i, c, _stats(st), crc] for i, c, st, crc in parts]
                 want = self.plan.candidates.get(r_no, set())
-                for k in mine:
-                    u = req.units[k]
-                    if want.intersection(u.tensors):
-                        self.digests[req.first + k] = _fingerprints(src.store, u, list(entries), want)
+                todo = [k for k in mine if want.intersection(req.units[k].tensors)]
+                if todo:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    threads = max(1, min(default_jobs() if self.jobs is None else self.jobs, len(todo)))
+                    local = threading.local()
+                    listed = list(entries)
+
+                    def run(k: int) -> list[Any]:
+                        if not hasattr(local, "buf"):
+                            from .sources import ChunkBuffer
+
+                            local.buf = ChunkBuffer(CHUNK)
+                        return _fingerprints(src.store, req.units[k], listed, want, local.buf)
+
+                    with ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL
+                        for k, sums in zip(todo, pool.map(run, todo), strict=True):
+                            self.digests[req.first + k] = sums
         return self.placeholders(entries, p)
 
     def pair_stats(self, a: Sequence[Any], b: Sequence[Any], tools: Any) -> Any:
@@ -422,36 +437,33 @@ class _Worker(_Recorder):
         return False
 
 
-def _fingerprints(store: Any, u: Any, entries: list[Any], want: set[int]) -> list[Any]:
+def _fingerprints(store: Any, u: Any, entries: list[Any], want: set[int], buf: Any) -> list[Any]:
     """SHA-256 of each CHUNK-element piece of the wanted tensors of unit ``u``, in native byte order
-    (what the byte comparison of copies compares)."""
-    from .sources import ChunkBuffer
+    (what the byte comparison of copies compares); ``store`` is open, ``buf`` a ChunkBuffer of CHUNK."""
     from .sources.base import inflate_pieces
 
-    buf = ChunkBuffer(CHUNK)
     t = entries[u.tensors[0]]
     dtype = t.np_dtype
 
     def sha(x: np.ndarray) -> str:
         return hashlib.sha256(np.ascontiguousarray(x).view(np.uint8).data).hexdigest()
 
-    with store:
-        if u.kind == "raw":
-            store.read_into(buf.view[: u.size], u.offset)
-            return [[u.tensors[0], u.part, [sha(buf.array(dtype, u.size // dtype.itemsize))]]]
-        if u.kind == "stream":
-            sums = [sha(buf.array(dtype, n // dtype.itemsize)) for n in inflate_pieces(store, t, buf)]
-            return [[u.tensors[0], 0, sums]]
-        span = buf.view[: u.size]
-        store.read_into(span, u.offset)
-        out = []
-        for i in u.tensors:
-            if i in want:
-                e = entries[i]
-                rel = e.extent.offset - u.offset
-                x = np.frombuffer(span[rel : rel + e.nbytes], dtype=e.np_dtype)
-                out.append([i, 0, [sha(x if e.np_dtype.isnative else x.astype(e.np_dtype.newbyteorder("=")))]])
-        return out
+    if u.kind == "raw":
+        store.read_into(buf.view[: u.size], u.offset)
+        return [[u.tensors[0], u.part, [sha(buf.array(dtype, u.size // dtype.itemsize))]]]
+    if u.kind == "stream":
+        sums = [sha(buf.array(dtype, n // dtype.itemsize)) for n in inflate_pieces(store, t, buf)]
+        return [[u.tensors[0], 0, sums]]
+    span = buf.view[: u.size]
+    store.read_into(span, u.offset)
+    out = []
+    for i in u.tensors:
+        if i in want:
+            e = entries[i]
+            rel = e.extent.offset - u.offset
+            x = np.frombuffer(span[rel : rel + e.nbytes], dtype=e.np_dtype)
+            out.append([i, 0, [sha(x if e.np_dtype.isnative else x.astype(e.np_dtype.newbyteorder("=")))]])
+    return out
 
 
 def _identities(sets: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
