@@ -18,6 +18,15 @@ A part run computes its command twice through :mod:`gradinspect.hooks`:
 ``merge`` checks the parts (one format, command, options, plan, and the same file identities; every
 part from 0 to N-1 once) and computes the command again with every read answered from the parts: the
 report is the one a plain run prints, bit for bit.  Part numbers count from 0.
+
+The file (canonical JSON, one object): ``format`` (``gradinspect.partial/1``), ``version``, ``command``,
+``options`` (floats as ``{"f": hex}``), ``format_default`` (a ``--format`` the part was given), ``part``
+([I, N]), ``plan`` (SHA-256 of the plan: command, options, headers, work units, comparisons), ``units``
+(how many in the plan), ``files`` ({store key: path as given, size, mtime_ns, header: SHA-256 of the
+parsed header}), ``sets`` (each opened set's PATHs, notes and sources' headers), ``steps``, ``requests``
+(per source: the tensors reduced, their units' span in the plan), ``results`` (per own unit: [global
+index, request, unit, [[tensor, chunk, Stats as float.hex, CRC-32]]]), ``pairs`` (own comparisons:
+PairStats), ``digests`` (own fingerprints), ``checksum`` (SHA-256 of all the rest).
 """
 
 from __future__ import annotations

@@ -119,6 +119,11 @@ CASES = ["norms", "norms-grouped", "norms-dedup-p3", "norms-replicas", "norms-sl
 def test_parts_merge_to_the_plain_run(data: Path, tmp_path: Path, case: str, n: int) -> None:
     args = _cases(data)[case]
     parts = _parts(tmp_path, args, n, seed=n * 31 + len(case))
+    docs = [json.loads(Path(p).read_text()) for p in parts]
+    done = sorted(row[0] for d in docs for row in d["results"])
+    assert done == list(range(docs[0]["units"]))  # every work unit in exactly one part
+    if n > 1 and docs[0]["units"] >= n:
+        assert sum(1 for d in docs if d["results"]) > 1  # the work is shared
     codes = {_same(args, parts, fmt) for fmt in ("json", _table(args))}
     assert len(codes) == 1
 
