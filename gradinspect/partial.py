@@ -555,6 +555,7 @@ class Parts:
     options: dict[str, Any]
     fmt: str | None
     docs: list[dict[str, Any]]
+    paths: list[str] = field(default_factory=list)  # of docs
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -578,7 +579,19 @@ def _load(path: str) -> dict[str, Any]:
     body = {k: v for k, v in doc.items() if k != "checksum"}
     if doc.get("checksum") != hashlib.sha256(_canonical(body)).hexdigest():
         raise bad("its checksum does not match (the file was changed or damaged)")
+    for key, kind in _FIELDS.items():
+        if type(doc.get(key)) is not kind:
+            raise bad(f"field {key!r} is missing or not a {kind.__name__}")
+    part = doc["part"]
+    if (doc["command"] not in COMMANDS or len(part) != 2 or not all(type(x) is int for x in part)
+            or not 0 <= part[0] < part[1] <= MAX_PARTS):
+        raise bad("its command or part number is not one gradinspect writes")
     return doc
+
+
+_FIELDS: dict[str, type] = {"version": str, "command": str, "options": dict, "part": list, "plan": str, "units": int,
+                            "files": dict, "sets": list, "requests": list, "results": list, "pairs": list,
+                            "digests": list}
 
 
 def load_parts(paths: Sequence[str]) -> Parts:
@@ -624,15 +637,16 @@ def load_parts(paths: Sequence[str]) -> Parts:
     for p, d in docs:
         if d["plan"] != d0["plan"]:
             raise InputError(p, f"its plan differs from that of {p0} (other inputs or options): parts of another run")
+    ordered = sorted(docs, key=lambda x: x[1]["part"][0])
     return Parts(d0["command"], {k: _dec(v) for k, v in d0["options"].items()}, d0["format_default"],
-                 [d for _, d in sorted(docs, key=lambda x: x[1]["part"][0])])
+                 [d for _, d in ordered], [p for p, _ in ordered])
 
 
 class _Replay:
     """merge's hook: every read answered from the parts."""
 
     def __init__(self, parts: Parts) -> None:
-        from .engine import WorkUnit
+        from .engine import Part, WorkUnit
 
         d0 = parts.docs[0]
         self.where = "merge"
@@ -649,17 +663,21 @@ class _Replay:
                         self.index[id(t)] = (r["key"], i)
                 self.sets[k] = (sources, list(s["notes"]))
         self.steps = d0["steps"]
-        results: dict[int, tuple[WorkUnit, list[Any]]] = {}
+        results: dict[int, tuple[WorkUnit, list[Part]]] = {}
         self.pairs: dict[str, Any] = {}
         self.digests: dict[tuple[int, int], dict[int, list[str]]] = {}
-        for d in parts.docs:
-            for g, _, unit, res in d["results"]:
-                results[g] = (_unit_back(unit), res)
-            for k, row in d["pairs"]:
-                self.pairs[k] = row
-            for g, rows in d["digests"]:
-                for i, piece, sums in rows:
-                    self.digests.setdefault((g, i), {})[piece] = sums
+        for n, d in enumerate(parts.docs):
+            try:  # decoded now: a part that is not what gradinspect writes is named
+                for g, _, unit, res in d["results"]:
+                    results[g] = (_unit_back(unit), [(i, c, _stats_back(st), crc) for i, c, st, crc in res])
+                for k, row in d["pairs"]:
+                    self.pairs[k] = _pair_back(row)
+                for g, rows in d["digests"]:
+                    for i, piece, sums in rows:
+                        self.digests.setdefault((g, i), {})[piece] = sums
+            except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+                where = parts.paths[n] if n < len(parts.paths) else "merge"
+                raise InputError(where, f"not a usable partial result: {type(e).__name__}: {e}") from None
         if len(results) != d0["units"]:
             raise InputError("merge", f"the parts hold {len(results)} of the plan's {d0['units']} work units")
         self.requests: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {
@@ -699,7 +717,7 @@ class _Replay:
         for g in range(first, first + count):
             u, res = self.results[g]
             units.append(u)
-            results.append([(i, c, _stats_back(st), crc) for i, c, st, crc in res])
+            results.append(res)
         return merge(list(entries), units, results, p)
 
     def pair_stats(self, a: Sequence[Any], b: Sequence[Any], tools: Any) -> Any:
@@ -707,7 +725,7 @@ class _Replay:
         if k not in self.pairs:
             raise InputError(a[0][0].path, f"the parts hold no comparison of {a[0][1].name!r} with "
                              f"{b[0][1].name!r}")
-        return _pair_back(self.pairs[k])
+        return self.pairs[k]
 
     def _fingerprint(self, src: Any, t: Any) -> list[str]:
         key, i = self.index[id(t)]
@@ -727,9 +745,9 @@ class _Replay:
 
 def merged(parts: Parts, on_step: Callable[[Any, Any], None] | None = None) -> Any:
     """The report of the run the parts come from, computed from them alone."""
-    replay = _Replay(parts)
     try:
+        replay = _Replay(parts)
         with hooks.using(replay):
             return compute(parts.command, parts.options, 1, on_step=on_step)
-    except (KeyError, ValueError, TypeError, IndexError) as e:  # a part that passed its checksum but is not ours
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:  # passed its checksum, not ours
         raise InputError("merge", f"the partial results do not fit together ({type(e).__name__}: {e})") from None

@@ -262,7 +262,17 @@ def test_a_file_changed_between_parts(data: Path, tmp_path: Path) -> None:
     assert "a.safetensors" in line and "changed between parts" in line and "mtime_ns" in line
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign", "report", "empty", "absent"])
+def _resealed(doc: dict) -> str:
+    """``doc`` with a valid checksum: well-formed JSON that gradinspect did not write."""
+    import hashlib
+
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps({**body, "checksum": hashlib.sha256(canon).hexdigest()})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign", "report", "empty", "absent", "no-field",
+                                    "bad-part", "bad-stats"])
 def test_a_damaged_or_foreign_partial(data: Path, tmp_path: Path, damage: str) -> None:
     args = _cases(data)["norms"]
     p0, p1 = _part(args, tmp_path, 0, 2), _part(args, tmp_path, 1, 2)
@@ -279,13 +289,23 @@ def test_a_damaged_or_foreign_partial(data: Path, tmp_path: Path, damage: str) -
         Path(p1).write_bytes(run(*args, "-f", "json").stdout_bytes)
     elif damage == "empty":
         Path(p1).write_bytes(b"")
-    else:
+    elif damage == "absent":
         os.unlink(p1)
+    else:  # resealed with a valid checksum, but not what gradinspect writes
+        doc = json.loads(raw)
+        if damage == "no-field":
+            del doc["results"]
+        elif damage == "bad-part":
+            doc["part"] = [2, 2]
+        else:
+            doc["results"][0][3][0][2] = ["x"]
+        Path(p1).write_text(_resealed(doc))
     line = _error(run("merge", p0, p1))
-    assert p1 in line
     expect = {"truncated": "not JSON", "flipped": "checksum", "foreign": "'something/1'",
-              "report": "no gradinspect.partial/1 format field", "empty": "not JSON", "absent": "cannot read"}
-    assert expect[damage] in line
+              "report": "no gradinspect.partial/1 format field", "empty": "not JSON", "absent": "cannot read",
+              "no-field": "field 'results' is missing", "bad-part": "part number",
+              "bad-stats": "not a usable partial result"}
+    assert expect[damage] in line and p1 in line
 
 
 def test_a_corrupt_member_split_between_parts(data: Path, tmp_path: Path) -> None:
