@@ -251,7 +251,6 @@ class _Recorder:
         self.sets: list[dict[str, Any]] = []
         self.set_of: dict[int, int] = {}  # id(source) -> set number
         self.index: dict[int, Key] = {}  # id(tensor) -> its key
-        self.sources: dict[str, Any] = {}  # store key -> a source (open or not)
         self.steps: list[Any] | None = None
         self.counter = itertools.count()
 
@@ -270,7 +269,6 @@ class _Recorder:
         for s in got:
             self.set_of[id(s)] = n
             key = s.store.key if s.store is not None else s.path
-            self.sources.setdefault(key, s)
             for i, t in enumerate(s.tensors):
                 self.index[id(t)] = (key, i)
         return got
