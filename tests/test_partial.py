@@ -42,6 +42,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.savez_compressed(m / "c.npz", z1=g.standard_normal(150_000).astype(np.float32), z2=np.ones(5, np.float32),
                         z3=emb.copy())
     np.savez(m / "d.npz", s1=g.standard_normal(140_000).astype(np.float32), s2=np.arange(3, dtype=np.float32))
+    (m / "notes.txt").write_text("a file gradinspect skips, with a warning\n")
     m2 = root / "m2"
     shutil.copytree(m, m2)
     a = dict(np.load(m / "c.npz"))
@@ -137,6 +138,7 @@ def test_the_cases_cover_findings_and_warnings(data: Path) -> None:
     norms = json.loads(run(*cases["norms"], "-f", "json").stdout)
     assert {r["name"]: r["duplicate_of"] for r in norms["tensors"] if r["duplicate_of"]} == {
         "lm_head": "emb", "z3": "emb"}  # raw, batched-away and deflated copies of one tensor
+    assert "skipped 1 file" in run(*cases["norms"]).stderr
     warned = run(*cases["norms-replicas"]).stderr
     assert "copies of y differ" in warned and "copies of z hold NaN/inf" in warned
     assert "copies of z hold NaN/inf" in run(*cases["diff-replicas"]).stderr
@@ -179,6 +181,8 @@ def test_merged_global_norm_against_the_oracle(data: Path, tmp_path: Path) -> No
     report = json.loads(run("merge", *parts, "-f", "json").stdout)
     s2 = 0
     for f in sorted((data / "m").iterdir()):
+        if f.suffix == ".txt":
+            continue
         if f.suffix == ".npz":
             arrays = list(np.load(f).values())
         else:
