@@ -413,3 +413,19 @@ def test_readme_slurm_example_is_the_same_recipe() -> None:
     script = _readme_block("#SBATCH --array=0-7")
     assert "--part $SLURM_ARRAY_TASK_ID/8 --partial parts/$SLURM_ARRAY_TASK_ID.json" in " ".join(script.split())
     assert "gradinspect merge parts/*.json" in _readme_block("--dependency=afterok")
+
+
+def test_any_executor_runs_a_part(data: Path, tmp_path: Path) -> None:
+    """A part is a subset of the plan's units: threads and a process pool write the same partial file."""
+    from gradinspect.executors import ProcessExecutor, ThreadExecutor
+    from gradinspect.partial import run_part
+
+    options = dict(paths=(str(data / "m"),), norm_type=2.0, max_norm=1.0, eps=1e-6, sort="share", top=None,
+                   include=(), exclude=(), group_by=None, group_sep=".", shards=None, dedup=False, loss_scale=None,
+                   allow_outside_index=False)
+    a, b = tmp_path / "threads.json", tmp_path / "processes.json"
+    run_part("norms", options, (1, 2), str(a), executor=ThreadExecutor(3))
+    with ProcessExecutor(2) as pool:
+        run_part("norms", options, (1, 2), str(b), executor=pool)
+    assert json.loads(a.read_text())["results"]
+    assert a.read_bytes() == b.read_bytes()
