@@ -87,6 +87,11 @@ def _stats_of(row: Any, p: float) -> Stats:
                  s2=_float(s2), sp=_float(sp), p=p)
 
 
+#: The exact encoding of :class:`~gradinspect.norms.Stats` (also used by partial results, ``partial.py``).
+stats_row = _stats_row
+stats_of = _stats_of
+
+
 def _checksum(key: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     body = json.dumps({"key": key, "stats": stats}, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(body.encode("ascii")).hexdigest()

@@ -226,7 +226,7 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
-def _not_an_input(output: str | None, inputs: Sequence[str]) -> None:
+def _not_an_input(output: str | None, inputs: Sequence[str], option: str = "--output") -> None:
     """--output must never replace one of the gradient files the command reads (checked before any work)."""
     if output is None:
         return
@@ -247,7 +247,7 @@ def _not_an_input(output: str | None, inputs: Sequence[str]) -> None:
         except OSError:
             continue
         if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
-            _fail(f"{output}: --output names an input file; refusing to overwrite it")
+            _fail(f"{output}: {option} names an input file; refusing to overwrite it")
 
 
 def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: str | None = None,
@@ -284,6 +284,28 @@ def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: st
         sys.stdout.buffer.flush()
     else:
         click.echo(data, nl=False)
+
+def _run_part(command: str, part: str | None, partial: str | None, options: dict[str, Any], jobs: int | None,
+              fmt: str | None, output: str | None, inputs: Sequence[str] = ()) -> None:
+    """``--part I/N --partial OUT``: compute that part, write it, print nothing, exit 0 (neither given: return)."""
+    if part is None and partial is None:
+        return
+    if part is None or partial is None:
+        raise click.UsageError("--part and --partial go together (--part I/N --partial OUT)")
+    if output is not None:
+        raise click.UsageError("a part run writes only --partial; give --output to `gradinspect merge`")
+    from .partial import parse_part, run_part
+
+    try:
+        which = parse_part(part)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--part") from None
+    if os.path.isdir(partial):
+        _fail(f"{partial}: is a directory")
+    _not_an_input(partial, inputs, "--partial")
+    run_part(command, options, which, partial, jobs, fmt)
+    sys.exit(EXIT_OK)
+
 
 def _warn(lines: list[str], quiet: bool | int = False) -> None:
     if quiet:
@@ -371,12 +393,13 @@ _SEP = click.option("--sep", "group_sep", default=".", show_default=True, metava
                  show_default=True, help="Row order; none keeps file order."),
     _TOP, *o.SELECTION_OPTIONS, _GROUP_BY, _SEP,
     o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.VOID_AS,
+    *o.PART_OPTIONS,
 )
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
           group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
           jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
-          void_as: str | None) -> None:
+          void_as: str | None, part: str | None, partial: str | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -401,6 +424,12 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
 
     if not group_sep:
         raise click.BadParameter("must not be empty", param_hint="--sep")
+    given = as_json or _given(click.get_current_context(), "format")
+    _run_part("norms", part, partial, dict(
+        paths=paths, norm_type=norm_type, max_norm=max_norm, eps=eps, sort=sort, top=top, include=include,
+        exclude=exclude, group_by=group_by, group_sep=group_sep, shards=shards, dedup=dedup, loss_scale=loss_scale,
+        allow_outside_index=allow_outside_index, void_as=void_as), jobs,
+        ("json" if as_json else format) if given else None, output, paths)
     fmt = _output_format("norms", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
@@ -422,9 +451,10 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     *COMMAND_OPTIONS,
     click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
                  help="Read [tool.gradinspect.check] from FILE instead of the nearest pyproject.toml."),
-    o.format_option("check"), o.JSON, *COMMAND_OPTIONS_AFTER, o.OUTPUT,
+    o.format_option("check"), o.JSON, *COMMAND_OPTIONS_AFTER, o.OUTPUT, *o.PART_OPTIONS,
 )
-def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output: str | None, **options: Any) -> None:
+def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output: str | None, part: str | None,
+          partial: str | None, **options: Any) -> None:
     """Gate gradients in CI: exit 1 when any rule fails.
 
     Computes what `norms` does and evaluates the rules turned on below (only
@@ -460,6 +490,14 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
         if opt.name in settings and not _given(ctx, opt.name):
             options[opt.name] = settings[opt.name]
     given = as_json or _given(ctx, "format") or "format" in settings
+    if part is not None or partial is not None:
+        try:
+            rules_from(options)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        recorded = {k: v for k, v in options.items() if k not in ("format", "jobs", "quiet")}
+        _run_part("check", part, partial, {"paths": paths, **recorded}, options["jobs"],
+                  ("json" if as_json else options["format"]) if given else None, output, paths)
     fmt = _output_format("check", "json" if as_json else options["format"], given, output)
     _not_an_input(output, paths)
     try:
@@ -499,13 +537,13 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                  help="Like --shards, for A only (each side is one gradient set with its own mode)."),
     click.option("--shards-b", type=click.Choice(["slices", "replicas"]), default=None,
                  help="Like --shards, for B only."),
-    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET, o.VOID_AS,
+    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET, o.VOID_AS, *o.PART_OPTIONS,
 )
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
          include: tuple[str, ...], exclude: tuple[str, ...], shards: str | None, shards_a: str | None,
          shards_b: str | None, format: str, as_json: bool, width: int | None, allow_outside_index: bool,
-         output: str | None, quiet: int, void_as: str | None) -> None:
+         output: str | None, quiet: int, void_as: str | None, part: str | None, partial: str | None) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -539,6 +577,13 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
     """
     from .api import diff as run_diff
 
+    given = as_json or _given(click.get_current_context(), "format")
+    _run_part("diff", part, partial, dict(
+        a=a, b=b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
+        strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a, strip_prefix_b=strip_prefix_b, include=include,
+        exclude=exclude, shards=shards, shards_a=shards_a, shards_b=shards_b,
+        allow_outside_index=allow_outside_index, void_as=void_as), None,
+        ("json" if as_json else format) if given else None, output, (a, b))
     fmt = _output_format("diff", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
@@ -612,6 +657,7 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
                       "again after each change). Unreadable steps are warnings, retried. Ctrl-C exits 0."),
     Option("interval", ("--interval",), "float", 2.0, "How often --follow looks for new steps, in seconds.",
            metavar="S", range=o.POSITIVE, show_default=True),
+    *o.PART_OPTIONS,
 )
 def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           include: tuple[str, ...], exclude: tuple[str, ...], group_by: int | str | None, group_sep: str,
@@ -619,7 +665,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
           max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
           jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
           heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool, interval: float,
-          void_as: str | None) -> None:
+          void_as: str | None, part: str | None, partial: str | None) -> None:
     """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
 
     Each PATH is one step: a file, or a directory or *.safetensors.index.json
@@ -658,6 +704,15 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         compile_step_pattern(step_pattern)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--step-pattern") from None
+    if follow and (part is not None or partial is not None):
+        raise click.UsageError("--follow watches a run in progress: not with --part")
+    given = as_json or _given(click.get_current_context(), "format")
+    _run_part("trend", part, partial, dict(
+        paths=paths, norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
+        group_by=group_by, group_sep=group_sep, step_pattern=step_pattern, window=window, spike_factor=spike_factor,
+        clip_target=clip_target, fail_on=fail_on, max_clip_fraction=max_clip_fraction, shards=shards, dedup=dedup,
+        loss_scale=loss_scale, allow_outside_index=allow_outside_index, heatmap=heatmap, void_as=void_as), jobs,
+        ("json" if as_json else format) if given else None, output, paths)
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
     _not_an_input(output, paths)
@@ -694,6 +749,67 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     _warn(step_warnings(warnings), quiet >= 1)
     _emit(fmt, "trend", report, width, output, heatmap)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("parts", nargs=-1, required=True, metavar="PARTIAL...")
+@_options(
+    click.option("--format", "-f", "format", default=None, metavar="FORMAT",
+                 help="Output format, as the command's --format (default: the one the parts were given, else "
+                      "the command's default)."),
+    o.JSON, o.WIDTH, o.OUTPUT, o.QUIET,
+)
+def merge(parts: tuple[str, ...], format: str | None, as_json: bool, width: int | None, output: str | None,
+          quiet: int) -> None:
+    """Print the report of a run computed in parts (--part I/N --partial OUT), bit for bit that of one run.
+
+    The parts may be given in any order (a glob will do); they must all come from the same command,
+    options and files (as recorded: the files need not be here), and every part from 0/N to N-1/N
+    must be there once.  The options that shape the numbers and the report were given to the parts;
+    merge takes only output options.
+
+    \b
+    Examples:
+      gradinspect norms grads/ --part 0/2 --partial p0.json
+      gradinspect norms grads/ --part 1/2 --partial p1.json
+      gradinspect merge p*.json --format json
+
+    Exit status: that of the run (1 for check findings, diff outside tolerance, trend --fail-on); 2 when
+    a part is missing, twice, unreadable, or from another run, or when a file changed between parts.
+    """
+    from .partial import load_parts, merged
+
+    for p in parts:
+        if output is not None and os.path.exists(output) and os.path.exists(p) and os.path.samefile(output, p):
+            _fail(f"{output}: --output names a partial result; refusing to overwrite it")
+    loaded = load_parts(list(parts))
+    kind = loaded.command
+    if format is not None and format not in formats.names(kind):
+        raise click.BadParameter(f"{format!r} is not a {kind} format (one of {', '.join(formats.names(kind))})",
+                                 param_hint="--format")
+    chosen = "json" if as_json else format or loaded.fmt or formats.DEFAULT[kind]
+    fmt = _output_format(kind, chosen, as_json or format is not None or loaded.fmt is not None, output)
+    o_ = loaded.options
+    if kind == "trend":
+        from .runs import step_warnings
+
+        found: list[Any] = []
+        report = merged(loaded, on_step=lambda st, r: found.append((st, r.input_warnings())))
+        _warn(step_warnings(found), quiet >= 1)
+        _emit(fmt, "trend", report, width, output, o_["heatmap"])
+    else:
+        report = merged(loaded)
+        if kind == "norms":
+            _warn(report.input_warnings(), quiet >= 1)
+            _warn(report.nonfinite_warnings(), quiet >= 2)
+            _emit(fmt, "norms", report, width, output)
+        elif kind == "check":
+            _warn(report.report.input_warnings(), quiet)
+            _emit(fmt, "check", report, output=output)
+        else:
+            _warn(report.warnings(), quiet >= 1)
+            _emit(fmt, "diff", report, width, output)
+    sys.exit(EXIT_OK if kind == "norms" or report.ok else EXIT_FINDINGS)
 
 
 def _follow(paths: tuple[str, ...], allow_outside_index: bool, interval: float, compute: Any,

@@ -21,7 +21,7 @@ from typing import Any
 
 __all__ = ["Range", "Option", "MAX_JOBS", "NORM_TYPE", "MAX_NORM", "EPS", "INCLUDE", "EXCLUDE", "SHARDS", "DEDUP",
            "LOSS_SCALE", "JOBS", "QUIET", "WIDTH", "ALLOW_OUTSIDE_INDEX", "JSON", "OUTPUT", "format_option",
-           "NORM_OPTIONS", "SELECTION_OPTIONS", "VOID_AS", "VOID_AS_CHOICES"]
+           "NORM_OPTIONS", "SELECTION_OPTIONS", "VOID_AS", "VOID_AS_CHOICES", "PART", "PARTIAL", "PART_OPTIONS"]
 
 MAX_JOBS = 64  # threads: more buy nothing (reads and numpy saturate first) and cost ~5 MiB each
 
@@ -205,6 +205,15 @@ OUTPUT = Option("output", ("--output", "-o"), "path", None,
                 "without --format, the format follows the suffix (.json, .csv, .txt, and where the "
                 "command has them .md, .xml for JUnit, .png/.svg/.html plots); an input is never replaced.",
                 metavar="PATH")
+PART = Option("part", ("--part",), "path", None,
+              "Compute only part I of N of the work (I counts from 0: 0/8 ... 7/8; files, then tensors, then "
+              "chunk ranges, split alike for the same inputs and options, whatever --jobs) and write its exact "
+              "statistics to --partial; `gradinspect merge` then prints this command's report from the N parts, "
+              "bit for bit.", metavar="I/N")
+PARTIAL = Option("partial", ("--partial",), "path", None,
+                 "With --part: where to write the part (JSON, gradinspect.partial/1; replaced atomically). "
+                 "A part run prints nothing on stdout.", metavar="OUT")
+PART_OPTIONS = (PART, PARTIAL)
 
 #: What ``--void-as`` reads raw void arrays as: bfloat16, float16, the ml_dtypes float8 types, or skip.
 VOID_AS_CHOICES = ("bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",

@@ -31,6 +31,7 @@ import numpy as np
 
 from .clip import clip_coef
 from .errors import InputError
+from .hooks import HOOK
 from .norms import Stats, combine, unscaled
 from .options import EPS, LOSS_SCALE, MAX_NORM, Range
 from .report import (
@@ -117,8 +118,10 @@ def open_set(paths: Any, shards: str | None = None, *, allow_repeats: bool | Non
     check_shards(shards)
     notes: list[str] = []
     repeats = shards is not None if allow_repeats is None else allow_repeats
-    gset = GradientSet(open_paths(_paths(paths), allow_repeats=repeats, notes=notes,
-                                  allow_outside_index=allow_outside_index, void_as=void_as), shards, notes)
+    hook = HOOK.get()
+    opener = open_paths if hook is None else hook.open_paths  # --part and merge (hooks.py)
+    gset = GradientSet(opener(_paths(paths), allow_repeats=repeats, notes=notes,
+                              allow_outside_index=allow_outside_index, void_as=void_as), shards, notes)
     try:
         yield gset
     finally:
@@ -208,6 +211,8 @@ def tensor_stats(
     from .engine import default_jobs, reduce_entries
 
     jobs = default_jobs() if jobs is None else jobs
+    hook = HOOK.get()
+    reduce = reduce_entries if hook is None else hook.reduce  # --part and merge (hooks.py)
     chosen = select(include, exclude)
     results: list[tuple[TensorEntry, Stats]] = []
     skipped: list[Skipped] = []
@@ -227,7 +232,7 @@ def tensor_stats(
             results.extend(zip(floats, cached_stats(cache, src, floats, p, compute, progress), strict=True))
         elif floats:
             with src:
-                results.extend(zip(floats, reduce_entries(src, floats, p, jobs, progress), strict=True))
+                results.extend(zip(floats, reduce(src, floats, p, jobs, progress), strict=True))
     return results, skipped
 
 
@@ -380,6 +385,10 @@ def pair_stats(a: Sequence[Piece], b: Sequence[Piece], tools: _PairTools) -> Any
     """PairStats of two tensors with as many elements, each the concatenation of its pieces in order, streamed."""
     from .diff import combine_pairs
 
+    hook = HOOK.get()
+    if hook is not None:  # --part and merge (hooks.py)
+        return hook.pair_stats(a, b, tools)
+
     reducer, buf_a, buf_b = tools
     if len(a) == len(b) == 1:  # one tensor each (the usual case): their chunks pair up as they come
         (sa, ta), (sb, tb) = a[0], b[0]
@@ -454,6 +463,9 @@ def _may_be_copies(a: Record, b: Record) -> bool:
 
 def _same_bytes(sa: Source, ta: TensorEntry, sb: Source, tb: TensorEntry, tools: _PairTools) -> bool:
     """True when two tensors of the same dtype and shape hold the same bytes (NaN payloads and -0.0 included)."""
+    hook = HOOK.get()
+    if hook is not None:  # --part and merge (hooks.py)
+        return bool(hook.same_bytes(sa, ta, sb, tb, tools))
     _, buf_a, buf_b = tools
     with sa, sb:
         for ca, cb in zip(sa.chunks(ta, buf_a), sb.chunks(tb, buf_b), strict=False):  # stops at a difference

@@ -107,6 +107,11 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
 def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None = None,
                allow_outside_index: bool = False, void_as: str | None = None) -> list[StepPath]:
     """The steps ``paths`` name, sorted by number; InputError for a PATH without a number or a number twice."""
+    from .hooks import HOOK
+
+    hook = HOOK.get()
+    if hook is not None:  # --part and merge (hooks.py)
+        return list(hook.find_steps(paths, step_pattern, allow_outside_index))
     pattern = compile_step_pattern(step_pattern)
     found: list[StepPath] = []
     for p in paths:
