@@ -1,0 +1,217 @@
+"""gradinspect.torch: save_grads and GradDumper on real models trained on CPU, read back by the CLI (issue 10 §5)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gradinspect
+from conftest import exact_sums, rel_sqrt, run_process
+
+torch = pytest.importorskip("torch", reason="gradinspect.torch writes dumps from torch models: torch is not installed")
+
+from gradinspect.torch import GradDumper, save_grads  # noqa: E402
+
+VOCAB, DIM = 37, 16
+
+
+class TiedLM(torch.nn.Module):  # type: ignore[misc]
+    """A tiny language model whose output layer is its embedding (tied), plus a parameter that gets no grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, DIM)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(DIM, 2 * DIM), torch.nn.GELU(), torch.nn.Linear(2 * DIM, DIM))
+        self.norm = torch.nn.LayerNorm(DIM)
+        self.head = torch.nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Any) -> Any:
+        h = self.embed(x)
+        return self.head(self.norm(h + self.mlp(h)))
+
+
+def _batch(gen: Any) -> tuple[Any, Any]:
+    x = torch.randint(0, VOCAB, (4, 12), generator=gen)
+    return x[:, :-1], x[:, 1:]
+
+
+def _loss(model: Any, batch: tuple[Any, Any]) -> Any:
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x).float().reshape(-1, VOCAB), y.reshape(-1))
+
+
+def _trained(dtype: Any = torch.float32, steps: int = 3, seed: int = 0) -> Any:
+    """A model trained a few steps on CPU, with the gradients of one more backward() in place."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = TiedLM().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        _loss(model, _batch(gen)).backward()
+        opt.step()
+        opt.zero_grad()
+    _loss(model, _batch(gen)).backward()
+    return model
+
+
+def _as_numpy(t: Any) -> Any:
+    import ml_dtypes
+    import numpy as np
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy().astype(np.float32) if t.dtype == torch.float16 else t.numpy()
+
+
+def _exact_sq(tensors: Any) -> Fraction:
+    return sum((exact_sums(_as_numpy(t))[1] for t in tensors), Fraction(0))
+
+
+def _json(*args: object) -> dict[str, Any]:
+    proc = run_process(*map(str, args))
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def test_save_grads_counts_a_tied_weight_once_as_clip_grad_norm_does(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model = _trained()
+    path = tmp_path / "grads.safetensors"
+    save_grads(model, path, step=3)
+    saved = load_file(path)
+    # the tied weight once, under its first name; the parameter without a grad left out
+    assert sorted(saved) == ["embed.weight", "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight",
+                             "norm.bias", "norm.weight"]
+    for name, p in model.named_parameters():
+        if name in saved:
+            assert saved[name].dtype == p.grad.dtype and torch.equal(saved[name], p.grad)
+    oracle = _exact_sq(p.grad for p in model.parameters() if p.grad is not None)
+    twice = _exact_sq(p.grad for _, p in model.named_parameters(remove_duplicate=False) if p.grad is not None)
+    assert rel_sqrt(math.sqrt(float(twice)), oracle) > 1e-3  # a dict of named grads would count it twice
+    report = gradinspect.inspect(path)
+    assert rel_sqrt(report.total.l2, oracle) <= 1e-12
+    cli = _json("norms", path, "--format", "json")
+    assert cli["total"]["l2"] == report.total.l2
+    total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+    assert report.total.l2 == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_dtype_is_kept(tmp_path: Path, dtype: str) -> None:
+    model = _trained(getattr(torch, dtype))
+    path = tmp_path / "grads.safetensors"
+    save_grads(model.named_parameters(), path)
+    info = _json("info", path, "--format", "json")
+    assert {t["dtype"] for t in info["tensors"]} == {dtype}
+    oracle = _exact_sq(p.grad for p in model.parameters() if p.grad is not None)
+    assert rel_sqrt(gradinspect.inspect(path).total.l2, oracle) <= 1e-12
+
+
+def test_metadata_step_is_trends_and_loss_scale_is_divided_out(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    scale = 1024.0
+    norms = {}
+    for step in (5, 7, 9):
+        model = _trained(steps=step)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)  # what backward() of a loss scaled by 1024 gives, before unscaling
+        # file names whose last integer is not the step: the metadata must win
+        save_grads(model, run / f"dump_{100 - step}.safetensors", step=step, loss_scale=scale,
+                   metadata={"note": "scaled"})
+        norms[step] = math.sqrt(float(_exact_sq(p.grad for p in model.parameters() if p.grad is not None))) / scale
+    info = _json("info", run / "dump_95.safetensors", "--format", "json")
+    assert list(info["metadata"].values()) == [{"note": "scaled", "step": "5", "loss_scale": "1024.0",
+                                                "rank": "0", "world_size": "1"}]
+    trend = _json("trend", run / "dump_*.safetensors", "--format", "json")
+    assert [s["step"] for s in trend["steps"]] == [5, 7, 9]
+    for s in trend["steps"]:
+        assert s["total"]["l2"] == pytest.approx(norms[s["step"]], rel=1e-12)
+    report = gradinspect.inspect(run / "dump_93.safetensors")
+    assert report.loss_scale == scale and report.total.l2 == pytest.approx(norms[7], rel=1e-12)
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    model = _trained(steps=0)
+    with pytest.raises(ValueError, match="metadata key 'step' is written by save_grads: pass it as step="):
+        save_grads(model, tmp_path / "g.safetensors", metadata={"step": "3"})
+    with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
+        save_grads(model, tmp_path / "g.safetensors", loss_scale=0.0)
+    with pytest.raises(ValueError, match="every must be an integer >= 1"):
+        GradDumper(model, tmp_path, every=0)
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary file left
+
+
+def _dump_run(directory: Path, every: int, steps: int, spike: set[int], nan: set[int],
+              scale: float | None = None) -> tuple[GradDumper, dict[int, str | None], dict[int, float | None]]:
+    """Train ``steps`` steps with a GradDumper; the loss is multiplied by 1000 at the ``spike`` steps and by NaN at
+    the ``nan`` steps (whose updates are skipped, as GradScaler skips them)."""
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    model = TiedLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    dumper = GradDumper(model, directory, every=every)
+    reasons: dict[int, str | None] = {}
+    norms: dict[int, float | None] = {}
+    for step in range(steps):
+        loss = _loss(model, _batch(gen))
+        if step in spike:
+            loss = loss * 1000
+        if step in nan:
+            loss = loss * math.nan
+        (loss * scale if scale else loss).backward()
+        dumper.step(step, loss_scale=scale)
+        reasons[step], norms[step] = dumper.last_reason, dumper.last_norm
+        if step not in spike | nan:
+            if scale:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(scale)  # unscaled before the update, as GradScaler does
+            opt.step()
+        opt.zero_grad()
+    return dumper, reasons, norms
+
+
+def test_grad_dumper_dumps_every_n_steps_and_the_steps_that_went_wrong(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _, reasons, norms = _dump_run(run, every=4, steps=14, spike={9}, nan={11})
+    assert sorted(os.listdir(run)) == [f"step_{s:08d}.safetensors" for s in (0, 4, 8, 9, 11, 12)]
+    assert {s: r for s, r in reasons.items() if r} == {0: "every", 4: "every", 8: "every", 9: "spike",
+                                                      11: "nonfinite", 12: "every"}
+    # the gradients of the step that went wrong, not the one after
+    spiked = gradinspect.inspect(run / "step_00000009.safetensors").total.l2
+    assert spiked == pytest.approx(norms[9], rel=1e-9) and spiked > 100 * norms[8]  # type: ignore[operator]
+    trend = _json("trend", run, "--format", "json")
+    assert [s["step"] for s in trend["steps"]] == [0, 4, 8, 9, 11, 12]
+    assert [s["step"] for s in trend["spikes"]] == [9]
+    assert trend["first_nonfinite"]["step"] == 11
+
+
+def test_the_dumpers_spikes_are_trends_when_every_step_is_dumped(tmp_path: Path) -> None:
+    """The same baseline rule: with every=1, trend flags exactly the steps the dumper flagged (a NaN step takes a
+    slot of the window and is left out of the median, in both), on the unscaled norms."""
+    run = tmp_path / "run"
+    _, reasons, norms = _dump_run(run, every=1, steps=16, spike={4, 9, 14}, nan={6, 12}, scale=256.0)
+    assert len(os.listdir(run)) == 16
+    assert [s for s, r in reasons.items() if r == "spike"] == [4, 9, 14]
+    assert [s for s, r in reasons.items() if r == "nonfinite"] == [6, 12]
+    trend = _json("trend", run, "--format", "json", "--window", "20", "--spike-factor", "3")
+    assert [s["step"] for s in trend["spikes"]] == [4, 9, 14]
+    assert trend["first_nonfinite"]["step"] == 6
+    for s in trend["steps"]:  # the dumper's norms are those of the unscaled gradients too
+        if norms[s["step"]] is not None and math.isfinite(norms[s["step"]]):  # type: ignore[arg-type]
+            assert s["total"]["l2"] == pytest.approx(norms[s["step"]], rel=1e-9)
+    sparse = tmp_path / "sparse"
+    _, reasons, _ = _dump_run(sparse, every=1000, steps=16, spike={4, 9, 14}, nan={6, 12}, scale=256.0)
+    assert sorted(os.listdir(sparse)) == [f"step_{s:08d}.safetensors" for s in (0, 4, 6, 9, 12, 14)]
