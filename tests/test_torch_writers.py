@@ -215,3 +215,93 @@ def test_the_dumpers_spikes_are_trends_when_every_step_is_dumped(tmp_path: Path)
     sparse = tmp_path / "sparse"
     _, reasons, _ = _dump_run(sparse, every=1000, steps=16, spike={4, 9, 14}, nan={6, 12}, scale=256.0)
     assert sorted(os.listdir(sparse)) == [f"step_{s:08d}.safetensors" for s in (0, 4, 6, 9, 12, 14)]
+
+
+# --- two ranks: FSDP2 (fully_shard) on CPU with gloo -------------------------------------------------------
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: a TiedLM under fully_shard, 6 steps with a GradDumper (every=2); at step 5 rank 0's shard of one
+    gradient is multiplied by 1000 (only the all-reduced norm lets rank 1 see it); then the full gradients."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TiedLM()
+        fully_shard(model)
+        gen = torch.Generator().manual_seed(10 + rank)  # each rank its own batches
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        dumper = GradDumper(model, os.path.join(out, "run"), every=2)
+        seen = []
+        for step in range(6):
+            _loss(model, _batch(gen)).backward()
+            if step == 5 and rank == 0:
+                model.mlp[0].weight.grad.to_local().mul_(1000)
+            written = dumper.step(step)
+            seen.append([dumper.last_norm, dumper.last_reason, written and os.path.basename(written)])
+            if step < 5:
+                opt.step()
+                opt.zero_grad()
+        full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}  # collective
+        if rank == 0:
+            save_file(full, os.path.join(out, "full.safetensors"))
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(seen, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_fsdp2_ranks_dump_shards_that_merge_to_the_full_gradients(tmp_path: Path) -> None:
+    import time
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    ctx = mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 50
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "the two ranks did not finish within 50 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    assert all(p.exitcode == 0 for p in ctx.processes)
+
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run)) == [f"step_{s:08d}_rank{r}.safetensors" for s in (0, 2, 4, 5) for r in (0, 1)]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == [[n, r, w.replace("rank1", "rank0") if w else w] for n, r, w in seen[1]]  # the same decisions
+    assert [r for _, r, _ in seen[0]] == ["every", None, "every", None, "every", "spike"]  # from the global norm
+    info = _json("info", run / "step_00000005_rank1.safetensors", "--format", "json")
+    assert list(info["metadata"].values()) == [{"step": "5", "rank": "1", "world_size": "2"}]
+    # the tied weight once; the unused parameter (no grad) left out; embed.weight's 37 rows split 19 + 18
+    assert {t["name"]: t["shape"] for t in info["tensors"]}["embed.weight"] == [18, DIM]
+    full = load_file(tmp_path / "full.safetensors")
+    assert sorted(full) == sorted(t["name"] for t in info["tensors"])
+    oracle = _exact_sq(full.values())
+    merged = _json("norms", run / "step_00000005_rank*.safetensors", "--shards", "slices", "--format", "json")
+    whole = _json("norms", tmp_path / "full.safetensors", "--format", "json")
+    assert rel_sqrt(merged["total"]["l2"], oracle) <= 1e-12
+    assert rel_sqrt(whole["total"]["l2"], oracle) <= 1e-12
+    assert {t["name"]: t["pieces"] for t in merged["tensors"]} == dict.fromkeys(full, 2)
+    assert seen[0][5][0] == pytest.approx(whole["total"]["l2"], rel=1e-9)  # the dumper's all-reduced norm
+    trend = _json("trend", run, "--shards", "slices", "--format", "json")
+    assert [s["step"] for s in trend["steps"]] == [0, 2, 4, 5]
+    assert [s["step"] for s in trend["spikes"]] == [5]
+    for s, (norm, _, _) in zip(trend["steps"], [seen[0][i] for i in (0, 2, 4, 5)], strict=True):
+        assert s["total"]["l2"] == pytest.approx(norm, rel=1e-9)
