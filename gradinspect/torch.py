@@ -166,7 +166,8 @@ class GradDumper:
     slot and is left out), with at least 3 of them.  Norms are of the unscaled gradients (divided by
     the step's ``loss_scale``), computed on the gradients' device in float64 (one host sync per step),
     across all ranks (an all-reduce of the squared norms of the shards), so that every rank decides
-    alike and dumps together.
+    alike and dumps together.  With AMP's ``GradScaler``, the steps whose scaled gradients overflow
+    (which the scaler skips) are non-finite steps too: ``on_nonfinite=False`` leaves them out.
     """
 
     def __init__(self, model: Any, directory: str | os.PathLike[str], every: int = 100, on_nonfinite: bool = True,
@@ -232,6 +233,8 @@ class GradDumper:
         ``loss_scale``: the scale the gradients carry (AMP: ``scaler.get_scale()``), written to the
         metadata and divided out of the norm.
         """
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+            raise ValueError(f"step must be an integer from 0 to 2**63 - 1, not {step!r}")
         reason = "every" if step % self.every == 0 else None
         if self.on_nonfinite or self.spike_factor is not None:
             norm = self.last_norm = self.global_norm(loss_scale)

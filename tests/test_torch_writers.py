@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import gradinspect
-from conftest import exact_sums, rel_sqrt, run_process
+from conftest import exact_sums, rel_sqrt, run, run_process
 
 torch = pytest.importorskip("torch", reason="gradinspect.torch writes dumps from torch models: torch is not installed")
 
@@ -77,9 +77,10 @@ def _exact_sq(tensors: Any) -> Fraction:
 
 
 def _json(*args: object) -> dict[str, Any]:
-    proc = run_process(*map(str, args))
-    assert proc.returncode == 0, proc.stderr.decode()
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    """The CLI's JSON, in-process (the CLI in a subprocess: test_save_grads_counts_a_tied_weight_once...)."""
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 def test_save_grads_counts_a_tied_weight_once_as_clip_grad_norm_does(tmp_path: Path) -> None:
@@ -100,8 +101,8 @@ def test_save_grads_counts_a_tied_weight_once_as_clip_grad_norm_does(tmp_path: P
     assert rel_sqrt(math.sqrt(float(twice)), oracle) > 1e-3  # a dict of named grads would count it twice
     report = gradinspect.inspect(path)
     assert rel_sqrt(report.total.l2, oracle) <= 1e-12
-    cli = _json("norms", path, "--format", "json")
-    assert cli["total"]["l2"] == report.total.l2
+    proc = run_process("norms", str(path), "--format", "json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["total"]["l2"] == report.total.l2
     total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
     assert report.total.l2 == pytest.approx(total, rel=1e-6)
 
@@ -151,7 +152,26 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="every must be an integer >= 1"):
         GradDumper(model, tmp_path, every=0)
     assert not list(tmp_path.iterdir())  # nothing written, no temporary file left
+    with pytest.raises(ValueError, match="step must be an integer from 0 to 2\\*\\*63 - 1, not -1"):
+        GradDumper(model, tmp_path / "d").step(-1)
 
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    model = _trained(steps=0)
+    path = tmp_path / "grads.safetensors"
+    save_grads(model, path, step=1)
+    before = path.read_bytes()
+
+    def half(tensors: Any, filename: str, metadata: Any = None) -> None:
+        Path(filename).write_bytes(b"half a dump")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half)
+    with pytest.raises(OSError, match="disk full"):
+        save_grads(model, path, step=2)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["grads.safetensors"]
 
 def _dump_run(directory: Path, every: int, steps: int, spike: set[int], nan: set[int],
               scale: float | None = None) -> tuple[GradDumper, dict[int, str | None], dict[int, float | None]]:
@@ -249,11 +269,42 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}  # collective
         if rank == 0:
             save_file(full, os.path.join(out, "full.safetensors"))
+        _odd_placements(rank, out)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(seen, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _odd_placements(rank: int, out: str) -> None:
+    """A one-row weight under fully_shard (rank 1's shard is empty) and a replicated DTensor gradient (saved by
+    rank 0 only); a partial-sum gradient is refused."""
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+
+    torch.manual_seed(2)
+    tiny = torch.nn.Linear(4, 1)
+    fully_shard(tiny)
+    tiny(torch.randn(5, 4)).square().sum().backward()
+    mesh = init_device_mesh("cpu", (2,))
+    rep = torch.nn.Parameter(distribute_tensor(torch.ones(3), mesh, [Replicate()]))
+    rep.grad = distribute_tensor(torch.full((3,), 2.0), mesh, [Replicate()])
+    params = dict(tiny.named_parameters(), replicated=rep)
+    save_grads(params, os.path.join(out, f"odd_rank{rank}.safetensors"))
+    tiny_full = {n: p.grad.full_tensor() for n, p in tiny.named_parameters()}
+    if rank == 0:
+        save_file({**tiny_full, "replicated": torch.full((3,), 2.0)}, os.path.join(out, "odd_full.safetensors"))
+    partial = torch.nn.Parameter(distribute_tensor(torch.ones(2), mesh, [Replicate()]))
+    partial.grad = DTensor.from_local(torch.ones(2), mesh, [Partial()])
+    try:
+        save_grads({"partial": partial}, os.path.join(out, "never.safetensors"))
+    except ValueError as e:
+        assert "the gradient of 'partial' is a partial sum" in str(e), e
+    else:
+        raise AssertionError("a partial gradient was saved")
 
 
 def _free_port() -> int:
@@ -305,3 +356,11 @@ def test_fsdp2_ranks_dump_shards_that_merge_to_the_full_gradients(tmp_path: Path
     assert [s["step"] for s in trend["spikes"]] == [5]
     for s, (norm, _, _) in zip(trend["steps"], [seen[0][i] for i in (0, 2, 4, 5)], strict=True):
         assert s["total"]["l2"] == pytest.approx(norm, rel=1e-9)
+    # an empty shard, and a replicated gradient saved once
+    odd = [_json("info", tmp_path / f"odd_rank{r}.safetensors", "--format", "json") for r in (0, 1)]
+    assert [{t["name"]: t["shape"] for t in o["tensors"]} for o in odd] == [
+        {"weight": [1, 4], "bias": [1], "replicated": [3]}, {"weight": [0, 4], "bias": [0]}]
+    odd_full = load_file(tmp_path / "odd_full.safetensors")
+    merged = _json("norms", tmp_path / "odd_rank*.safetensors", "--shards", "slices", "--format", "json")
+    assert rel_sqrt(merged["total"]["l2"], _exact_sq(odd_full.values())) <= 1e-12
+    assert not (tmp_path / "never.safetensors").exists()
