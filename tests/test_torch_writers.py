@@ -16,36 +16,9 @@ from conftest import exact_sums, rel_sqrt, run, run_process
 
 torch = pytest.importorskip("torch", reason="gradinspect.torch writes dumps from torch models: torch is not installed")
 
+from torch_models import DIM, TiedLM, batch, fsdp_worker, loss_of  # noqa: E402
+
 from gradinspect.torch import GradDumper, save_grads  # noqa: E402
-
-VOCAB, DIM = 37, 16
-
-
-class TiedLM(torch.nn.Module):  # type: ignore[misc]
-    """A tiny language model whose output layer is its embedding (tied), plus a parameter that gets no grad."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, DIM)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(DIM, 2 * DIM), torch.nn.GELU(), torch.nn.Linear(2 * DIM, DIM))
-        self.norm = torch.nn.LayerNorm(DIM)
-        self.head = torch.nn.Linear(DIM, VOCAB, bias=False)
-        self.head.weight = self.embed.weight
-        self.unused = torch.nn.Parameter(torch.ones(3))
-
-    def forward(self, x: Any) -> Any:
-        h = self.embed(x)
-        return self.head(self.norm(h + self.mlp(h)))
-
-
-def _batch(gen: Any) -> tuple[Any, Any]:
-    x = torch.randint(0, VOCAB, (4, 12), generator=gen)
-    return x[:, :-1], x[:, 1:]
-
-
-def _loss(model: Any, batch: tuple[Any, Any]) -> Any:
-    x, y = batch
-    return torch.nn.functional.cross_entropy(model(x).float().reshape(-1, VOCAB), y.reshape(-1))
 
 
 def _trained(dtype: Any = torch.float32, steps: int = 3, seed: int = 0) -> Any:
@@ -55,10 +28,10 @@ def _trained(dtype: Any = torch.float32, steps: int = 3, seed: int = 0) -> Any:
     model = TiedLM().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):
-        _loss(model, _batch(gen)).backward()
+        loss_of(model, batch(gen)).backward()
         opt.step()
         opt.zero_grad()
-    _loss(model, _batch(gen)).backward()
+    loss_of(model, batch(gen)).backward()
     return model
 
 
@@ -185,7 +158,7 @@ def _dump_run(directory: Path, every: int, steps: int, spike: set[int], nan: set
     reasons: dict[int, str | None] = {}
     norms: dict[int, float | None] = {}
     for step in range(steps):
-        loss = _loss(model, _batch(gen))
+        loss = loss_of(model, batch(gen))
         if step in spike:
             loss = loss * 1000
         if step in nan:
@@ -240,73 +213,6 @@ def test_the_dumpers_spikes_are_trends_when_every_step_is_dumped(tmp_path: Path)
 # --- two ranks: FSDP2 (fully_shard) on CPU with gloo -------------------------------------------------------
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: a TiedLM under fully_shard, 6 steps with a GradDumper (every=2); at step 5 rank 0's shard of one
-    gradient is multiplied by 1000 (only the all-reduced norm lets rank 1 see it); then the full gradients."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = TiedLM()
-        fully_shard(model)
-        gen = torch.Generator().manual_seed(10 + rank)  # each rank its own batches
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        dumper = GradDumper(model, os.path.join(out, "run"), every=2)
-        seen = []
-        for step in range(6):
-            _loss(model, _batch(gen)).backward()
-            if step == 5 and rank == 0:
-                model.mlp[0].weight.grad.to_local().mul_(1000)
-            written = dumper.step(step)
-            seen.append([dumper.last_norm, dumper.last_reason, written and os.path.basename(written)])
-            if step < 5:
-                opt.step()
-                opt.zero_grad()
-        full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}  # collective
-        if rank == 0:
-            save_file(full, os.path.join(out, "full.safetensors"))
-        _odd_placements(rank, out)
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(seen, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _odd_placements(rank: int, out: str) -> None:
-    """A one-row weight under fully_shard (rank 1's shard is empty) and a replicated DTensor gradient (saved by
-    rank 0 only); a partial-sum gradient is refused."""
-    from safetensors.torch import save_file
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
-
-    torch.manual_seed(2)
-    tiny = torch.nn.Linear(4, 1)
-    fully_shard(tiny)
-    tiny(torch.randn(5, 4)).square().sum().backward()
-    mesh = init_device_mesh("cpu", (2,))
-    rep = torch.nn.Parameter(distribute_tensor(torch.ones(3), mesh, [Replicate()]))
-    rep.grad = distribute_tensor(torch.full((3,), 2.0), mesh, [Replicate()])
-    params = dict(tiny.named_parameters(), replicated=rep)
-    save_grads(params, os.path.join(out, f"odd_rank{rank}.safetensors"))
-    tiny_full = {n: p.grad.full_tensor() for n, p in tiny.named_parameters()}
-    if rank == 0:
-        save_file({**tiny_full, "replicated": torch.full((3,), 2.0)}, os.path.join(out, "odd_full.safetensors"))
-    partial = torch.nn.Parameter(distribute_tensor(torch.ones(2), mesh, [Replicate()]))
-    partial.grad = DTensor.from_local(torch.ones(2), mesh, [Partial()])
-    try:
-        save_grads({"partial": partial}, os.path.join(out, "never.safetensors"))
-    except ValueError as e:
-        assert "the gradient of 'partial' is a partial sum" in str(e), e
-    else:
-        raise AssertionError("a partial gradient was saved")
-
-
 def _free_port() -> int:
     import socket
 
@@ -321,7 +227,7 @@ def test_fsdp2_ranks_dump_shards_that_merge_to_the_full_gradients(tmp_path: Path
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    ctx = mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 50
     try:
         while not ctx.join(timeout=1):
@@ -351,6 +257,10 @@ def test_fsdp2_ranks_dump_shards_that_merge_to_the_full_gradients(tmp_path: Path
     assert rel_sqrt(whole["total"]["l2"], oracle) <= 1e-12
     assert {t["name"]: t["pieces"] for t in merged["tensors"]} == dict.fromkeys(full, 2)
     assert seen[0][5][0] == pytest.approx(whole["total"]["l2"], rel=1e-9)  # the dumper's all-reduced norm
+    # row shards in rank order: element by element, the full gradients
+    diff = _json("diff", run / "step_00000005_rank*.safetensors", tmp_path / "full.safetensors", "--shards-a", "slices",
+                 "--format", "json", "--atol", "0")
+    assert diff["ok"] and diff["total"]["linf_diff"] == 0 and not diff["mismatched"] and not diff["only_a"]
     trend = _json("trend", run, "--shards", "slices", "--format", "json")
     assert [s["step"] for s in trend["steps"]] == [0, 2, 4, 5]
     assert [s["step"] for s in trend["spikes"]] == [5]
