@@ -88,7 +88,11 @@ def _grads(model_or_named_parameters: Any, torch: Any) -> list[tuple[str, Any, b
     dtensor = _dtensor_class(torch)
     seen: set[int] = set()
     out = []
-    for name, param in _named(model_or_named_parameters):
+    for item in _named(model_or_named_parameters):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError("expected a model, (name, parameter) pairs or a {name: parameter} mapping, "
+                            f"not an iterable of {type(item).__name__}")
+        name, param = item
         if id(param) in seen:
             continue
         seen.add(id(param))

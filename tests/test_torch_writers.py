@@ -120,6 +120,9 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     model = _trained(steps=0)
     with pytest.raises(ValueError, match="metadata key 'step' is written by save_grads: pass it as step="):
         save_grads(model, tmp_path / "g.safetensors", metadata={"step": "3"})
+    with pytest.raises(TypeError, match="expected a model, \\(name, parameter\\) pairs or a \\{name: parameter\\} "
+                                        "mapping, not an iterable of Parameter"):
+        save_grads(model.parameters(), tmp_path / "g.safetensors")
     with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
         save_grads(model, tmp_path / "g.safetensors", loss_scale=0.0)
     with pytest.raises(ValueError, match="every must be an integer >= 1"):
