@@ -275,14 +275,15 @@ class _Recorder:
                 self.index[id(t)] = (key, i)
         return got
 
-    def find_steps(self, paths: Any, step_pattern: str | None, allow_outside_index: bool) -> list[Any]:
+    def find_steps(self, paths: Any, step_pattern: str | None, allow_outside_index: bool,
+                   void_as: str | None = None) -> list[Any]:
         from .runs import StepPath, find_steps
 
         if self.steps is None:
             with hooks.suspended():
-                self.steps = find_steps(paths, step_pattern, allow_outside_index)
+                self.steps = find_steps(paths, step_pattern, allow_outside_index, void_as)
             return self.steps
-        return [StepPath(s.step, s.path) for s in self.steps]
+        return [StepPath(s.step, s.path, s.files) for s in self.steps]
 
     def request_key(self, src: Any, entries: Sequence[Any]) -> tuple[str, tuple[int, ...]]:
         ids = [self.index[id(t)] for t in entries]
@@ -499,7 +500,7 @@ def run_part(command: str, options: Mapping[str, Any], part: tuple[int, int], ou
     describe = {"command": command, "options": recorded,
                 "sets": [{**s, "sources": [{k: v for k, v in src.items() if k != "identity"} for src in s["sources"]]}
                          for s in planner.sets],
-                "steps": None if planner.steps is None else [[s.step, s.path] for s in planner.steps]}
+                "steps": None if planner.steps is None else [[s.step, s.path, list(s.files)] for s in planner.steps]}
     plan = _make_plan(planner, n, describe)
     worker = _Worker(command, options, plan, i, jobs, executor)
     worker.steps = planner.steps
@@ -694,12 +695,13 @@ class _Replay:
             notes.extend(said)
         return list(sources)
 
-    def find_steps(self, paths: Any, step_pattern: str | None, allow_outside_index: bool) -> list[Any]:
+    def find_steps(self, paths: Any, step_pattern: str | None, allow_outside_index: bool,
+                   void_as: str | None = None) -> list[Any]:
         from .runs import StepPath
 
         if self.steps is None:
             raise InputError(self.where, "the parts hold no steps")
-        return [StepPath(s, p) for s, p in self.steps]
+        return [StepPath(s, p, tuple(f)) for s, p, f in self.steps]
 
     def _request(self, src: Any, entries: Sequence[Any]) -> tuple[tuple[str, tuple[int, ...]], int, int]:
         ids = [self.index[id(t)] for t in entries]

@@ -6,7 +6,10 @@ matches are each a step.  A step's number is ``step_pattern``'s one group
 searched in the final path component of the step's PATH (or match), when
 given; else the integer safetensors metadata key ``step`` (the files of one
 step that carry it must agree); else the last integer in that final path
-component.  Steps are sorted by number; a number twice is an error naming
+component.  A directory PATH whose files are all named
+``step_N[_rankR].safetensors`` with several N (the layout
+:class:`gradinspect.torch.GradDumper` writes) is a run: one step per N, made
+of its files (the ranks of a step, in name order).  Steps are sorted by number; a number twice is an error naming
 both PATHs.  Every step goes through :func:`gradinspect.api.inspect`
 (``sort="none"``, every row), so its numbers are those of ``gradinspect norms``
 on that step alone.
@@ -46,10 +49,17 @@ def _step(text: str, where: str, what: str) -> int:
 
 @dataclass(frozen=True)
 class StepPath:
-    """One step: its number and the PATH (or glob match) that is its gradient set."""
+    """One step: its number and the PATH (or glob match) that is its gradient set; or, for a step
+    of a directory of several steps, ``files``, the files of that step (``path`` is the first)."""
 
     step: int
     path: str
+    files: tuple[str, ...] = ()
+
+    @property
+    def paths(self) -> str | list[str]:
+        """What is read for this step."""
+        return list(self.files) if self.files else self.path
 
 
 def compile_step_pattern(pattern: str | None) -> re.Pattern[str] | None:
@@ -104,6 +114,33 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
     return _step(found[-1], path, f"the last integer in {name!r}")
 
 
+_DUMPER_FILE = re.compile(r"step_([0-9]+)(?:_rank[0-9]+)?\.safetensors")  # gradinspect.torch.GradDumper's
+
+
+def _directory_steps(path: str, allow_outside_index: bool) -> list[StepPath] | None:
+    """A directory of :class:`gradinspect.torch.GradDumper`'s files (every file named ``step_N[_rankR].safetensors``),
+    with several steps N: one step per N, its files (ranks) in name order; None for any other directory."""
+    from .sources import resolve_paths
+
+    steps: dict[int, list[str]] = {}
+    for f in resolve_paths([path], allow_outside_index=allow_outside_index):
+        m = _DUMPER_FILE.fullmatch(os.path.basename(f))
+        if m is None:
+            return None
+        steps.setdefault(_step(m.group(1), f, "the step in the name"), []).append(f)
+    if len(steps) < 2:
+        return None
+    from .api import info
+
+    metadata = info(path, allow_outside_index=allow_outside_index).metadata
+    for n, files in steps.items():
+        for f in files:
+            text = metadata.get(f, {}).get("step")
+            if text is not None and _step(text, f, "metadata step") != n:
+                raise InputError(f, f"metadata step {text} differs from step {n} in its name")
+    return [StepPath(n, files[0], tuple(files)) for n, files in steps.items()]
+
+
 def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None = None,
                allow_outside_index: bool = False, void_as: str | None = None) -> list[StepPath]:
     """The steps ``paths`` name, sorted by number; InputError for a PATH without a number or a number twice."""
@@ -111,7 +148,7 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
 
     hook = HOOK.get()
     if hook is not None:  # --part and merge (hooks.py)
-        return list(hook.find_steps(paths, step_pattern, allow_outside_index))
+        return list(hook.find_steps(paths, step_pattern, allow_outside_index, void_as))
     pattern = compile_step_pattern(step_pattern)
     found: list[StepPath] = []
     for p in paths:
@@ -122,7 +159,9 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
                 raise InputError(p, "no file matches this pattern")
         else:
             matches = [p]
-        found.extend(StepPath(_number(m, pattern, allow_outside_index, void_as), m) for m in matches)
+        for m in matches:
+            split = _directory_steps(m, allow_outside_index) if pattern is None and os.path.isdir(m) else None
+            found.extend(split or [StepPath(_number(m, pattern, allow_outside_index, void_as), m)])
     if not found:
         raise ValueError("no paths given")
     found.sort(key=lambda s: s.step)
@@ -202,13 +241,13 @@ def trend(
         from .sources import resolve_paths
 
         progress.set_total(sum(os.path.getsize(f) for st in steps
-                               for f in resolve_paths([st.path], allow_outside_index=allow_outside_index)))
+                               for f in resolve_paths(st.files or [st.path], allow_outside_index=allow_outside_index)))
     opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step
     results = []
     for st in steps:
-        report = tensor_report = inspect(st.path, group_by=None, **opts)
+        report = tensor_report = inspect(st.paths, group_by=None, **opts)
         if group_by is not None:
-            report = regroup(tensor_report, group_by, group_sep) or inspect(st.path, group_by=group_by, **opts)
+            report = regroup(tensor_report, group_by, group_sep) or inspect(st.paths, group_by=group_by, **opts)
         if on_step is not None:
             on_step(st, report)
         results.append(StepResult.from_reports(st.step, report, tensor_report if group_by is not None else None))

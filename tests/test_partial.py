@@ -443,3 +443,20 @@ def test_void_arrays_merge_as_one_run_reads_them(tmp_path: Path, void_as: str | 
         _same(args + (["--no-cache"] if command == "trend" else []), parts, "json")
         docs = [json.loads(Path(p).read_text()) for p in parts]
         assert {d["sets"][0]["void_as"] for d in docs} == {void_as}
+
+
+def test_a_dumper_directory_of_several_steps_merges_as_one_run(tmp_path: Path) -> None:
+    """A GradDumper directory (step_N_rankR files): each step's rank files travel with the parts."""
+    rng = np.random.default_rng(8)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step in range(0, 50, 10):
+        for rank, name in enumerate(("a", "b")):
+            save_file({name: rng.standard_normal(200 + step).astype(np.float32)},
+                      str(run_dir / f"step_{step:08d}_rank{rank}.safetensors"), metadata={"step": str(step)})
+    args = ["trend", str(run_dir), "--no-cache"]
+    plain = json.loads(run(*args, "--format", "json").stdout)
+    assert [s["step"] for s in plain["steps"]] == [0, 10, 20, 30, 40]
+    assert all(len(s["sources"]) == 2 for s in plain["steps"])
+    for n in (2, 3):
+        _same(args, _parts(tmp_path, args, n, seed=n), "json")
