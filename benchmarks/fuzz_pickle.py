@@ -23,7 +23,8 @@ Cases:
 Each case runs ``norms`` or ``info`` (JSON) in a forked child with its address space capped
 (RLIMIT_AS), a timer, and stdout/stderr in files.  The contract: exit 0 with JSON on stdout,
 or exit 2 with nothing on stdout and one ``Error:`` line on stderr; never a traceback, a
-signal, a timeout or a MemoryError; and the marker file never exists.  An unmutated seed must
+signal, a timeout (20 CPU seconds, or 180 s of wall clock) or a MemoryError (2 GiB of address
+space); and the marker file never exists.  An unmutated seed must
 exit 0.  Failing inputs are saved in --out with the command line that reproduces them.
 """
 
@@ -53,12 +54,15 @@ import numpy as np  # noqa: E402
 import ptwriter as pw  # noqa: E402
 
 MEMORY = 2 << 30  # bytes of address space per case
-TIMEOUT = 20  # seconds per case
+CPU = 20  # CPU seconds per case (RLIMIT_CPU: what the case costs, whatever else runs on the machine)
+TIMEOUT = 180  # wall-clock seconds per case (a hang that uses no CPU)
 
 
 @dataclass
 class Results:
     cases: int = 0
+    max_cpu: float = 0.0  # seconds, the costliest case
+    max_rss: int = 0  # KiB, the largest case
     outcomes: Counter[str] = field(default_factory=Counter)
     by_kind: Counter[str] = field(default_factory=Counter)
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -203,6 +207,7 @@ def malicious(marker: Path, r: random.Random) -> tuple[bytes, str]:
     if fam == "deep":
         n = r.choice([300, 5000, 100_000, 1_000_000])
         return r.choice([b")" + b"\x85" * n, b"](" * n + b"e" * n, b"}" * 1 + b"(" * n + b"1" * n,
+                         b"]" * n + b"a" * (n - 1), b"}" * n + b"N" + b"s" * (n - 1),
                          b"(" * n + b"N" + b"t" * n, b"]" + b"\x94](h\x00e" * min(n, 60_000)]), fam
     if fam == "dup":
         return b")" + b"2\x86" * r.randint(20, 200), fam
@@ -283,6 +288,7 @@ def run_case(case: Case, work: Path) -> dict[str, Any]:
     if pid == 0:  # the child: capped, timed, quiet
         try:
             resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+            resource.setrlimit(resource.RLIMIT_CPU, (CPU, CPU + 5))
             signal.alarm(TIMEOUT)
             fd_out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             fd_err = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -303,9 +309,9 @@ def run_case(case: Case, work: Path) -> dict[str, Any]:
             traceback.print_exc()
             sys.stderr.flush()
             os._exit(70)
-    _, status = os.waitpid(pid, 0)
+    _, status, usage = os.wait4(pid, 0)
     return {"status": status, "stdout": out.read_bytes(), "stderr": err.read_bytes(),
-            "seconds": time.monotonic() - t0}
+            "seconds": time.monotonic() - t0, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss}
 
 
 def judge(case: Case, run: dict[str, Any], marker: Path) -> str | None:
@@ -314,7 +320,8 @@ def judge(case: Case, run: dict[str, Any], marker: Path) -> str | None:
         return "marker-created"
     status = run["status"]
     if os.WIFSIGNALED(status):
-        return "timeout" if os.WTERMSIG(status) == signal.SIGALRM else f"signal-{os.WTERMSIG(status)}"
+        sig = os.WTERMSIG(status)
+        return {signal.SIGALRM: "timeout", signal.SIGXCPU: "cpu-timeout"}.get(sig, f"signal-{sig}")
     code = os.WEXITSTATUS(status)
     stdout, stderr = run["stdout"], run["stderr"]
     if b"Traceback" in stderr:
@@ -363,6 +370,7 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 1, o
         res.cases += 1
         res.by_kind[case.kind if case.kind != "malicious" else f"malicious:{case.detail}"] += 1
         res.outcomes[outcome(got)] += 1
+        res.max_cpu, res.max_rss = max(res.max_cpu, got["cpu"]), max(res.max_rss, got["rss"])
         failure = judge(case, got, marker)
         if failure is not None:
             res.failures.append({"case": n, "kind": case.kind, "detail": case.detail, "failure": failure,
@@ -380,7 +388,8 @@ def run(cases: int | None = None, seconds: float | None = None, seed: int = 1, o
 
 
 def describe(res: Results) -> str:
-    lines = [f"{res.cases} cases in {res.seconds:.0f} s; failures: {len(res.failures)}",
+    lines = [f"{res.cases} cases in {res.seconds:.0f} s; failures: {len(res.failures)}; costliest case "
+             f"{res.max_cpu:.1f} CPU s, largest {res.max_rss / 1024:.0f} MiB RSS",
              "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(res.outcomes.items())),
              "cases: " + ", ".join(f"{k} {v}" for k, v in sorted(res.by_kind.items()))]
     for f in res.failures[:20]:

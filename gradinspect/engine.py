@@ -230,7 +230,17 @@ def reduce_entries(
     from .executors import ThreadExecutor
 
     executor = ThreadExecutor(jobs) if isinstance(jobs, int) else jobs
-    units = plan(entries, chunk)
+    # names of the very same bytes (one view twice in a torch file: tied weights) are read once
+    first: dict[tuple[object, ...], int] = {}
+    which = [first.setdefault((t.extent, t.strides, t.np_dtype, t.shape), i) for i, t in enumerate(entries)]
+    unique = [entries[i] for i in first.values()]
+    units = plan(unique, chunk)
     assert src.store is not None
-    results = executor.run(units, entries, {src.store.key: src.store}, p, chunk, progress)
-    return merge(entries, units, results, p)
+    results = executor.run(units, unique, {src.store.key: src.store}, p, chunk, progress)
+    stats = merge(unique, units, results, p)
+    if len(unique) == len(entries):
+        return stats
+    if progress is not None:
+        progress(sum(t.nbytes for i, t in enumerate(entries) if which[i] != i))
+    at = {i: k for k, i in enumerate(first.values())}
+    return [stats[at[w]] for w in which]

@@ -45,6 +45,7 @@ def _status(code: int) -> int:
     ({"status": _status(1), "stdout": b"", "stderr": b""}, False, "exit-1"),
     ({"status": 9, "stdout": b"", "stderr": b""}, False, "signal-9"),
     ({"status": 14, "stdout": b"", "stderr": b""}, False, "timeout"),
+    ({"status": 24, "stdout": b"", "stderr": b""}, False, "cpu-timeout"),
 ])
 def test_judge_catches_contract_breaks(tmp_path: Path, run: dict[str, Any], must_read: bool, kind: str) -> None:
     assert fuzz.judge(_case(must_read), run, tmp_path / "marker") == kind

@@ -342,3 +342,31 @@ def test_a_transposed_matrix_reads_in_few_calls(tmp_path: Path, rng: np.random.G
     chunks = 1024 * 1024 // (1 << 17)
     assert max(calls) <= 1 << 20 and len(calls) <= chunks * 4 + chunks, calls[:5]
     assert sum(calls) <= chunks * 4 * 1024 * 1024, sum(calls)
+
+
+def test_tied_views_are_read_once(tmp_path: Path, rng: np.random.Generator) -> None:
+    from gradinspect.engine import plan, reduce_entries
+
+    w = T.of(rng.standard_normal((300, 500)).astype(np.float32))
+    tr = (500, 300), (1, 500)
+    save({"emb": w, "head": w, "t1": T(w.storage, 0, *tr), "t2": T(w.storage, 0, *tr)}, tmp_path / "t.pt")
+    src = open_source(str(tmp_path / "t.pt"))
+    seen: list[int] = []
+    try:
+        with src:
+            stats = reduce_entries(src, src.tensors, 2.0, 1, progress=seen.append)
+    finally:
+        src.close()
+    assert stats[0] == stats[1] and stats[2] == stats[3] and stats[0].s2 == stats[2].s2
+    assert sum(seen) == sum(t.nbytes for t in src.tensors)  # the progress bar still reaches its total
+    assert len(plan(src.tensors[::2])) < len(plan(src.tensors))
+
+
+def test_loss_scale_as_safetensors_metadata(tmp_path: Path, rng: np.random.Generator) -> None:
+    a = rng.standard_normal((40, 30)).astype(np.float32)
+    save({"w": T.of(a), "loss_scale": 65536}, tmp_path / "s.pt")
+    save_file({"w": a}, str(tmp_path / "s.safetensors"), metadata={"loss_scale": "65536"})
+    ours, ref = gradinspect.inspect(tmp_path / "s.pt"), gradinspect.inspect(tmp_path / "s.safetensors")
+    assert ours.total == ref.total and ours.loss_scale == ref.loss_scale == 65536.0
+    res = run("norms", tmp_path / "s.pt", "--format", "json")
+    assert strict_json(res.stdout)["loss_scale"] == 65536.0
