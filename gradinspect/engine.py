@@ -48,7 +48,7 @@ class WorkUnit:
     """One piece of work: bytes ``[offset, offset + size)`` of store ``store``."""
 
     kind: str  # raw (a chunk of one tensor) | batch (small tensors, one read) | stream (a whole deflate member)
-    #          | strided (groups of a strided view, see sources/views.py: ``part`` numbers the unit)
+    #          | strided (chunk ``part`` of a strided view, gathered in C order by sources/views.py)
     store: str  # the byte store's key
     offset: int
     size: int  # bytes read (stream: 0, the member is read whole)
