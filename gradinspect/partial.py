@@ -169,7 +169,7 @@ def _tensor_row(t: Any, path: str) -> list[Any]:
     ext = None if t.extent is None else list(t.extent)
     dt = None if t.np_dtype is None else t.np_dtype.str
     return [t.name, t.dtype, list(t.shape), t.numel, t.nbytes, t.skip_reason, dt, ext, t.order,
-            None if t.source == path else t.source]
+            None if t.source == path else t.source, None if t.strides is None else list(t.strides)]
 
 
 def _source_record(src: Any) -> dict[str, Any]:
@@ -189,11 +189,12 @@ def _virtual_source(rec: Mapping[str, Any]) -> Any:
     from .sources import Extent, Source, TensorDesc
 
     tensors = []
-    for name, dtype, shape, numel, nbytes, skip, dt, ext, order, source in rec["tensors"]:
+    for name, dtype, shape, numel, nbytes, skip, dt, ext, order, source, strides in rec["tensors"]:
         tensors.append(TensorDesc(name=name, source=source if source is not None else rec["path"], dtype=dtype,
                                   shape=tuple(shape), numel=numel, nbytes=nbytes, skip_reason=skip,
                                   np_dtype=None if dt is None else np.dtype(dt),
-                                  extent=None if ext is None else Extent(*ext), order=order))
+                                  extent=None if ext is None else Extent(*ext), order=order,
+                                  strides=None if strides is None else tuple(strides)))
     return Source(path=rec["path"], kind=rec["kind"], tensors=tensors, metadata=dict(rec["metadata"]),
                   size=rec["size"])
 

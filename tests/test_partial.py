@@ -460,3 +460,20 @@ def test_a_dumper_directory_of_several_steps_merges_as_one_run(tmp_path: Path) -
     assert all(len(s["sources"]) == 2 for s in plain["steps"])
     for n in (2, 3):
         _same(args, _parts(tmp_path, args, n, seed=n), "json")
+
+
+def test_torch_views_merge_as_one_run_reads_them(tmp_path: Path) -> None:
+    """A .pt file's strided views (a transpose, an expand) keep their strides in the parts."""
+    from ptwriter import Storage, T, save
+
+    rng = np.random.default_rng(9)
+    w = Storage(rng.standard_normal(300 * 200).astype(np.float32))
+    b = Storage(rng.standard_normal(50).astype(np.float32))
+    path = tmp_path / "g.pt"
+    save({"w_t": T(w, 0, (200, 300), (1, 200)), "w": T(w, 0, (300, 200), (200, 1)),
+          "b_expanded": T(b, 0, (4, 50), (0, 1))}, path)
+    args = ["norms", str(path)]
+    plain = json.loads(run(*args, "--format", "json").stdout)
+    assert {t["name"] for t in plain["tensors"]} == {"w_t", "w", "b_expanded"}
+    for n in (2, 3):
+        _same(args, _parts(tmp_path, args, n, seed=n), "json")

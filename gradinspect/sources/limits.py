@@ -15,3 +15,6 @@ MAX_INDEX_BYTES = 64 << 20  # size of a *.safetensors.index.json
 MAX_USIZE = (1 << 64) - 1  # safetensors shapes and offsets are u64; so is a tensor's element count
 MAX_NPY_HEADER = 1 << 16  # bytes of one .npy header
 MAX_ZIP_CD = 256 << 20  # a zip central directory (its entries take at least 46 bytes: millions of members fit)
+MAX_PICKLE = 256 << 20  # bytes of one pickle (a torch file's data.pkl, a DCP .metadata)
+MAX_PICKLE_DEPTH = 256  # tuples nested in tuples; containers nested in containers (walked)
+MAX_PICKLE_WEIGHT = 1 << 24  # elements of one pickled tuple, counted through nested tuples with repetitions
