@@ -673,7 +673,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
                 group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup,
                 loss_scale=loss_scale, allow_outside_index=allow_outside_index, step_pattern=step_pattern,
                 window=window, spike_factor=spike_factor, clip_target=clip_target,
-                on_step=lambda st, r: found.append((st, r.input_warnings())), cache=cache)
+                on_step=lambda st, w: found.append((st, w)), cache=cache)
             return report, step_warnings(found)
 
         _follow(paths, allow_outside_index, interval, compute, width, quiet)
@@ -684,7 +684,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
             allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
             spike_factor=spike_factor, clip_target=clip_target,
-            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar, cache=cache,
+            on_step=lambda st, w: warnings.append((st, w)), progress=bar, cache=cache,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)
