@@ -44,7 +44,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -161,8 +160,10 @@ def _strings(x: Any) -> tuple[str, ...]:
     return tuple(x)
 
 
-def _step_of(data: bytes, key: StepKey) -> tuple[StepResult, list[str]] | None:
-    """The step and warnings in entry ``data`` when it is whole and its key is ``key``; else None (or ValueError)."""
+def _step_of(data: bytes, key: StepKey, known: dict[tuple[str, ...], tuple[str, ...]]
+             ) -> tuple[StepResult, list[str]] | None:
+    """The step and warnings in entry ``data`` when it is whole and its key is ``key``; else None (or ValueError).
+    ``known``: the name lists of earlier steps, to share (the steps of a run mostly have the same names)."""
     if len(data) < 66 or data[64:65] != b"\n":
         return None
     body = memoryview(data)[65:]
@@ -173,30 +174,31 @@ def _step_of(data: bytes, key: StepKey) -> tuple[StepResult, list[str]] | None:
     if type(head) is not dict or head.get("key") != key.doc:
         return None
     names = _strings(head["names"])
+    if len(known) > 1024:
+        known.clear()
+    names = known.setdefault(names, names)
     tensor_names = names if head["tensor_names"] is None else _strings(head["tensor_names"])
     sources, warnings = _strings(head["sources"]), list(_strings(head["warnings"]))
     step, clipped, total = head["step"], head["clipped"], head["total"]
-    if (type(step) is not int or type(clipped) is not bool or type(total) is not list or len(total) != 4
+    if (type(step) is not int or step < 0 or type(clipped) is not bool or type(total) is not list or len(total) != 4
             or not all(type(x) is int and x >= 0 for x in total)):
         return None
     n, t = len(names), len(tensor_names)
     blob = body[end - 64:]
     if len(blob) != 8 * (6 + 6 * n) + 8 * (n + 2 * t) + t:
         return None
-    floats = np.frombuffer(blob, dtype="<f8", count=6 + 6 * n)
-    counts = np.frombuffer(blob, dtype="<u8", count=n + 2 * t, offset=8 * (6 + 6 * n))
-    zero = np.frombuffer(blob, dtype="u1", offset=8 * (6 + 7 * n + 2 * t))
-    if zero.size and zero.max() > 1:
+    f = np.frombuffer(blob, dtype="<f8", count=6 + 6 * n).tolist()
+    c = np.frombuffer(blob, dtype="<u8", count=n + 2 * t, offset=8 * (6 + 6 * n)).tolist()
+    zero = bytes(blob[8 * (6 + 7 * n + 2 * t):])
+    if zero.strip(b"\0\1"):
         return None
-    l1, l2, linf, norm, sq, coef = floats[:6].tolist()
-    cols = floats[6:].reshape(6, n).tolist()
-    nonfinite, tnan, tinf = counts[:n].tolist(), counts[n:n + t].tolist(), counts[n + t:].tolist()
+    l1, l2, linf, norm, sq, coef = f[:6]
     return StepResult(
         step=step, sources=sources, total=StepTotals(l1, l2, linf, norm, sq, *total), clip_coef=coef,
-        clipped=clipped, names=names, l1=tuple(cols[0]), l2=tuple(cols[1]), linf=tuple(cols[2]),
-        norm=tuple(cols[3]), sq=tuple(cols[4]), share=tuple(cols[5]), nonfinite=tuple(nonfinite),
-        tensor_names=tensor_names, tensor_nan=tuple(tnan), tensor_inf=tuple(tinf),
-        tensor_zero=tuple(zero.astype(bool).tolist())), warnings
+        clipped=clipped, names=names, l1=tuple(f[6:6 + n]), l2=tuple(f[6 + n:6 + 2 * n]),
+        linf=tuple(f[6 + 2 * n:6 + 3 * n]), norm=tuple(f[6 + 3 * n:6 + 4 * n]), sq=tuple(f[6 + 4 * n:6 + 5 * n]),
+        share=tuple(f[6 + 5 * n:]), nonfinite=tuple(c[:n]), tensor_names=tensor_names, tensor_nan=tuple(c[n:n + t]),
+        tensor_inf=tuple(c[n + t:]), tensor_zero=tuple(map(bool, zero))), warnings
 
 
 class Cache:
@@ -216,6 +218,7 @@ class Cache:
         self.step_misses = 0
         self.stored = 0
         self._options: tuple[Any, str] | None = None
+        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"Cache({self.directory!r})"
@@ -295,7 +298,10 @@ class Cache:
         if idents is None:
             return None
         if self._options is None or self._options[0] is not options:
-            self._options = (options, json.dumps(options, sort_keys=True, ensure_ascii=True))
+            try:
+                self._options = (options, json.dumps(options, sort_keys=True, ensure_ascii=True))
+            except (TypeError, ValueError, RecursionError):  # not plain values: no step entry
+                return None
         opts = self._options[1]
         cwd = "" if all(os.path.isabs(p) for p in paths) else os.getcwd()  # what relative paths are in
         doc = {"format": STEP_FORMAT, "version": __version__, "chunk": CHUNK, "small": SMALL, "options": opts,
@@ -312,7 +318,7 @@ class Cache:
                 data = os.read(fd, size + 1) if size <= _MAX_ENTRY else b""
             finally:
                 os.close(fd)
-            got = _step_of(data, key) if len(data) == size else None  # entries are replaced, never rewritten
+            got = _step_of(data, key, self._names) if len(data) == size else None  # replaced, never rewritten
         except (OSError, ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError):
             got = None
         if got is None:
@@ -335,6 +341,8 @@ class Cache:
 
     def _write(self, path: str, data: bytes) -> bool:
         """``data`` written to ``path`` atomically (a temporary file, then a rename); False on an OS error."""
+        import tempfile
+
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=self.directory)
