@@ -239,11 +239,15 @@ def trend(
 def _step_options(opts: dict[str, Any], group_by: int | str | None, step_pattern: str | None) -> dict[str, Any] | None:
     """What shapes a step's number, numbers and warnings, as JSON values (a step entry's key); None when an
     option is not plain (then no step entry is used: the step is computed, and its options checked)."""
+    text = [*opts["include"], *opts["exclude"], opts["group_sep"]]
+    if not (all(type(x) is str for x in text) and type(group_by) in (int, str, type(None))
+            and type(opts["shards"]) in (str, type(None))):
+        return None
     try:
         return {"p": float(opts["norm_type"]).hex(), "max_norm": float(opts["max_norm"]).hex(),
-                "eps": float(opts["eps"]).hex(), "include": [str(g) for g in opts["include"]],
-                "exclude": [str(g) for g in opts["exclude"]], "group_by": group_by, "group_sep": str(opts["group_sep"]),
-                "shards": opts["shards"], "dedup": bool(opts["dedup"]),
+                "eps": float(opts["eps"]).hex(), "include": list(opts["include"]), "exclude": list(opts["exclude"]),
+                "group_by": group_by, "group_sep": opts["group_sep"], "shards": opts["shards"],
+                "dedup": bool(opts["dedup"]),
                 "loss_scale": None if opts["loss_scale"] is None else float(opts["loss_scale"]).hex(),
                 "allow_outside_index": bool(opts["allow_outside_index"]), "step_pattern": step_pattern}
     except (TypeError, ValueError, OverflowError):

@@ -344,6 +344,15 @@ def test_a_warm_step_parses_no_header_and_is_bit_for_bit(tmp_path: Path, reads: 
         assert (c.step_hits, c.step_misses, c.hits, c.misses, c.stored) == (4, 0, 0, 0, 0)
 
 
+def test_a_selection_given_as_an_iterator_selects_in_every_step(tmp_path: Path) -> None:
+    _run(tmp_path)
+    c = Cache(tmp_path / "c")
+    want = json.dumps(trend(_glob(tmp_path), include=["a.*"]).to_dict())
+    assert json.dumps(trend(_glob(tmp_path), include=iter(["a.*"]), cache=c).to_dict()) == want
+    assert json.dumps(trend(_glob(tmp_path), include=(g for g in ["a.*"]), cache=c).to_dict()) == want
+    assert c.step_hits == 4  # the same selection, the same entries
+
+
 def test_each_option_set_has_its_step_entries(tmp_path: Path, reads: list[str], headers: list[str]) -> None:
     _run(tmp_path)
     cdir = str(tmp_path / "c")
