@@ -2,11 +2,13 @@
 
     python benchmarks/bench_trend.py                    # 1,000 steps x 200 tensors in /tmp/gradinspect-bench-trend
     python benchmarks/bench_trend.py --steps 200 --runs 5 --data DIR
+    python benchmarks/bench_trend.py --format table     # the default output instead of -f json
 
 The data (made once; about 1,000 x 0.8 MB) is a run of ``--steps`` safetensors files of
 ``--tensors`` small float32 tensors each (64 to 2,048 elements, transformer-like names, a
 ``step`` metadata key).  Each timing is the wall time of a fresh ``python -m gradinspect trend
-GLOB -f json -q`` process (median of ``--runs``): cold with an empty ``--cache-dir`` (every file
+GLOB -f json -q`` process (min and median of ``--runs``; in brackets the CPU time, user + system,
+which a busy shared machine inflates less): cold with an empty ``--cache-dir`` (every file
 read and stored), warm with the cache the cold runs left.  The files are made at least 2 s
 before the first run (a file changed less than 2 s before it is read is not cached).  Also
 timed in-process (imports and Python startup left out): the per-step cost of a warm run.
@@ -48,10 +50,22 @@ def make_run(data: Path, steps: int, tensors: int) -> None:
     marker.touch()
 
 
-def wall(args: list[str], env: dict[str, str]) -> float:
+def wall(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """The wall time and the CPU time (user + system) of a process."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return t, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def spread(times: list[tuple[float, float]]) -> str:
+    walls, cpus = [w for w, _ in times], [c for _, c in times]
+    return (f"min {min(walls):6.2f} s  median {statistics.median(walls):6.2f} s  "
+            f"[cpu min {min(cpus):.2f} median {statistics.median(cpus):.2f}]")
 
 
 def main() -> None:
@@ -60,6 +74,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--format", choices=["json", "table", "csv"], default="json")
     a = ap.parse_args()
 
     make_run(a.data, a.steps, a.tensors)
@@ -67,7 +82,7 @@ def main() -> None:
     time.sleep(max(0.0, newest + 2.1 - time.time()))
     pattern = str(a.data / "step_*.safetensors")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "gradinspect", "trend", pattern, "-f", "json", "-q"]
+    base = [sys.executable, "-m", "gradinspect", "trend", pattern, "-f", a.format, "-q"]
     with tempfile.TemporaryDirectory(prefix="bench-trend-cache-") as tmp:
         cache = Path(tmp) / "cache"
         cold = []
@@ -75,8 +90,8 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
             cold.append(wall([*base, "--cache-dir", str(cache)], env))
         warm = [wall([*base, "--cache-dir", str(cache)], env) for _ in range(a.runs)]
-        nocache = wall([*base, "--no-cache"], env)
-        startup = statistics.median(wall([sys.executable, "-m", "gradinspect", "--version"], env)
+        nocache = wall([*base, "--no-cache"], env)[0]
+        startup = statistics.median(wall([sys.executable, "-m", "gradinspect", "--version"], env)[0]
                                     for _ in range(a.runs))
 
         sys.path.insert(0, str(ROOT))
@@ -89,14 +104,18 @@ def main() -> None:
             trend(pattern, cache=Cache(cache))
             inproc.append(time.perf_counter() - t0)
 
-    c, w, i = statistics.median(cold), statistics.median(warm), statistics.median(inproc)
+    c, w = statistics.median(t for t, _ in cold), statistics.median(t for t, _ in warm)
+    i = statistics.median(inproc)
     n = a.steps
     print(f"run: {n} steps x {a.tensors} tensors, {sum(p.stat().st_size for p in a.data.glob('step_*')) / 1e6:.0f} MB"
-          f" in {a.data}; {os.cpu_count()} cores; median of {a.runs}")
-    print(f"cold (empty cache)      {c:8.2f} s   {1e3 * c / n:7.2f} ms/step   (--no-cache: {nocache:.2f} s)")
-    print(f"warm (every file cached){w:8.2f} s   {1e3 * w / n:7.2f} ms/step   cold/warm {c / w:.1f}x")
-    print(f"warm, in-process        {i:8.2f} s   {1e3 * i / n:7.2f} ms/step   "
-          f"(process start + imports: {startup:.2f} s)")
+          f" in {a.data}; -f {a.format}; {os.cpu_count()} cores; {a.runs} runs; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"cold (empty cache)   {spread(cold)}   (--no-cache: {nocache:.2f} s)")
+    print(f"warm (all cached)    {spread(warm)}   {1e3 * w / n:.2f} ms/step")
+    print(f"cold/warm            median {c / w:.1f}x   min {min(t for t, _ in cold) / min(t for t, _ in warm):.1f}x   "
+          f"cpu {statistics.median(t for _, t in cold) / statistics.median(t for _, t in warm):.1f}x")
+    print(f"warm, in-process     {i:6.2f} s   {1e3 * i / n:.2f} ms/step   (process start + imports of --version: "
+          f"{startup:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A disk cache of each file's exact statistics, so that re-running ``trend`` reads only new files.
+"""A disk cache of each file's exact statistics, and of each step of ``trend``, so that re-running
+``trend`` reads only new files.
 
 One entry per (file, norm type): the per-tensor :class:`~gradinspect.norms.Stats` (the scaled
 sums, before any loss scale is divided out) of the file's floating tensors, as
@@ -19,7 +20,21 @@ the same size within the filesystem's timestamp granularity would leave its iden
 unchanged (git's "racy clean" problem).  Writes go to a temporary file in the cache
 directory, then ``os.replace``: concurrent runs never see half an entry.  The cache is
 bounded: after a run stores entries, the oldest (by mtime) are removed beyond
-``max_files`` entries or ``max_bytes`` bytes.
+``max_files`` entries or ``max_bytes`` bytes (file and step entries together).
+
+A *step entry* (``trend``) holds one step's whole result: its number, its
+:class:`~gradinspect.trend.StepResult` (every float as its 8 bytes) and its
+warnings, so a warm step costs a ``stat`` of its files and one small read,
+no header parse.  Its key: the cache format and version, ``CHUNK``/``SMALL``,
+every option that shapes the step (norm type, max_norm, eps, selection,
+``--group-by``, ``--shards``, ``--step-pattern``, ...), the step's PATH as
+given (and the working directory, when a path is relative), and the identity
+(device, inode, size, mtime_ns, ctime_ns) of that PATH and of every file it
+resolves to (a directory or index changes when a file is added or removed).  It is stored only when those
+identities are the same after the step was computed as before it was read,
+and settled (:data:`SETTLE_NS`) before it was read.  The file: a SHA-256 of the
+rest, a line of JSON (key, names, counts, warnings), then the floats and
+counts as little-endian binary.  Anything else is a miss, as for file entries.
 """
 
 from __future__ import annotations
@@ -28,21 +43,29 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .norms import CHUNK, SMALL, Stats
-from .sources.base import Source
+from .trend import StepResult, StepTotals
 
-__all__ = ["Cache", "default_dir", "FORMAT", "MAX_FILES", "MAX_BYTES", "SETTLE_NS"]
+if TYPE_CHECKING:
+    from .sources.base import Source
+
+__all__ = ["Cache", "StepKey", "default_dir", "FORMAT", "STEP_FORMAT", "MAX_FILES", "MAX_BYTES", "SETTLE_NS"]
 
 FORMAT = "gradinspect.cache/1"
-MAX_FILES = 20_000  #: entries kept (one per file and norm type)
+STEP_FORMAT = "gradinspect.step/1"
+MAX_FILES = 20_000  #: entries kept (one per file and norm type, one per step and options)
 MAX_BYTES = 512 << 20  #: bytes kept (an entry is about 100 bytes per tensor)
 SETTLE_NS = 2_000_000_000  #: a file changed more recently than this is not stored
 _MAX_ENTRY = 64 << 20  # a larger entry file is not read
+_SUFFIXES = (".json", ".step")  # file entries, step entries
 
 
 def default_dir() -> str:
@@ -97,10 +120,97 @@ def _checksum(key: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     return hashlib.sha256(body.encode("ascii")).hexdigest()
 
 
+@dataclass(frozen=True)
+class StepKey:
+    """The key of a step entry (:meth:`Cache.step_key`): compared whole with the entry's."""
+
+    doc: dict[str, Any]
+    paths: tuple[str, ...]  # statted again before the entry is stored
+    at_ns: int  # when their identities were taken
+    file: str  # the entry's file
+
+
+def _identities(paths: Sequence[str]) -> list[list[Any]] | None:
+    """``[path, dev, ino, size, mtime_ns, ctime_ns]`` of each path (a local file or directory), or None."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):
+            return None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return None
+        out.append([p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return out
+
+
+def _step_bytes(key: StepKey, result: StepResult, warnings: Sequence[str]) -> bytes:
+    """A step entry: the SHA-256 of the rest, a line of JSON, then the floats and counts (little-endian)."""
+    r, t = result, result.total
+    floats = np.array([t.l1, t.l2, t.linf, t.norm, t.sq, r.clip_coef, *r.l1, *r.l2, *r.linf, *r.norm, *r.sq, *r.share],
+                      dtype="<f8")
+    counts = np.array([*r.nonfinite, *r.tensor_nan, *r.tensor_inf], dtype="<u8")
+    zero = np.array(r.tensor_zero, dtype="u1")
+    head = {"key": key.doc, "step": r.step, "sources": list(r.sources), "warnings": list(warnings),
+            "total": [t.nan, t.inf, t.tensors, t.numel], "clipped": r.clipped, "names": list(r.names),
+            "tensor_names": None if r.tensor_names == r.names else list(r.tensor_names)}
+    body = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n" + (
+        floats.tobytes() + counts.tobytes() + zero.tobytes())
+    return hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body
+
+
+def _strings(x: Any) -> tuple[str, ...]:
+    if type(x) is not list or not set(map(type, x)) <= {str}:
+        raise ValueError("not a list of strings")
+    return tuple(x)
+
+
+def _step_of(data: bytes, key: StepKey, known: dict[tuple[str, ...], tuple[str, ...]]
+             ) -> tuple[StepResult, list[str]] | None:
+    """The step and warnings in entry ``data`` when it is whole and its key is ``key``; else None (or ValueError).
+    ``known``: the name lists of earlier steps, to share (the steps of a run mostly have the same names)."""
+    if len(data) < 66 or data[64:65] != b"\n":
+        return None
+    body = memoryview(data)[65:]
+    if hashlib.sha256(body).hexdigest().encode("ascii") != data[:64]:
+        return None
+    end = data.index(b"\n", 65)
+    head = json.loads(data[65:end])
+    if type(head) is not dict or head.get("key") != key.doc:
+        return None
+    names = _strings(head["names"])
+    if len(known) > 1024:
+        known.clear()
+    names = known.setdefault(names, names)
+    tensor_names = names if head["tensor_names"] is None else _strings(head["tensor_names"])
+    sources, warnings = _strings(head["sources"]), list(_strings(head["warnings"]))
+    step, clipped, total = head["step"], head["clipped"], head["total"]
+    if (type(step) is not int or step < 0 or type(clipped) is not bool or type(total) is not list or len(total) != 4
+            or not all(type(x) is int and x >= 0 for x in total)):
+        return None
+    n, t = len(names), len(tensor_names)
+    blob = body[end - 64:]
+    if len(blob) != 8 * (6 + 6 * n) + 8 * (n + 2 * t) + t:
+        return None
+    f = np.frombuffer(blob, dtype="<f8", count=6 + 6 * n).tolist()
+    c = np.frombuffer(blob, dtype="<u8", count=n + 2 * t, offset=8 * (6 + 6 * n)).tolist()
+    zero = bytes(blob[8 * (6 + 7 * n + 2 * t):])
+    if zero.strip(b"\0\1"):
+        return None
+    l1, l2, linf, norm, sq, coef = f[:6]
+    return StepResult(
+        step=step, sources=sources, total=StepTotals(l1, l2, linf, norm, sq, *total), clip_coef=coef,
+        clipped=clipped, names=names, l1=tuple(f[6:6 + n]), l2=tuple(f[6 + n:6 + 2 * n]),
+        linf=tuple(f[6 + 2 * n:6 + 3 * n]), norm=tuple(f[6 + 3 * n:6 + 4 * n]), sq=tuple(f[6 + 4 * n:6 + 5 * n]),
+        share=tuple(f[6 + 5 * n:]), nonfinite=tuple(c[:n]), tensor_names=tensor_names, tensor_nan=tuple(c[n:n + t]),
+        tensor_inf=tuple(c[n + t:]), tensor_zero=tuple(map(bool, zero))), warnings
+
+
 class Cache:
     """The statistics cache in ``directory`` (default :func:`default_dir`); see the module docstring.
 
-    ``hits`` and ``misses`` count the lookups of this object (files found whole, or not)."""
+    ``hits`` and ``misses`` count the file lookups of this object (files found whole, or not);
+    ``step_hits`` and ``step_misses`` its step lookups."""
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, max_files: int = MAX_FILES,
                  max_bytes: int = MAX_BYTES) -> None:
@@ -109,7 +219,11 @@ class Cache:
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self.step_hits = 0
+        self.step_misses = 0
         self.stored = 0
+        self._options: tuple[Any, str] | None = None
+        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"Cache({self.directory!r})"
@@ -173,13 +287,74 @@ class Cache:
         rows = {str(i): _stats_row(s) for i, s in sorted(stats.items())}
         doc = {"key": key, "stats": rows, "checksum": _checksum(key, rows)}
         data = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        return self._write(self._file(key), data)
+
+    # --- step entries ---------------------------------------------------------------------------------------
+
+    def step_key(self, path: str, files: Sequence[str], options: Mapping[str, Any]) -> StepKey | None:
+        """The key of the entry of step ``path`` (a PATH or glob match as given) whose files are ``files``,
+        computed with ``options`` (JSON values: every option that shapes the step's number, numbers or
+        warnings); None when ``path`` or a file is not a local file or directory."""
+        from . import __version__
+
+        at = time.time_ns()
+        paths = (path, *(f for f in files if f != path))
+        idents = _identities(paths)
+        if idents is None:
+            return None
+        if self._options is None or self._options[0] is not options:
+            try:
+                self._options = (options, json.dumps(options, sort_keys=True, ensure_ascii=True))
+            except (TypeError, ValueError, RecursionError):  # not plain values: no step entry
+                return None
+        opts = self._options[1]
+        cwd = "" if all(os.path.isabs(p) for p in paths) else os.getcwd()  # what relative paths are in
+        doc = {"format": STEP_FORMAT, "version": __version__, "chunk": CHUNK, "small": SMALL, "options": opts,
+               "cwd": cwd, "files": idents}
+        name = hashlib.sha256(f"{STEP_FORMAT}\0{cwd}\0{path}\0{opts}".encode("utf-8", "surrogatepass")).hexdigest()
+        return StepKey(doc, paths, at, os.path.join(self.directory, name[:40] + ".step"))
+
+    def lookup_step(self, key: StepKey) -> tuple[StepResult, list[str]] | None:
+        """The step and its warnings from the entry of ``key``, or None (nothing usable)."""
+        try:
+            fd = os.open(key.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            try:
+                size = os.fstat(fd).st_size
+                data = os.read(fd, size + 1) if size <= _MAX_ENTRY else b""
+            finally:
+                os.close(fd)
+            got = _step_of(data, key, self._names) if len(data) == size else None  # replaced, never rewritten
+        except (OSError, ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError):
+            got = None
+        if got is None:
+            self.step_misses += 1
+        else:
+            self.step_hits += 1
+        return got
+
+    def store_step(self, key: StepKey, result: StepResult, warnings: Sequence[str]) -> bool:
+        """Write the entry of ``key`` (atomically); False when not written: a file changed since ``key`` was
+        made or less than :data:`SETTLE_NS` before, or an OS error."""
+        files = key.doc["files"]
+        if key.at_ns - max(max(f[4], f[5]) for f in files) < SETTLE_NS or _identities(key.paths) != files:
+            return False
+        try:
+            data = _step_bytes(key, result, warnings)
+        except (ValueError, TypeError, OverflowError):
+            return False
+        return self._write(key.file, data)
+
+    def _write(self, path: str, data: bytes) -> bool:
+        """``data`` written to ``path`` atomically (a temporary file, then a rename); False on an OS error."""
+        import tempfile
+
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.directory)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=self.directory)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                os.replace(tmp, self._file(key))
+                os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -197,7 +372,7 @@ class Cache:
             now = time.time()
             with os.scandir(self.directory) as it:
                 for e in it:
-                    if not e.name.endswith(".json") or not e.is_file(follow_symlinks=False):
+                    if not e.name.endswith(_SUFFIXES) or not e.is_file(follow_symlinks=False):
                         continue
                     st = e.stat(follow_symlinks=False)
                     if e.name.startswith(".tmp-"):

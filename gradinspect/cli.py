@@ -731,7 +731,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
                 group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup,
                 loss_scale=loss_scale, allow_outside_index=allow_outside_index, step_pattern=step_pattern,
                 window=window, spike_factor=spike_factor, clip_target=clip_target,
-                on_step=lambda st, r: found.append((st, r.input_warnings())), cache=cache, void_as=void_as)
+                on_step=lambda st, w: found.append((st, w)), cache=cache, void_as=void_as)
             return report, step_warnings(found)
 
         _follow(paths, allow_outside_index, interval, compute, width, quiet)
@@ -742,8 +742,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
             allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
             spike_factor=spike_factor, clip_target=clip_target,
-            on_step=lambda st, r: warnings.append((st, r.input_warnings())), progress=bar, cache=cache,
-            void_as=void_as,
+            on_step=lambda st, w: warnings.append((st, w)), progress=bar, cache=cache, void_as=void_as,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)
@@ -794,7 +793,7 @@ def merge(parts: tuple[str, ...], format: str | None, as_json: bool, width: int 
         from .runs import step_warnings
 
         found: list[Any] = []
-        report = merged(loaded, on_step=lambda st, r: found.append((st, r.input_warnings())))
+        report = merged(loaded, on_step=lambda st, w: found.append((st, w)))
         _warn(step_warnings(found), quiet >= 1)
         _emit(fmt, "trend", report, width, output, o_["heatmap"])
     else:

@@ -12,7 +12,9 @@ component.  A directory PATH whose files are all named
 of its files (the ranks of a step, in name order).  Steps are sorted by number; a number twice is an error naming
 both PATHs.  Every step goes through :func:`gradinspect.api.inspect`
 (``sort="none"``, every row), so its numbers are those of ``gradinspect norms``
-on that step alone.
+on that step alone.  With a cache, a step whose files and options are those
+of a step entry (:meth:`gradinspect.cache.Cache.lookup_step`) is taken from
+it: its files are only ``stat``-ed.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clip import DEFAULT_EPS
 from .errors import InputError
-from .norms import Stats, combine, general_p
-from .report import TensorNorms
 from .trend import DEFAULT_CLIP_TARGET, DEFAULT_SPIKE_FACTOR, DEFAULT_WINDOW, StepResult, TrendReport, analyze
+
+if TYPE_CHECKING:
+    from .norms import Stats
 
 __all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings", "files_state"]
 
@@ -141,6 +144,35 @@ def _directory_steps(path: str, allow_outside_index: bool) -> list[StepPath] | N
     return [StepPath(n, files[0], tuple(files)) for n, files in steps.items()]
 
 
+def _matches(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
+    """Each step's PATH: a PATH, or each match of a quoted glob (sorted); InputError for a glob with none."""
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.exists(p) and glob.has_magic(p):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise InputError(p, "no file matches this pattern")
+            yield from matches
+        else:
+            yield p
+
+
+def _split(m: str, pattern: re.Pattern[str] | None, allow_outside_index: bool) -> list[StepPath] | None:
+    """The steps of a GradDumper directory ``m`` (no ``--step-pattern``), or None: ``m`` is one step."""
+    return _directory_steps(m, allow_outside_index) if pattern is None and os.path.isdir(m) else None
+
+
+def _in_order(found: list[Any]) -> list[Any]:
+    """``found`` (items whose first field is a :class:`StepPath`) sorted by step; InputError for a number twice."""
+    if not found:
+        raise ValueError("no paths given")
+    found.sort(key=lambda f: f[0].step)
+    for (a, *_), (b, *_) in itertools.pairwise(found):
+        if a.step == b.step:
+            raise InputError(b.path, f"step {b.step} twice: also {a.path}")
+    return found
+
+
 def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None = None,
                allow_outside_index: bool = False, void_as: str | None = None) -> list[StepPath]:
     """The steps ``paths`` name, sorted by number; InputError for a PATH without a number or a number twice."""
@@ -150,25 +182,11 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
     if hook is not None:  # --part and merge (hooks.py)
         return list(hook.find_steps(paths, step_pattern, allow_outside_index, void_as))
     pattern = compile_step_pattern(step_pattern)
-    found: list[StepPath] = []
-    for p in paths:
-        p = os.fspath(p)
-        if not os.path.exists(p) and glob.has_magic(p):
-            matches = sorted(glob.glob(p))
-            if not matches:
-                raise InputError(p, "no file matches this pattern")
-        else:
-            matches = [p]
-        for m in matches:
-            split = _directory_steps(m, allow_outside_index) if pattern is None and os.path.isdir(m) else None
-            found.extend(split or [StepPath(_number(m, pattern, allow_outside_index, void_as), m)])
-    if not found:
-        raise ValueError("no paths given")
-    found.sort(key=lambda s: s.step)
-    for a, b in itertools.pairwise(found):
-        if a.step == b.step:
-            raise InputError(b.path, f"step {b.step} twice: also {a.path}")
-    return found
+    found: list[tuple[StepPath]] = []
+    for m in _matches(paths):
+        split = _split(m, pattern, allow_outside_index)
+        found.extend((st,) for st in split or [StepPath(_number(m, pattern, allow_outside_index, void_as), m)])
+    return [st for st, in _in_order(found)]
 
 
 def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bool = False) -> tuple[Any, ...]:
@@ -207,54 +225,115 @@ def trend(
     window: int = DEFAULT_WINDOW,
     spike_factor: float = DEFAULT_SPIKE_FACTOR,
     clip_target: float = DEFAULT_CLIP_TARGET,
-    on_step: Callable[[StepPath, Any], None] | None = None,
+    on_step: Callable[[StepPath, list[str]], None] | None = None,
     progress: Callable[[int], None] | None = None,
     cache: Any = None,
     void_as: str | None = None,
 ) -> TrendReport:
     """The trend of a run whose steps ``paths`` name (see the module docstring and :func:`gradinspect.trend.analyze`).
 
-    ``on_step(step, norms_report)`` is called after each step (for warnings).  ``progress`` is called
+    ``on_step(step, warnings)`` is called after each step with its input warnings (as
+    :meth:`~gradinspect.report.NormsReport.input_warnings` says them).  ``progress`` is called
     with the bytes read, as by :func:`~gradinspect.api.inspect`; an object with ``set_total`` is first told
     the size of every step's files.
     With ``group_by``, each step is read once, per tensor (``first_nonfinite``
     and ``dead`` name tensors), and grouped from those rows by :func:`regroup`
     (exactly as ``norms --group-by``); for a ``norm_type`` other than 1, 2 and
     inf, or rows whose sums cannot be rebuilt exactly, the step is read again grouped.
-    ``cache``: a :class:`gradinspect.cache.Cache` (the CLI's default), so that a file read before is
+    ``cache``: a :class:`gradinspect.cache.Cache` (the CLI's default), so that a step or file read before is
     not read again (bit-for-bit the same numbers); pruned after the run.
     ``void_as``: what raw void arrays are read as (see :func:`gradinspect.api.inspect`).
     Every step must hold a floating-point tensor with elements (InputError otherwise, as for ``norms``):
     a run is never reported with a step of zeros.
     """
-    from .api import inspect
     from .norms import parse_norm_type
+    from .sources import resolve_paths
 
     p = parse_norm_type(norm_type)
-    steps = find_steps([paths] if isinstance(paths, (str, os.PathLike)) else paths, step_pattern, allow_outside_index,
-                       void_as)
+    from .hooks import HOOK
+
+    pattern = compile_step_pattern(step_pattern)
+    include, exclude = tuple(include), tuple(exclude)
     opts: dict[str, Any] = dict(norm_type=p, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
                                 group_sep=group_sep, sort="none", shards=shards, jobs=jobs, dedup=dedup,
                                 loss_scale=loss_scale, allow_outside_index=allow_outside_index, cache=cache,
                                 void_as=void_as)
+    options = None if cache is None else _step_options(opts, group_by, step_pattern)
+    listed = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    found: list[tuple[StepPath, list[str] | None, str | None, Any]] = []
+    if HOOK.get() is not None:  # --part and merge: the steps the parts recorded, no step entries
+        found = [(st, None, None, None) for st in find_steps(listed, step_pattern, allow_outside_index, void_as)]
+    for m in () if found else _matches(listed):
+        split = _split(m, pattern, allow_outside_index)
+        if split is not None:  # a GradDumper directory: several steps, each of its files
+            for st in split:
+                key = None if options is None else cache.step_key(st.path, list(st.files), options)
+                found.append((st, list(st.files), key, None if key is None else cache.lookup_step(key)))
+            continue
+        number = None if pattern is None else _number(m, pattern, allow_outside_index, void_as)
+        files = resolve_paths([m], allow_outside_index=allow_outside_index)
+        key = None if options is None else cache.step_key(m, files, options)
+        hit = None if key is None else cache.lookup_step(key)
+        if number is None:
+            number = hit[0].step if hit is not None else _number(m, None, allow_outside_index, void_as)
+        found.append((StepPath(number, m), files, key, hit))
+    steps = _in_order(found)
+    sizes: list[int] | None = None
     if progress is not None and hasattr(progress, "set_total"):
-        from .sources import resolve_paths
-
-        progress.set_total(sum(os.path.getsize(f) for st in steps
-                               for f in resolve_paths(st.files or [st.path], allow_outside_index=allow_outside_index)))
+        sizes = [sum(os.path.getsize(f) for f in (files if files is not None else
+                                                  resolve_paths(st.files or [st.path],
+                                                                allow_outside_index=allow_outside_index)))
+                 for st, files, _, _ in steps]
+        progress.set_total(sum(sizes))
     opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step
     results = []
-    for st in steps:
-        report = tensor_report = inspect(st.paths, group_by=None, **opts)
-        if group_by is not None:
-            report = regroup(tensor_report, group_by, group_sep) or inspect(st.paths, group_by=group_by, **opts)
+    for i, (st, _, key, hit) in enumerate(steps):
+        if hit is not None:
+            result, warnings = hit
+            if progress is not None and sizes is not None:
+                progress(sizes[i])  # a step from the cache: its files count as read
+        else:
+            result, warnings = _compute(st, opts, group_by, group_sep)
+            if key is not None:
+                cache.store_step(key, result, warnings)
         if on_step is not None:
-            on_step(st, report)
-        results.append(StepResult.from_reports(st.step, report, tensor_report if group_by is not None else None))
+            on_step(st, warnings)
+        results.append(result)
     if cache is not None and cache.stored:
         cache.prune()
     return analyze(results, norm_type=p, max_norm=max_norm, eps=eps, group_by=group_by, window=window,
                    spike_factor=spike_factor, clip_target=clip_target)
+
+
+def _step_options(opts: dict[str, Any], group_by: int | str | None, step_pattern: str | None) -> dict[str, Any] | None:
+    """What shapes a step's number, numbers and warnings, as JSON values (a step entry's key); None when an
+    option is not plain (then no step entry is used: the step is computed, and its options checked)."""
+    text = [*opts["include"], *opts["exclude"], opts["group_sep"]]
+    if not (all(type(x) is str for x in text) and type(group_by) in (int, str, type(None))
+            and type(opts["shards"]) in (str, type(None)) and type(opts["void_as"]) in (str, type(None))):
+        return None
+    try:
+        return {"p": float(opts["norm_type"]).hex(), "max_norm": float(opts["max_norm"]).hex(),
+                "eps": float(opts["eps"]).hex(), "include": list(opts["include"]), "exclude": list(opts["exclude"]),
+                "group_by": group_by, "group_sep": opts["group_sep"], "shards": opts["shards"],
+                "dedup": bool(opts["dedup"]),
+                "loss_scale": None if opts["loss_scale"] is None else float(opts["loss_scale"]).hex(),
+                "allow_outside_index": bool(opts["allow_outside_index"]), "step_pattern": step_pattern,
+                "void_as": opts["void_as"]}
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _compute(st: StepPath, opts: dict[str, Any], group_by: int | str | None, group_sep: str
+             ) -> tuple[StepResult, list[str]]:
+    """One step computed as ``norms`` computes it, and its input warnings."""
+    from .api import inspect
+
+    report = tensor_report = inspect(st.paths, group_by=None, **opts)
+    if group_by is not None:
+        report = regroup(tensor_report, group_by, group_sep) or inspect(st.paths, group_by=group_by, **opts)
+    result = StepResult.from_reports(st.step, report, tensor_report if group_by is not None else None)
+    return result, report.input_warnings()
 
 
 def _stats(row: Any, p: float) -> Stats | None:
@@ -266,6 +345,8 @@ def _stats(row: Any, p: float) -> Stats | None:
     rescaled terms in ``combine``.  A row with NaN/Inf needs only its counts,
     ``linf`` and whether ``sq`` is NaN.
     """
+    from .norms import Stats
+
     l1, sq = row.l1, row.sq
     if not row.nonfinite:
         tiny = sys.float_info.min
@@ -280,7 +361,9 @@ def regroup(report: Any, group_by: int | str, sep: str = ".") -> Any:
     file order (``sort="none"``), exactly as ``norms --group-by`` computes them from the files; None when
     that cannot be done exactly (a general ``norm_type``, sums out of the normal range): read again then."""
     from .api import compile_group_by
+    from .norms import combine, general_p
     from .pipeline import group_key
+    from .report import TensorNorms
 
     p = report.norm_type
     if general_p(p) or report.omitted or report.group_by is not None:

@@ -148,7 +148,7 @@ class StepResult:
         t = len(self.tensor_names)
         if any(len(c) != t for c in (self.tensor_nan, self.tensor_inf, self.tensor_zero)):
             raise ValueError(f"step {self.step}: tensor columns of different lengths")
-        if len(set(self.names)) != n or len(set(self.tensor_names)) != t:
+        if len(set(self.names)) != n or (self.tensor_names is not self.names and len(set(self.tensor_names)) != t):
             raise ValueError(f"step {self.step}: a name twice")
 
     @property
@@ -531,10 +531,10 @@ def evaluate(report: TrendReport, fail_on: Sequence[str] = (), max_clip_fraction
             raise ValueError(f"fail_on must be among {', '.join(FAIL_ON)}, not {rule!r}")
     rules = tuple(r for r in FAIL_ON if r in fail_on)
     found: list[TrendFinding] = []
-    from .report import norm_label
-
-    label = norm_label(report.norm_type)
     if "spike" in rules:
+        from .report import norm_label
+
+        label = norm_label(report.norm_type)
         for s in report.spikes:
             top = ", ".join(f"{c.name} {c.part:.1%}" for c in s.culprits[:3])
             found.append(TrendFinding("spike", s.step, f"step {s.step}: global {label} norm {s.norm:.6g} is "
@@ -594,6 +594,8 @@ def analyze(
 
 
 def _with_none(values: np.ndarray, present: np.ndarray) -> tuple[tuple[float | None, ...], ...]:
+    if present.all():
+        return tuple(map(tuple, values.tolist()))
     obj = values.astype(object)
     obj[~present] = None
     return tuple(map(tuple, obj.tolist()))

@@ -44,6 +44,22 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.fixture
+def headers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The path of every file whose header is parsed (opened as a source)."""
+    import gradinspect.sources.paths as paths
+
+    calls: list[str] = []
+    real = paths.open_source
+
+    def counted(path: str):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(paths, "open_source", counted)
+    return calls
+
+
 def _step(path: Path, seed: int, nan: bool = False) -> Path:
     r = np.random.default_rng(seed)
     t = {
@@ -75,7 +91,18 @@ def _trend_json(tmp_path: Path, *args: str) -> str:
 
 
 def _entries(d: Path) -> list[Path]:
+    """The file entries."""
     return sorted(p for p in d.iterdir() if p.suffix == ".json")
+
+
+def _step_entries(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.suffix == ".step")
+
+
+def _drop_steps(d: Path) -> None:
+    """Remove the step entries, so that the next run looks up its file entries."""
+    for p in _step_entries(d):
+        p.unlink()
 
 
 # --- bit for bit, no reads ----------------------------------------------------------------------
@@ -150,14 +177,15 @@ def _replace_by_copy(f: Path) -> None:
 
 
 @pytest.mark.parametrize("change", [_touch, _rewrite_same_size, _replace_by_copy])
-def test_a_changed_file_is_read_again(tmp_path: Path, reads: list[str], change) -> None:  # type: ignore[no-untyped-def]
+def test_a_changed_file_is_read_again(tmp_path: Path, reads: list[str], headers: list[str], change) -> None:  # type: ignore[no-untyped-def]
     files = _run(tmp_path)
     cdir = str(tmp_path / "c")
     _trend_json(tmp_path, "--cache-dir", cdir)
     change(files[1])
-    del reads[:]
+    del reads[:], headers[:]
     warm = _trend_json(tmp_path, "--cache-dir", cdir)
     assert reads == [str(files[1])]
+    assert set(headers) == {str(files[1])}  # the other steps come whole from their step entries
     assert warm == _trend_json(tmp_path, "--no-cache")
     del reads[:]
     assert _trend_json(tmp_path, "--cache-dir", cdir) == warm and reads == []  # and cached again
@@ -261,9 +289,11 @@ def test_a_spoiled_entry_is_ignored_and_rebuilt(tmp_path: Path, reads: list[str]
     entries = _entries(cdir)
     victim = entries[1]
     spoil(victim)
+    _drop_steps(cdir)
     del reads[:]
     assert _trend_json(tmp_path, "--cache-dir", str(cdir)) == cold
     assert len(reads) == 1
+    _drop_steps(cdir)
     del reads[:]
     assert _trend_json(tmp_path, "--cache-dir", str(cdir)) == cold and reads == []  # rebuilt
     assert _entries(cdir) == entries
@@ -280,6 +310,7 @@ def test_the_checksum_is_what_catches_a_forged_entry(tmp_path: Path) -> None:
     _double_a_sum(doc)
     doc["checksum"] = cache_mod._checksum(doc["key"], doc["stats"])
     victim.write_text(json.dumps(doc))
+    _drop_steps(cdir)
     assert _trend_json(tmp_path, "--cache-dir", str(cdir)) != cold
 
 
@@ -288,6 +319,248 @@ def test_an_unwritable_cache_dir_is_no_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert _trend_json(tmp_path, "--cache-dir", str(blocker / "sub")) == _trend_json(tmp_path, "--no-cache")
+
+
+# --- step entries: a warm step is a stat and one read ---------------------------------------------
+
+
+@pytest.mark.parametrize("args", [(), ("-p", "3", "--max-norm", "0.5"), ("-p", "inf", "--group-by", "1"),
+                                  ("--include", "a.*", "--eps", "0"), ("--step-pattern", r"_(\d+)\."),
+                                  ("--loss-scale", "3", "--dedup")])
+def test_a_warm_step_parses_no_header_and_is_bit_for_bit(tmp_path: Path, reads: list[str], headers: list[str],
+                                                          args: tuple) -> None:
+    _run(tmp_path)
+    cdir = tmp_path / "c"
+    plain = _trend_json(tmp_path, "--no-cache", *args)
+    cold = _trend_json(tmp_path, "--cache-dir", str(cdir), *args)
+    assert len(_step_entries(cdir)) == 4
+    del reads[:], headers[:]
+    warm = _trend_json(tmp_path, "--cache-dir", str(cdir), *args)
+    assert reads == [] and headers == []  # no tensor read, no header parsed
+    assert warm == cold == plain
+    if not args:  # the library shares the CLI's entries
+        c = Cache(cdir)
+        assert json.dumps(trend(_glob(tmp_path), cache=c).to_dict()) == json.dumps(trend(_glob(tmp_path)).to_dict())
+        assert (c.step_hits, c.step_misses, c.hits, c.misses, c.stored) == (4, 0, 0, 0, 0)
+
+
+def test_a_selection_given_as_an_iterator_selects_in_every_step(tmp_path: Path) -> None:
+    _run(tmp_path)
+    c = Cache(tmp_path / "c")
+    want = json.dumps(trend(_glob(tmp_path), include=["a.*"]).to_dict())
+    assert json.dumps(trend(_glob(tmp_path), include=iter(["a.*"]), cache=c).to_dict()) == want
+    assert json.dumps(trend(_glob(tmp_path), include=(g for g in ["a.*"]), cache=c).to_dict()) == want
+    assert c.step_hits == 4  # the same selection, the same entries
+
+
+def test_each_option_set_has_its_step_entries(tmp_path: Path, reads: list[str], headers: list[str]) -> None:
+    _run(tmp_path)
+    cdir = str(tmp_path / "c")
+    one = _trend_json(tmp_path, "--cache-dir", cdir, "--max-norm", "1")
+    del reads[:], headers[:]
+    half = _trend_json(tmp_path, "--cache-dir", cdir, "--max-norm", "0.5")
+    assert reads == [] and len(headers) == 8  # the file entries serve the numbers; each step is parsed again
+    assert half == _trend_json(tmp_path, "--no-cache", "--max-norm", "0.5") != one
+    assert len(_step_entries(Path(cdir))) == 8
+    del headers[:]
+    assert _trend_json(tmp_path, "--cache-dir", cdir, "--max-norm", "1") == one and headers == []
+
+
+def test_warnings_and_the_metadata_step_come_from_the_entry(tmp_path: Path, headers: list[str]) -> None:
+    for i in range(4):  # the number is in the metadata only; an integer tensor is a warning
+        save_file({"w": np.full(3, i + 1.0, np.float32), "count": np.array([i])},
+                  str(tmp_path / f"s{9 - i}.safetensors"), metadata={"step": str(10 * i)})
+    pattern = str(tmp_path / "s*.safetensors")
+    cdir = str(tmp_path / "c")
+    plain = run("trend", pattern, "-f", "json", "--no-cache")
+    cold = run("trend", pattern, "-f", "json", "--cache-dir", cdir)
+    del headers[:]
+    warm = run("trend", pattern, "-f", "json", "--cache-dir", cdir)
+    assert headers == []
+    assert warm.exit_code == cold.exit_code == plain.exit_code == 0
+    assert warm.stdout == cold.stdout == plain.stdout
+    assert [s["step"] for s in strict_json(warm.stdout)["steps"]] == [0, 10, 20, 30]
+    assert warm.stderr == cold.stderr == plain.stderr and "skipped count" in warm.stderr
+
+
+def _dir_run(tmp_path: Path) -> str:
+    for i in range(3):
+        d = tmp_path / "run" / f"step_{i}"
+        d.mkdir(parents=True)
+        save_file({"a": np.full(5, i + 1.0, np.float32)}, str(d / "a.safetensors"))
+        save_file({"b": np.full(7, -2.0 * i, np.float32)}, str(d / "b.safetensors"))
+    return str(tmp_path / "run" / "step_*")
+
+
+def _add_file(d: Path) -> None:
+    save_file({"c": np.full(2, 3.0, np.float32)}, str(d / "c.safetensors"))
+
+
+def _remove_file(d: Path) -> None:
+    (d / "b.safetensors").unlink()
+
+
+def _add_other_file(d: Path) -> None:
+    (d / "notes.txt").write_text("not tensors")  # not read, but a warning
+
+
+@pytest.mark.parametrize("change", [_add_file, _remove_file, _add_other_file])
+def test_a_file_added_to_or_removed_from_a_step_is_seen(tmp_path: Path, headers: list[str], change) -> None:  # type: ignore[no-untyped-def]
+    pattern = _dir_run(tmp_path)
+    cdir = str(tmp_path / "c")
+    run("trend", pattern, "-f", "json", "--cache-dir", cdir)
+    del headers[:]
+    assert run("trend", pattern, "-f", "json", "--cache-dir", cdir).exit_code == 0 and headers == []
+    step = tmp_path / "run" / "step_1"
+    change(step)
+    warm = run("trend", pattern, "-f", "json", "--cache-dir", cdir)
+    assert headers and {os.path.dirname(h) for h in headers} == {str(step)}
+    plain = run("trend", pattern, "-f", "json", "--no-cache")
+    assert warm.exit_code == plain.exit_code == 0
+    assert (warm.stdout, warm.stderr) == (plain.stdout, plain.stderr)
+    assert len(strict_json(warm.stdout)["tensors"]) == (3 if change is _add_file else 2)
+    del headers[:]
+    assert run("trend", pattern, "-f", "json", "--cache-dir", cdir).stdout == warm.stdout and headers == []
+
+
+def test_a_file_changed_while_its_step_is_computed_is_not_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  headers: list[str]) -> None:
+    files = _run(tmp_path, 2)
+    real = Cache.lookup_step
+
+    def then_change(self: Cache, key):  # type: ignore[no-untyped-def]
+        got = real(self, key)
+        if key.paths[0] == str(files[1]):
+            _rewrite_same_size(files[1])  # after its identity was taken, before it is read
+        return got
+
+    monkeypatch.setattr(Cache, "lookup_step", then_change)
+    c = Cache(tmp_path / "c")
+    first = trend(_glob(tmp_path), cache=c)
+    assert len(_step_entries(tmp_path / "c")) == 1  # only step 0's
+    monkeypatch.setattr(Cache, "lookup_step", real)
+    assert trend(_glob(tmp_path), cache=c) == first == trend(_glob(tmp_path))  # what was read: the new bytes
+    assert len(_step_entries(tmp_path / "c")) == 2
+
+
+def test_a_step_changed_just_now_is_not_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(tmp_path, 2)
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 2_000_000_000)
+    c = Cache(tmp_path / "c")
+    trend(_glob(tmp_path), cache=c)
+    assert c.stored == 0 and not (tmp_path / "c").exists()
+
+
+def _entry_parts(p: Path) -> tuple[dict, bytes]:
+    data = p.read_bytes()
+    end = data.index(b"\n", 65)
+    return json.loads(data[65:end]), data[end + 1:]
+
+
+def _write_entry(p: Path, head: dict, blob: bytes) -> None:
+    """An entry with its checksum recomputed: well-formed as far as the checksum can tell."""
+    import hashlib
+
+    body = json.dumps(head).encode() + b"\n" + blob
+    p.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+_NORM_BYTE = 8 * 3 + 6  # in the floats: the second-highest byte of the step's global norm (the 4th float)
+
+
+def _flip_a_float(p: Path) -> None:
+    _, blob = _entry_parts(p)
+    data = bytearray(p.read_bytes())
+    data[len(data) - len(blob) + _NORM_BYTE] ^= 0x10
+    p.write_bytes(bytes(data))
+
+
+def _step_truncated(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:-9])
+
+
+def _step_other_version(p: Path) -> None:
+    head, blob = _entry_parts(p)
+    head["key"]["version"] = "0.0.1"
+    _write_entry(p, head, blob)
+
+
+def _step_of_another_step(p: Path) -> None:
+    others = [q for q in _step_entries(p.parent) if q != p]
+    shutil.copy(others[0], p)
+
+
+def _step_short_blob(p: Path) -> None:
+    head, blob = _entry_parts(p)
+    _write_entry(p, head, blob[:-8])
+
+
+def _step_names_not_strings(p: Path) -> None:
+    head, blob = _entry_parts(p)
+    head["names"] = [1] * len(head["names"])
+    _write_entry(p, head, blob)
+
+
+def _step_a_name_twice(p: Path) -> None:
+    head, blob = _entry_parts(p)
+    head["names"][1] = head["names"][0]
+    _write_entry(p, head, blob)
+
+
+def _step_bad_flag(p: Path) -> None:
+    head, blob = _entry_parts(p)
+    _write_entry(p, head, blob[:-1] + b"\x07")  # tensor_zero is 0 or 1
+
+
+def _step_negative_count(p: Path) -> None:
+    head, blob = _entry_parts(p)
+    head["total"][0] = -1
+    _write_entry(p, head, blob)
+
+
+@pytest.mark.parametrize("spoil", [_flip_a_float, _step_truncated, _step_other_version, _step_of_another_step,
+                                   _step_short_blob, _step_names_not_strings, _step_a_name_twice, _step_bad_flag,
+                                   _step_negative_count, lambda p: p.write_bytes(b""),
+                                   lambda p: p.write_bytes(b"0" * 64 + b"\n{}\n"), lambda p: p.write_text("\n" * 99)])
+def test_a_spoiled_step_entry_is_ignored_and_rebuilt(tmp_path: Path, reads: list[str], headers: list[str],
+                                                      spoil) -> None:  # type: ignore[no-untyped-def]
+    files = _run(tmp_path)
+    cdir = tmp_path / "c"
+    cold = _trend_json(tmp_path, "--cache-dir", str(cdir))
+    victim = Path(_key(Cache(cdir), files[2]).file)
+    assert victim in _step_entries(cdir)
+    spoil(victim)
+    del reads[:], headers[:]
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)) == cold
+    assert set(headers) == {str(files[2])} and reads == []  # step 2 computed again, from its file entry
+    del headers[:]
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)) == cold and headers == []  # rebuilt
+
+
+def _key(c: Cache, f: Path) -> cache_mod.StepKey:
+    """The key of the step entry of file ``f`` with the default options (the CLI's): as ``trend`` makes it."""
+    keys: list[cache_mod.StepKey] = []
+    real = c.step_key
+
+    def kept(*a):  # type: ignore[no-untyped-def]
+        keys.append(real(*a))
+        return keys[-1]
+
+    c.step_key = kept  # type: ignore[method-assign]
+    trend([str(f)], cache=c)
+    return keys[0]
+
+
+def test_the_checksum_is_what_catches_a_spoiled_step_entry(tmp_path: Path) -> None:
+    """The flipped float with its checksum recomputed is served: so the checksum did the catching above."""
+    _run(tmp_path, 2)
+    cdir = tmp_path / "c"
+    cold = _trend_json(tmp_path, "--cache-dir", str(cdir))
+    victim = _step_entries(cdir)[0]
+    head, blob = _entry_parts(victim)
+    at = _NORM_BYTE
+    _write_entry(victim, head, blob[:at] + bytes([blob[at] ^ 0x10]) + blob[at + 1:])
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)) != cold
 
 
 # --- where, how much, and two runs at once --------------------------------------------------------
@@ -316,17 +589,18 @@ def test_pruning_keeps_the_newest_within_the_bounds(tmp_path: Path) -> None:
     files = _run(tmp_path, 6)
     cdir = tmp_path / "c"
     trend([str(f) for f in files], cache=Cache(cdir, max_files=4))
-    kept = _entries(cdir)
-    assert len(kept) == 4
-    for i, p in enumerate(_entries(cdir)):
+    kept = sorted(cdir.iterdir())  # file and step entries count together
+    assert len(kept) == 4 and {p.suffix for p in kept} <= {".json", ".step"}
+    for i, p in enumerate(kept):
         os.utime(p, (1000 + i, 1000 + i))
-    stale = cdir / ".tmp-left.json"
-    stale.write_text("{")
-    os.utime(stale, (0, 0))
-    size = kept[0].stat().st_size
-    c = Cache(cdir, max_bytes=2 * size + size // 2)
+    stale = [cdir / ".tmp-left.json", cdir / ".tmp-left.step"]
+    for p in stale:
+        p.write_text("{")
+        os.utime(p, (0, 0))
+    sizes = [p.stat().st_size for p in kept]
+    c = Cache(cdir, max_bytes=sizes[3] + sizes[2] + sizes[1] // 2)
     assert c.prune() == 2
-    assert _entries(cdir) == kept[2:] and not stale.exists()
+    assert sorted(cdir.iterdir()) == kept[2:] and not any(p.exists() for p in stale)
 
 
 _CHILD = ("import sys, gradinspect.cache as c; c.SETTLE_NS = 0; from gradinspect.cli import main; "
@@ -343,10 +617,12 @@ def test_two_runs_at_once_leave_the_cache_valid(tmp_path: Path, reads: list[str]
         outs = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
         assert outs[0][0] == outs[1][0] and outs[0][1] == b""
-    assert len(_entries(cdir)) == 12
+    assert len(_entries(cdir)) == len(_step_entries(cdir)) == 12
     assert not [p for p in cdir.iterdir() if p.name.startswith(".tmp-")]
     assert _trend_json(tmp_path, "--cache-dir", str(cdir)).encode() == outs[0][0]
-    assert reads == []  # every entry valid
+    _drop_steps(cdir)
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)).encode() == outs[0][0]
+    assert reads == []  # every entry valid: the step entries, then the file entries
 
 
 # --- trend --follow -------------------------------------------------------------------------------
@@ -402,3 +678,27 @@ def test_follow_is_for_the_table(tmp_path: Path) -> None:
     _run(tmp_path, 1)
     r = run("trend", _glob(tmp_path), "--follow", "-f", "json")
     assert r.exit_code == 2 and "--follow draws the table" in r.output
+
+
+def test_a_dumper_directory_uses_step_entries(tmp_path: Path, reads: list[str]) -> None:
+    """A GradDumper directory (step_N_rankR files, several steps): each step its own entry, warm reads nothing,
+    and a rank file rewritten is read again for its step only."""
+    d = tmp_path / "dump"
+    for step in (0, 5, 10):
+        for rank in (0, 1):
+            _step(d / f"step_{step:08d}_rank{rank}.safetensors", 10 * step + rank)
+    args = ("trend", str(d), "-f", "json", "-q", "--shards", "slices")
+    cdir = tmp_path / "c"
+    plain = run(*args, "--no-cache")
+    assert plain.exit_code == 0, plain.output
+    assert [s["step"] for s in strict_json(plain.stdout)["steps"]] == [0, 5, 10]
+    cold = run(*args, "--cache-dir", str(cdir))
+    assert len(_step_entries(cdir)) == 3
+    n = len(reads)
+    warm = run(*args, "--cache-dir", str(cdir))
+    assert len(reads) == n  # not one tensor read
+    assert warm.stdout == cold.stdout == plain.stdout
+    _rewrite_same_size(d / "step_00000005_rank1.safetensors")
+    again = run(*args, "--cache-dir", str(cdir))
+    assert {os.path.basename(p) for p in reads[n:]} == {"step_00000005_rank1.safetensors"}
+    assert again.stdout != warm.stdout
