@@ -7,10 +7,11 @@ stdout).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -292,6 +293,26 @@ def _warn(lines: list[str], quiet: bool | int = False) -> None:
         click.echo(f"Warning: {printable(line)}", err=True)
 
 
+@contextlib.contextmanager
+def _executor(scheduler: str | None) -> Iterator[Any]:
+    """The Dask executor --scheduler (else $GRADINSPECT_SCHEDULER) names, connected; None: local threads."""
+    from_env = scheduler is None
+    address = (os.environ.get("GRADINSPECT_SCHEDULER") or None) if from_env else scheduler
+    if address is None:
+        yield None
+        return
+    from .executors_dask import DaskExecutor
+
+    try:
+        executor = DaskExecutor(address)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="$GRADINSPECT_SCHEDULER" if from_env else "--scheduler"
+                                 ) from None
+    with executor:
+        executor.connect()
+        yield executor
+
+
 class _ProgressBar:
     """Bytes done, rate and time left on stderr: only when stderr is a terminal,
     only once the work has taken about a second, never with --quiet."""
@@ -370,12 +391,13 @@ _SEP = click.option("--sep", "group_sep", default=".", show_default=True, metava
     click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
                  show_default=True, help="Row order; none keeps file order."),
     _TOP, *o.SELECTION_OPTIONS, _GROUP_BY, _SEP,
-    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.SCHEDULER, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
 )
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
           group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None) -> None:
+          jobs: int | None, scheduler: str | None, quiet: int, width: int | None, allow_outside_index: bool,
+          output: str | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -404,10 +426,10 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
     _not_an_input(output, paths)
-    with _ProgressBar(not quiet) as bar:
+    with _executor(scheduler) as dask, _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-            group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+            group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=dask or jobs, progress=bar,
             dedup=dedup, loss_scale=loss_scale, allow_outside_index=allow_outside_index,
         )
     _warn(report.input_warnings(), quiet >= 1)
@@ -466,10 +488,10 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     quiet = int(options["quiet"])  # the config file's quiet = true is -q
-    with _ProgressBar(not quiet) as bar:
+    with _executor(options["scheduler"]) as dask, _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
-                           shards=options["shards"], jobs=options["jobs"], progress=bar,
+                           shards=options["shards"], jobs=dask or options["jobs"], progress=bar,
                            dedup=options["dedup"], loss_scale=options["loss_scale"],
                            allow_outside_index=options["allow_outside_index"])
     _warn(result.report.input_warnings(), quiet)
@@ -498,13 +520,13 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                  help="Like --shards, for A only (each side is one gradient set with its own mode)."),
     click.option("--shards-b", type=click.Choice(["slices", "replicas"]), default=None,
                  help="Like --shards, for B only."),
-    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET,
+    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.SCHEDULER, o.QUIET,
 )
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
          include: tuple[str, ...], exclude: tuple[str, ...], shards: str | None, shards_a: str | None,
          shards_b: str | None, format: str, as_json: bool, width: int | None, allow_outside_index: bool,
-         output: str | None, quiet: int) -> None:
+         output: str | None, scheduler: str | None, quiet: int) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -542,10 +564,11 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
                          as_json or _given(click.get_current_context(), "format"),
                          output)
     _not_an_input(output, (a, b))
-    report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
-                      include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
-                      strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
-                      shards_a=shards_a, shards_b=shards_b)
+    with _executor(scheduler) as dask:
+        report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
+                          include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
+                          strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
+                          shards_a=shards_a, shards_b=shards_b, executor=dask)
     _warn(report.warnings(), quiet >= 1)
     _emit(fmt, "diff", report, width, output)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
@@ -596,7 +619,7 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     Option("max_clip_fraction", ("--max-clip-fraction",), "float", None,
            "Exit 1 when more than this fraction of the finite steps is clipped at --max-norm.", metavar="F",
            range=o.SHARE),
-    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.SCHEDULER, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
     click.option("--heatmap", type=click.Choice(["norm", "share"]), default="norm", show_default=True,
                  help="What the plots' heatmap shows per tensor and step (--output run.png/.svg/.html): "
                       "log10 of the norm, or the share of the squared L2 norm."),
@@ -616,8 +639,9 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
           include: tuple[str, ...], exclude: tuple[str, ...], group_by: int | str | None, group_sep: str,
           step_pattern: str | None, window: int, spike_factor: float, clip_target: float, fail_on: tuple[str, ...],
           max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
-          heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool, interval: float) -> None:
+          jobs: int | None, scheduler: str | None, quiet: int, width: int | None, allow_outside_index: bool,
+          output: str | None, heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool,
+          interval: float) -> None:
     """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
 
     Each PATH is one step: a file, or a directory or *.safetensors.index.json
@@ -661,6 +685,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
     from .cache import Cache
 
     cache = None if no_cache else Cache(cache_dir)
+    jobs = click.get_current_context().with_resource(_executor(scheduler)) or jobs  # a Dask executor, or threads
     if follow:
         if fmt != "table" or output is not None or fail_on or max_clip_fraction is not None:
             raise click.UsageError("--follow draws the table on stdout: not with --format, --output, --fail-on "

@@ -390,6 +390,12 @@ def pair_stats(a: Sequence[Piece], b: Sequence[Piece], tools: _PairTools) -> Any
     return combine_pairs(parts)
 
 
+def pair_stats_of(pairs: Sequence[tuple[Sequence[Piece], Sequence[Piece]]]) -> list[Any]:
+    """:func:`pair_stats` of each pair, with one reducer and its buffers (what a Dask task runs)."""
+    tools = _PairTools.make()
+    return [pair_stats(a, b, tools) for a, b in pairs]
+
+
 def _drain(*readers: Iterator[np.ndarray]) -> None:
     """Run readers past their last chunk, where they check CRCs and that the data was all there
     (equal element counts end together)."""
@@ -783,8 +789,11 @@ def _unpaired(name: str, pa: list[Piece], pb: list[Piece]) -> Mismatch | Skipped
 
 def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include: Iterable[str] = (),
                 exclude: Iterable[str] = (), progress: Progress | None = None, strip_a: Sequence[str] = (),
-                strip_b: Sequence[str] = ()) -> DiffReport:
-    """Compare two gradient sets tensor by tensor; finishes both sets' sources."""
+                strip_b: Sequence[str] = (), executor: Any = None) -> DiffReport:
+    """Compare two gradient sets tensor by tensor; finishes both sets' sources.
+
+    ``executor``: one with ``run_pairs`` (:class:`~gradinspect.executors_dask.DaskExecutor`) computes the
+    pairs' statistics elsewhere, bit for bit as here."""
     from .diff import combine_pairs
 
     chosen = select(include, exclude)
@@ -813,10 +822,14 @@ def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include
     only_b = [n for n in side_b if n not in side_a]
     rows: list[DiffRow] = []
     stats = []
+    computed = None if executor is None else iter(executor.run_pairs([(pa, pb) for _, pa, pb in pairs], progress))
     for name, pa, pb in pairs:
-        ps = pair_stats(pa, pb, tools)
-        if progress is not None:
-            progress(sum(t.nbytes for _, t in (*pa, *pb)))
+        if computed is not None:
+            ps = next(computed)
+        else:
+            ps = pair_stats(pa, pb, tools)
+            if progress is not None:
+                progress(sum(t.nbytes for _, t in (*pa, *pb)))
         stats.append(ps)
         shape = pa[0][1].shape if len(pa) == 1 else _shape(pb)
         rows.append(_diff_row(name, shape, _dtype(pa), _dtype(pb), ps, tol))
