@@ -39,8 +39,9 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .engine import Part, Progress, Worker, WorkUnit, run_unit
+from .engine import Part, Progress, Worker, WorkUnit, plan, run_unit
 from .errors import InputError
+from .norms import CHUNK
 from .sources.base import Source, TensorDesc
 from .sources.store import ByteStore, LocalFile
 
@@ -210,6 +211,11 @@ def _probe(address: str, timeout: float, shown: str) -> None:
         raise InputError(shown, f"cannot reach the Dask scheduler ({why.lower()})") from None
 
 
+def _work_key(units: Sequence[WorkUnit], descs: Sequence[TensorDesc], p: float, chunk: int) -> Any:
+    """What identifies a source's work: its units, the very descriptions they index, p and the chunk."""
+    return tuple(units), tuple(map(id, descs)), p, chunk
+
+
 def _quiet() -> None:
     """No Dask log lines on stderr (stdout stays the report's)."""
     for name in _LOGGERS:
@@ -237,6 +243,7 @@ class DaskExecutor:
         self.client: Any = None
         self.cluster: Any = None
         self.tasks = 0  # tasks submitted (for benchmarks)
+        self.prefetched: dict[Any, tuple[list[Any], list[int]]] = {}  # submitted by prefetch, not yet gathered
 
     def __enter__(self) -> DaskExecutor:
         return self
@@ -282,6 +289,7 @@ class DaskExecutor:
         return client
 
     def close(self) -> None:
+        self.prefetched = {}
         client, self.client = self.client, None
         cluster, self.cluster = self.cluster, None
         if client is not None:
@@ -308,14 +316,27 @@ class DaskExecutor:
 
     def run(self, units: Sequence[WorkUnit], descs: Sequence[TensorDesc], stores: Mapping[str, ByteStore],
             p: float, chunk: int, progress: Progress | None = None) -> list[list[Part]]:
-        specs = self.specs(stores)
-        if specs is None or not units:  # arrays in memory: nothing a worker could read
+        submitted = self.prefetched.pop(_work_key(units, descs, p, chunk), None)
+        if submitted is None:
+            submitted = self.submit(units, descs, stores, p, chunk)
+        if submitted is None:  # arrays in memory: nothing a worker could read
             from .executors import ThreadExecutor
 
             return ThreadExecutor(1).run(units, descs, stores, p, chunk, progress)
+        futures, weights = submitted
+        results: list[list[Part]] = []
+        for got in self.gather(futures, weights, progress):
+            results.extend(got)
+        return results
+
+    def submit(self, units: Sequence[WorkUnit], descs: Sequence[TensorDesc], stores: Mapping[str, ByteStore],
+               p: float, chunk: int) -> tuple[list[Any], list[int]] | None:
+        """The tasks of ``units`` submitted, and the tensor bytes of each; None when a store is in memory."""
+        specs = self.specs(stores)
+        if specs is None or not units:
+            return None
         client = self.connect()
-        sizes = [u.size or u.nbytes for u in units]
-        cuts = _batches(sizes, self.task_bytes)
+        cuts = _batches([u.size or u.nbytes for u in units], self.task_bytes)
         futures = []
         for a, b in cuts:
             part = list(units[a:b])
@@ -323,12 +344,28 @@ class DaskExecutor:
             keys = {u.store for u in part}
             futures.append(client.submit(_unit_task, part, needed, {k: specs[k] for k in keys}, p, chunk,
                                          pure=False, retries=self.retries))
-        weights = [sum(u.nbytes for u in units[a:b]) for a, b in cuts]
-        done = self.gather(futures, weights, progress)
-        results: list[list[Part]] = []
-        for got in done:
-            results.extend(got)
-        return results
+        self.tasks += len(futures)
+        return futures, [sum(u.nbytes for u in units[a:b]) for a, b in cuts]
+
+    def prefetch(self, work: Sequence[tuple[Source, Sequence[TensorDesc]]], p: float, chunk: int = CHUNK) -> None:
+        """Submit the work of several sources at once (each source's floating tensors, in order), so
+        that the cluster reads every file in parallel; :meth:`run` then gathers the source it is given."""
+        for src, entries in work:
+            if src.store is None or not entries:
+                continue
+            units = plan(entries, chunk)
+            key = _work_key(units, entries, p, chunk)
+            if key not in self.prefetched:
+                submitted = self.submit(units, entries, {src.store.key: src.store}, p, chunk)
+                if submitted is not None:
+                    self.prefetched[key] = submitted
+
+    def cancel(self) -> None:
+        """Drop the work prefetched and not gathered (after an error)."""
+        prefetched, self.prefetched = self.prefetched, {}
+        for futures, _ in prefetched.values():
+            for f in futures:
+                f.cancel()
 
     def run_pairs(self, pairs: Sequence[tuple[Sequence[Piece], Sequence[Piece]]],
                   progress: Progress | None = None) -> list[Any]:
@@ -359,6 +396,7 @@ class DaskExecutor:
             keys = {k for x, y in part for k, _ in (*x, *y)}
             futures.append(client.submit(_pair_task, part, {k: specs[k] for k in keys}, pure=False,
                                          retries=self.retries))
+        self.tasks += len(futures)
         done = self.gather(futures, [sum(sizes[lo:hi]) for lo, hi in cuts], progress)
         return [ps for got in done for ps in got]
 
@@ -369,7 +407,6 @@ class DaskExecutor:
         ``worker_timeout`` s fails the run."""
         distributed: Any = importlib.import_module("distributed")
 
-        self.tasks += len(futures)
         client = self.client
         index = {f.key: n for n, f in enumerate(futures)}
         results: list[Any] = [None] * len(futures)
@@ -405,5 +442,6 @@ class DaskExecutor:
         except BaseException:
             for f in pending:
                 f.cancel()
+            self.cancel()
             raise
         return results

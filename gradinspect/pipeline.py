@@ -209,6 +209,11 @@ def tensor_stats(
     skipped: list[Skipped] = []
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(_selected_bytes(sources, chosen))
+    prefetch = getattr(jobs, "prefetch", None)  # a cluster (Dask): every file's work is submitted at once
+    if prefetch is not None:
+        prefetch([(src, floats) for src in sources
+                  if (floats := [t for t in src.tensors if t.is_float and chosen(t.name)])
+                  and (cache is None or not cache.lookup(src, p))], p)
     for src in sources:
         entries = [t for t in src.tensors if chosen(t.name)]
         skipped.extend(Skipped(t.name, t.source, t.dtype, t.skip_reason or "") for t in entries if not t.is_float)

@@ -73,6 +73,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g = {k: v for k, v in grads(4).items() if v.dtype == np.float32}
     np.savez(d / "a.npz", **g)
     np.savez_compressed(d / "z.npz", **g)
+    (d / "shards").mkdir()
+    for rank in range(4):
+        save_file({f"r{rank}.{k}": v for k, v in grads(20 + rank).items()}, str(d / "shards" / f"r{rank}.safetensors"))
     (d / "run").mkdir()
     for step in range(6):
         save_file(grads(10 + step, 30.0 if step == 4 else 1.0), str(d / "run" / f"step_{step}.safetensors"))
@@ -123,6 +126,22 @@ def test_many_tasks_exact_and_progress_per_task(data: Path, scheduler: str) -> N
         d = api.diff(data / "a.safetensors", data / "b.safetensors", executor=ex)
         assert ex.tasks >= 2
     assert d == api.diff(data / "a.safetensors", data / "b.safetensors")
+
+
+def test_every_file_of_a_set_is_submitted_at_once(data: Path, scheduler: str, tmp_path: Path) -> None:
+    """Several files: all their tasks are on the cluster before the first result is gathered (read in parallel,
+    not file after file); with the statistics cache too, for the files it lacks."""
+    from gradinspect.cache import Cache
+    from gradinspect.executors_dask import DaskExecutor
+
+    for cache in (None, Cache(str(tmp_path / "cache"))):
+        with DaskExecutor(scheduler, task_bytes=1 << 20) as ex:
+            seen: list[int] = []  # tasks submitted when each task's result came in
+            got = api.inspect(data / "shards", jobs=ex, cache=cache,
+                              progress=lambda n, ex=ex, seen=seen: seen.append(ex.tasks))
+            assert ex.tasks >= 8 and seen[0] == ex.tasks and not ex.prefetched
+        assert got == api.inspect(data / "shards", jobs=2)
+    _same(["trend", str(data / "run" / "step_*.safetensors"), "--json"], scheduler, 0)  # cached: the same bits
 
 
 def test_a_file_changed_after_planning_is_exit_2(data: Path, scheduler: str, tmp_path: Path,
