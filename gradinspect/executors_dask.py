@@ -261,9 +261,12 @@ class DaskExecutor:
             raise InputError("dask", "--scheduler needs Dask: pip install 'gradinspect[dask]'") from None
         _quiet()
         if self.kind == "local":
-            self.cluster = distributed.LocalCluster(
-                n_workers=self.local_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=None, scheduler_kwargs=NO_DASHBOARD, silence_logs=logging.CRITICAL + 1)
+            try:
+                self.cluster = distributed.LocalCluster(
+                    n_workers=self.local_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    dashboard_address=None, scheduler_kwargs=NO_DASHBOARD, silence_logs=logging.CRITICAL + 1)
+            except Exception as e:  # no processes left, no port, a worker that cannot start
+                raise InputError(self.address, f"cannot start a local Dask cluster: {e}") from None
             address = self.cluster.scheduler_address
         else:
             address = self.address
@@ -337,14 +340,12 @@ class DaskExecutor:
             return None
         client = self.connect()
         cuts = _batches([u.size or u.nbytes for u in units], self.task_bytes)
-        futures = []
-        for a, b in cuts:
-            part = list(units[a:b])
-            needed = {i: descs[i] for u in part for i in u.tensors}
-            keys = {u.store for u in part}
-            futures.append(client.submit(_unit_task, part, needed, {k: specs[k] for k in keys}, p, chunk,
-                                         pure=False, retries=self.retries))
-        self.tasks += len(futures)
+        parts = [list(units[a:b]) for a, b in cuts]
+        needed = [{i: descs[i] for u in part for i in u.tensors} for part in parts]
+        used = [{k: specs[k] for k in {u.store for u in part}} for part in parts]
+        n = len(parts)
+        futures = client.map(_unit_task, parts, needed, used, [p] * n, [chunk] * n, pure=False, retries=self.retries)
+        self.tasks += n
         return futures, [sum(u.nbytes for u in units[a:b]) for a, b in cuts]
 
     def prefetch(self, work: Sequence[tuple[Source, Sequence[TensorDesc]]], p: float, chunk: int = CHUNK) -> None:
@@ -390,12 +391,9 @@ class DaskExecutor:
                              for a, b in pairs]
         sizes = [sum(t.nbytes for _, t in (*a, *b)) for a, b in plain]
         cuts = _batches(sizes, self.task_bytes)
-        futures = []
-        for lo, hi in cuts:
-            part = plain[lo:hi]
-            keys = {k for x, y in part for k, _ in (*x, *y)}
-            futures.append(client.submit(_pair_task, part, {k: specs[k] for k in keys}, pure=False,
-                                         retries=self.retries))
+        parts = [plain[lo:hi] for lo, hi in cuts]
+        used = [{k: specs[k] for k in {k for x, y in part for k, _ in (*x, *y)}} for part in parts]
+        futures = client.map(_pair_task, parts, used, pure=False, retries=self.retries)
         self.tasks += len(futures)
         done = self.gather(futures, [sum(sizes[lo:hi]) for lo, hi in cuts], progress)
         return [ps for got in done for ps in got]
@@ -410,16 +408,28 @@ class DaskExecutor:
         client = self.client
         index = {f.key: n for n, f in enumerate(futures)}
         results: list[Any] = [None] * len(futures)
-        pending = set(futures)
+        done = distributed.as_completed(futures, loop=client.loop, raise_errors=False)
+        checked = time.monotonic()
         idle_since: float | None = None
         try:
-            while pending:
-                try:
-                    with client.as_current():
-                        done, pending = distributed.wait(pending, timeout=5.0, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    done = set()
-                for f in done:
+            while not done.is_empty():
+                batch = done.next_batch(block=False)
+                if not batch:  # nothing new: look again shortly; every 5 s, whether the cluster has workers
+                    time.sleep(0.002)
+                    now = time.monotonic()
+                    if now - checked < 5.0:
+                        continue
+                    checked = now
+                    if client.scheduler_info().get("workers"):
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = now
+                    elif now - idle_since > self.worker_timeout:
+                        raise InputError(self.address, f"the Dask scheduler has had no worker for "
+                                                       f"{self.worker_timeout:g} s")
+                    continue
+                idle_since = None
+                for f in batch:
                     try:
                         status, value = f.result()
                     except Exception as e:  # a task that failed its retries, or a worker lost too often
@@ -429,18 +439,8 @@ class DaskExecutor:
                     results[index[f.key]] = value
                     if progress is not None:
                         progress(weights[index[f.key]])
-                if done:
-                    idle_since = None
-                    continue
-                if client.scheduler_info().get("workers"):
-                    idle_since = None
-                elif idle_since is None:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since > self.worker_timeout:
-                    raise InputError(self.address, f"the Dask scheduler has had no worker for "
-                                                   f"{self.worker_timeout:g} s")
         except BaseException:
-            for f in pending:
+            for f in futures:
                 f.cancel()
             self.cancel()
             raise
