@@ -195,6 +195,44 @@ def test_same_size_and_mtime_but_other_bytes_are_seen(data: Path, scheduler: str
         src.close()
 
 
+def test_a_file_changed_while_a_worker_reads_it(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check after the last read: a rewrite (same size, mtime put back) during a task fails the run.
+    (Workers as threads of this process, so that the rewrite can happen between two reads of a task.)"""
+    distributed = pytest.importorskip("distributed", reason=NEEDS_DASK)
+    from gradinspect import executors_dask
+    from gradinspect.executors_dask import NO_DASHBOARD, DaskExecutor
+
+    path = tmp_path / "g.safetensors"
+    path.write_bytes((data / "a.safetensors").read_bytes())
+    st = path.stat()
+    real = executors_dask.run_unit
+    done: list[int] = []
+
+    def read_then_rewrite(*args: Any) -> Any:
+        out = real(*args)
+        if not done:
+            done.append(1)
+            raw = bytearray(path.read_bytes())
+            raw[-4:] = b"\x7f\x7f\x7f\x7f"
+            path.write_bytes(bytes(raw))
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return out
+
+    monkeypatch.setattr(executors_dask, "run_unit", read_then_rewrite)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, scheduler_kwargs=NO_DASHBOARD,
+                                  silence_logs=logging.CRITICAL + 1) as cluster, \
+            DaskExecutor(cluster.scheduler_address) as ex:
+        src = open_source(str(path))
+        try:
+            floats = [t for t in src.tensors if t.is_float]
+            assert src.store is not None
+            with pytest.raises(InputError, match=r"g\.safetensors: changed while being read"):
+                ex.run(plan(floats), floats, {src.store.key: src.store}, 2.0, 1 << 17)  # the worker's check, alone
+        finally:
+            src.close()
+    assert done and ex.tasks == 1  # one task: its first check passed, its last one failed
+
+
 def test_relative_paths_are_the_clients(data: Path, scheduler: str, tmp_path: Path) -> None:
     """The workers run in another directory: the client's cwd resolves a relative PATH."""
     here = tmp_path / "here"
