@@ -182,6 +182,7 @@ def diff(
     shards_a: str | None = None,
     shards_b: str | None = None,
     void_as: str | None = None,
+    executor: Any = None,
 ) -> DiffReport:
     """Compare two gradient sets tensor by tensor and as a whole, streaming both.
 
@@ -201,6 +202,9 @@ def diff(
     elements when both sides are sliced alike, or the slices are flat (FSDP,
     ZeRO) or split along the first dimension; otherwise the tensor is listed as
     not compared ("sliced differently").  ``void_as``: see :func:`inspect` (both sides).
+
+    ``executor``: a :class:`~gradinspect.executors_dask.DaskExecutor` computes the pairs on its workers
+    (the same bits).
     """
     for name, v, rng in (("rtol", rtol, NON_NEGATIVE), ("atol", atol, NON_NEGATIVE),
                          ("min_cosine", min_cosine, COSINE)):
@@ -214,4 +218,4 @@ def diff(
     with open_set(a, mode_a, allow_outside_index=allow_outside_index, void_as=void_as) as set_a, \
             open_set(b, mode_b, allow_outside_index=allow_outside_index, void_as=void_as) as set_b:
         return diff_report(set_a, set_b, tol, include, exclude, progress,
-                           (*strip_prefix_a, *strip_prefix), (*strip_prefix_b, *strip_prefix))
+                           (*strip_prefix_a, *strip_prefix), (*strip_prefix_b, *strip_prefix), executor)

@@ -176,8 +176,8 @@ RULE_IDS = tuple(r.name for r in RULES)
 #: ``gradinspect check``'s options, in --help order; those marked ``config`` are the config file's keys.
 COMMAND_OPTIONS: tuple[Option, ...] = (*o.NORM_OPTIONS, *o.SELECTION_OPTIONS, *(r.option for r in RULES))
 #: The options after --config in ``gradinspect check --help`` (format first: see ``cli.py``).
-COMMAND_OPTIONS_AFTER: tuple[Option, ...] = (o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.ALLOW_OUTSIDE_INDEX,
-                                              o.VOID_AS)
+COMMAND_OPTIONS_AFTER: tuple[Option, ...] = (o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.SCHEDULER, o.QUIET,
+                                             o.ALLOW_OUTSIDE_INDEX, o.VOID_AS)
 
 
 def _post_init(self: Any) -> None:

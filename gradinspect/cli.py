@@ -7,10 +7,11 @@ stdout).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -286,8 +287,9 @@ def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: st
         click.echo(data, nl=False)
 
 def _run_part(command: str, part: str | None, partial: str | None, options: dict[str, Any], jobs: int | None,
-              fmt: str | None, output: str | None, inputs: Sequence[str] = ()) -> None:
-    """``--part I/N --partial OUT``: compute that part, write it, print nothing, exit 0 (neither given: return)."""
+              fmt: str | None, output: str | None, inputs: Sequence[str] = (), scheduler: str | None = None) -> None:
+    """``--part I/N --partial OUT``: compute that part (on the Dask cluster ``scheduler`` names, if any), write
+    it, print nothing, exit 0 (neither given: return)."""
     if part is None and partial is None:
         return
     if part is None or partial is None:
@@ -303,7 +305,8 @@ def _run_part(command: str, part: str | None, partial: str | None, options: dict
     if os.path.isdir(partial):
         _fail(f"{partial}: is a directory")
     _not_an_input(partial, inputs, "--partial")
-    run_part(command, options, which, partial, jobs, fmt)
+    with _executor(scheduler) as dask:
+        run_part(command, options, which, partial, jobs, fmt, executor=dask)
     sys.exit(EXIT_OK)
 
 
@@ -312,6 +315,26 @@ def _warn(lines: list[str], quiet: bool | int = False) -> None:
         return
     for line in lines:
         click.echo(f"Warning: {printable(line)}", err=True)
+
+
+@contextlib.contextmanager
+def _executor(scheduler: str | None) -> Iterator[Any]:
+    """The Dask executor --scheduler (else $GRADINSPECT_SCHEDULER) names, connected; None: local threads."""
+    from_env = scheduler is None
+    address = (os.environ.get("GRADINSPECT_SCHEDULER") or None) if from_env else scheduler
+    if address is None:
+        yield None
+        return
+    from .executors_dask import DaskExecutor
+
+    try:
+        executor = DaskExecutor(address)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="$GRADINSPECT_SCHEDULER" if from_env else "--scheduler"
+                                 ) from None
+    with executor:
+        executor.connect()
+        yield executor
 
 
 class _ProgressBar:
@@ -392,14 +415,14 @@ _SEP = click.option("--sep", "group_sep", default=".", show_default=True, metava
     click.option("--sort", type=click.Choice(["share", "norm", "name", "numel", "none"]), default="share",
                  show_default=True, help="Row order; none keeps file order."),
     _TOP, *o.SELECTION_OPTIONS, _GROUP_BY, _SEP,
-    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.VOID_AS,
-    *o.PART_OPTIONS,
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.SCHEDULER, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    o.VOID_AS, *o.PART_OPTIONS,
 )
 def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float, format: str, as_json: bool,
           sort: str, top: int | None, include: tuple[str, ...], exclude: tuple[str, ...],
           group_by: int | str | None, group_sep: str, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
-          void_as: str | None, part: str | None, partial: str | None) -> None:
+          jobs: int | None, scheduler: str | None, quiet: int, width: int | None, allow_outside_index: bool,
+          output: str | None, void_as: str | None, part: str | None, partial: str | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
     PATH is a .safetensors, .npz or .npy file, a directory of them, a
@@ -429,15 +452,15 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         paths=paths, norm_type=norm_type, max_norm=max_norm, eps=eps, sort=sort, top=top, include=include,
         exclude=exclude, group_by=group_by, group_sep=group_sep, shards=shards, dedup=dedup, loss_scale=loss_scale,
         allow_outside_index=allow_outside_index, void_as=void_as), jobs,
-        ("json" if as_json else format) if given else None, output, paths)
+        ("json" if as_json else format) if given else None, output, paths, scheduler)
     fmt = _output_format("norms", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
     _not_an_input(output, paths)
-    with _ProgressBar(not quiet) as bar:
+    with _executor(scheduler) as dask, _ProgressBar(not quiet) as bar:
         report = inspect(
             list(paths), norm_type=norm_type, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
-            group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=jobs, progress=bar,
+            group_by=group_by, group_sep=group_sep, sort=sort, top=top, shards=shards, jobs=dask or jobs, progress=bar,
             dedup=dedup, loss_scale=loss_scale, allow_outside_index=allow_outside_index, void_as=void_as,
         )
     _warn(report.input_warnings(), quiet >= 1)
@@ -495,9 +518,9 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
             rules_from(options)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-        recorded = {k: v for k, v in options.items() if k not in ("format", "jobs", "quiet")}
+        recorded = {k: v for k, v in options.items() if k not in ("format", "jobs", "quiet", "scheduler")}
         _run_part("check", part, partial, {"paths": paths, **recorded}, options["jobs"],
-                  ("json" if as_json else options["format"]) if given else None, output, paths)
+                  ("json" if as_json else options["format"]) if given else None, output, paths, options["scheduler"])
     fmt = _output_format("check", "json" if as_json else options["format"], given, output)
     _not_an_input(output, paths)
     try:
@@ -505,10 +528,10 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     quiet = int(options["quiet"])  # the config file's quiet = true is -q
-    with _ProgressBar(not quiet) as bar:
+    with _executor(options["scheduler"]) as dask, _ProgressBar(not quiet) as bar:
         result = run_check(list(paths), rules, norm_type=options["norm_type"], max_norm=options["max_norm"],
                            eps=options["eps"], include=options["include"], exclude=options["exclude"],
-                           shards=options["shards"], jobs=options["jobs"], progress=bar,
+                           shards=options["shards"], jobs=dask or options["jobs"], progress=bar,
                            dedup=options["dedup"], loss_scale=options["loss_scale"],
                            allow_outside_index=options["allow_outside_index"], void_as=options["void_as"])
     _warn(result.report.input_warnings(), quiet)
@@ -537,13 +560,15 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                  help="Like --shards, for A only (each side is one gradient set with its own mode)."),
     click.option("--shards-b", type=click.Choice(["slices", "replicas"]), default=None,
                  help="Like --shards, for B only."),
-    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.QUIET, o.VOID_AS, *o.PART_OPTIONS,
+    o.format_option("diff"), o.JSON, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.SCHEDULER, o.QUIET, o.VOID_AS,
+    *o.PART_OPTIONS,
 )
 def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: float | None, allow_missing: bool,
          strip_prefix: tuple[str, ...], strip_prefix_a: tuple[str, ...], strip_prefix_b: tuple[str, ...],
          include: tuple[str, ...], exclude: tuple[str, ...], shards: str | None, shards_a: str | None,
          shards_b: str | None, format: str, as_json: bool, width: int | None, allow_outside_index: bool,
-         output: str | None, quiet: int, void_as: str | None, part: str | None, partial: str | None) -> None:
+         output: str | None, scheduler: str | None, quiet: int, void_as: str | None, part: str | None,
+         partial: str | None) -> None:
     """Compare two gradient dumps tensor by tensor and as a whole.
 
     A and B are each a file, a directory or an index.json (each side may be
@@ -583,15 +608,16 @@ def diff(a: str, b: str, rtol: float | None, atol: float | None, min_cosine: flo
         strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a, strip_prefix_b=strip_prefix_b, include=include,
         exclude=exclude, shards=shards, shards_a=shards_a, shards_b=shards_b,
         allow_outside_index=allow_outside_index, void_as=void_as), None,
-        ("json" if as_json else format) if given else None, output, (a, b))
+        ("json" if as_json else format) if given else None, output, (a, b), scheduler)
     fmt = _output_format("diff", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
     _not_an_input(output, (a, b))
-    report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
-                      include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
-                      strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
-                      shards_a=shards_a, shards_b=shards_b, void_as=void_as)
+    with _executor(scheduler) as dask:
+        report = run_diff(a, b, rtol=rtol, atol=atol, min_cosine=min_cosine, allow_missing=allow_missing,
+                          include=include, exclude=exclude, strip_prefix=strip_prefix, strip_prefix_a=strip_prefix_a,
+                          strip_prefix_b=strip_prefix_b, allow_outside_index=allow_outside_index, shards=shards,
+                          shards_a=shards_a, shards_b=shards_b, executor=dask, void_as=void_as)
     _warn(report.warnings(), quiet >= 1)
     _emit(fmt, "diff", report, width, output)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
@@ -642,7 +668,8 @@ def info(paths: tuple[str, ...], format: str, as_json: bool, width: int | None, 
     Option("max_clip_fraction", ("--max-clip-fraction",), "float", None,
            "Exit 1 when more than this fraction of the finite steps is clipped at --max-norm.", metavar="F",
            range=o.SHARE),
-    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT, o.VOID_AS,
+    o.SHARDS, o.DEDUP, o.LOSS_SCALE, o.JOBS, o.SCHEDULER, o.QUIET, o.WIDTH, o.ALLOW_OUTSIDE_INDEX, o.OUTPUT,
+    o.VOID_AS,
     click.option("--heatmap", type=click.Choice(["norm", "share"]), default="norm", show_default=True,
                  help="What the plots' heatmap shows per tensor and step (--output run.png/.svg/.html): "
                       "log10 of the norm, or the share of the squared L2 norm."),
@@ -663,9 +690,9 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
           include: tuple[str, ...], exclude: tuple[str, ...], group_by: int | str | None, group_sep: str,
           step_pattern: str | None, window: int, spike_factor: float, clip_target: float, fail_on: tuple[str, ...],
           max_clip_fraction: float | None, shards: str | None, dedup: bool, loss_scale: float | None,
-          jobs: int | None, quiet: int, width: int | None, allow_outside_index: bool, output: str | None,
-          heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool, interval: float,
-          void_as: str | None, part: str | None, partial: str | None) -> None:
+          jobs: int | None, scheduler: str | None, quiet: int, width: int | None, allow_outside_index: bool,
+          output: str | None, heatmap: str, cache_dir: str | None, no_cache: bool, follow: bool,
+          interval: float, void_as: str | None, part: str | None, partial: str | None) -> None:
     """A training run over time: spikes and the tensors behind them, clipping over the run, the first NaN.
 
     Each PATH is one step: a file, or a directory or *.safetensors.index.json
@@ -712,13 +739,14 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         group_by=group_by, group_sep=group_sep, step_pattern=step_pattern, window=window, spike_factor=spike_factor,
         clip_target=clip_target, fail_on=fail_on, max_clip_fraction=max_clip_fraction, shards=shards, dedup=dedup,
         loss_scale=loss_scale, allow_outside_index=allow_outside_index, heatmap=heatmap, void_as=void_as), jobs,
-        ("json" if as_json else format) if given else None, output, paths)
+        ("json" if as_json else format) if given else None, output, paths, scheduler)
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
     _not_an_input(output, paths)
     from .cache import Cache
 
     cache = None if no_cache else Cache(cache_dir)
+    jobs = click.get_current_context().with_resource(_executor(scheduler)) or jobs  # a Dask executor, or threads
     if follow:
         if fmt != "table" or output is not None or fail_on or max_clip_fraction is not None:
             raise click.UsageError("--follow draws the table on stdout: not with --format, --output, --fail-on "

@@ -21,7 +21,8 @@ from typing import Any
 
 __all__ = ["Range", "Option", "MAX_JOBS", "NORM_TYPE", "MAX_NORM", "EPS", "INCLUDE", "EXCLUDE", "SHARDS", "DEDUP",
            "LOSS_SCALE", "JOBS", "QUIET", "WIDTH", "ALLOW_OUTSIDE_INDEX", "JSON", "OUTPUT", "format_option",
-           "NORM_OPTIONS", "SELECTION_OPTIONS", "VOID_AS", "VOID_AS_CHOICES", "PART", "PARTIAL", "PART_OPTIONS"]
+           "NORM_OPTIONS", "SELECTION_OPTIONS", "VOID_AS", "VOID_AS_CHOICES", "PART", "PARTIAL", "PART_OPTIONS",
+           "SCHEDULER"]
 
 MAX_JOBS = 64  # threads: more buy nothing (reads and numpy saturate first) and cost ~5 MiB each
 
@@ -101,7 +102,7 @@ class Option:
 
     ``kind``: ``float`` or ``int`` (limited by ``range``), ``bool`` (a flag; ``--x/--no-x``
     in ``flags`` for a pair), ``count``, ``choice`` (``choices``), ``globs`` (repeatable),
-    ``norm_type``, ``path``.  ``config``: also a ``[tool.gradinspect.check]`` key.
+    ``norm_type``, ``path``, ``text``.  ``config``: also a ``[tool.gradinspect.check]`` key.
     """
 
     name: str
@@ -199,6 +200,12 @@ ALLOW_OUTSIDE_INDEX = Option(
     "allow_outside_index", ("--allow-outside-index",), "bool", False,
     "Let a *.safetensors.index.json name shard files outside its own directory "
     "(an absolute path or one climbing out with ..); refused by default.")
+SCHEDULER = Option(
+    "scheduler", ("--scheduler",), "text", None,
+    "Read on a Dask cluster: tcp://HOST:PORT, or local:N to start N worker processes for this run "
+    "(default: $GRADINSPECT_SCHEDULER; this option wins). Every worker must see the files at the same "
+    "paths. Results are bit for bit those of a local run. Needs pip install 'gradinspect[dask]'.",
+    metavar="ADDRESS")
 JSON = Option("as_json", ("--json",), "bool", False, "Short for --format json.")
 OUTPUT = Option("output", ("--output", "-o"), "path", None,
                 "Write the report to PATH (replaced whole, or not at all on error) instead of stdout; "

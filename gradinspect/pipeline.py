@@ -218,6 +218,11 @@ def tensor_stats(
     skipped: list[Skipped] = []
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(_selected_bytes(sources, chosen))
+    prefetch = getattr(jobs, "prefetch", None)  # a cluster (Dask): every file's work is submitted at once
+    if prefetch is not None:
+        prefetch([(src, floats) for src in sources
+                  if (floats := [t for t in src.tensors if t.is_float and chosen(t.name)])
+                  and (cache is None or not cache.lookup(src, p))], p)
     for src in sources:
         entries = [t for t in src.tensors if chosen(t.name)]
         skipped.extend(Skipped(t.name, t.source, t.dtype, t.skip_reason or "") for t in entries if not t.is_float)
@@ -401,6 +406,12 @@ def pair_stats(a: Sequence[Piece], b: Sequence[Piece], tools: _PairTools) -> Any
         parts = [reducer.reduce(ca, cb) for ca, cb in _aligned(ga, gb)]
         _drain(ga, gb)
     return combine_pairs(parts)
+
+
+def pair_stats_of(pairs: Sequence[tuple[Sequence[Piece], Sequence[Piece]]]) -> list[Any]:
+    """:func:`pair_stats` of each pair, with one reducer and its buffers (what a Dask task runs)."""
+    tools = _PairTools.make()
+    return [pair_stats(a, b, tools) for a, b in pairs]
 
 
 def _drain(*readers: Iterator[np.ndarray]) -> None:
@@ -801,8 +812,11 @@ def _unpaired(name: str, pa: list[Piece], pb: list[Piece]) -> Mismatch | Skipped
 
 def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include: Iterable[str] = (),
                 exclude: Iterable[str] = (), progress: Progress | None = None, strip_a: Sequence[str] = (),
-                strip_b: Sequence[str] = ()) -> DiffReport:
-    """Compare two gradient sets tensor by tensor; finishes both sets' sources."""
+                strip_b: Sequence[str] = (), executor: Any = None) -> DiffReport:
+    """Compare two gradient sets tensor by tensor; finishes both sets' sources.
+
+    ``executor``: one with ``run_pairs`` (:class:`~gradinspect.executors_dask.DaskExecutor`) computes the
+    pairs' statistics elsewhere, bit for bit as here."""
     from .diff import combine_pairs
 
     chosen = select(include, exclude)
@@ -831,10 +845,14 @@ def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include
     only_b = [n for n in side_b if n not in side_a]
     rows: list[DiffRow] = []
     stats = []
+    computed = None if executor is None else iter(executor.run_pairs([(pa, pb) for _, pa, pb in pairs], progress))
     for name, pa, pb in pairs:
-        ps = pair_stats(pa, pb, tools)
-        if progress is not None:
-            progress(sum(t.nbytes for _, t in (*pa, *pb)))
+        if computed is not None:
+            ps = next(computed)
+        else:
+            ps = pair_stats(pa, pb, tools)
+            if progress is not None:
+                progress(sum(t.nbytes for _, t in (*pa, *pb)))
         stats.append(ps)
         shape = pa[0][1].shape if len(pa) == 1 else _shape(pb)
         rows.append(_diff_row(name, shape, _dtype(pa), _dtype(pb), ps, tol))
