@@ -405,3 +405,24 @@ def test_width_in_a_terminal(tmp_path: Path) -> None:
 def test_width_must_be_positive() -> None:
     r = run("norms", "x.safetensors", "--width", "0")
     assert r.exit_code == 2 and "Invalid value for '--width'" in r.stderr
+
+
+def test_json_non_finite_numbers_become_strings_and_text_is_untouched() -> None:
+    """One pass of the encoder, then bare NaN/Infinity quoted: the same text as rewriting the document first,
+    also for names that spell NaN, Infinity, quotes and backslashes."""
+    import json
+    import math
+    import random
+
+    from gradinspect.formats.json import dumps, strict
+
+    names = ["NaN", "-Infinity", 'a", NaN', 'x\\"NaN', 'Infinity"', "\\", "é NaN", "tab\tNaN", 'q"', ""]
+    values = [1.0, math.nan, math.inf, -math.inf, -0.0, 1e308, 5e-324, 3]
+    rnd = random.Random(20261130)
+    for _ in range(2000):
+        doc = {"schema": "x", "steps": [], "tensors": [
+            {"name": rnd.choice(names) + rnd.choice(names), "v": rnd.choice(values),
+             "l": [rnd.choice(values) for _ in range(3)]} for _ in range(rnd.randint(0, 5))]}
+        text = dumps(doc)
+        assert text == json.dumps(strict(doc), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+        strict_json(text)
