@@ -15,7 +15,6 @@ on that step alone.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
 import math
 import os
@@ -107,12 +106,15 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
 def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None = None,
                allow_outside_index: bool = False) -> list[StepPath]:
     """The steps ``paths`` name, sorted by number; InputError for a PATH without a number or a number twice."""
+    from .sources.paths import expand_glob
+
     pattern = compile_step_pattern(step_pattern)
     found: list[StepPath] = []
     for p in paths:
         p = os.fspath(p)
-        if not os.path.exists(p) and glob.has_magic(p):
-            matches = sorted(glob.glob(p))
+        globbed = expand_glob(p)  # a URL's listed through fsspec
+        if globbed is not None:
+            matches = globbed
             if not matches:
                 raise InputError(p, "no file matches this pattern")
         else:
@@ -132,16 +134,9 @@ def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bo
     its identity; when it differs from the last, the trend is computed again.  InputError as
     :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches nothing yet)."""
     from .sources import resolve_paths
+    from .sources.paths import file_state
 
-    state: list[tuple[Any, ...]] = []
-    for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index):
-        try:
-            st = os.stat(f)
-        except OSError:
-            state.append((f, None))
-            continue
-        state.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(state)
+    return tuple(file_state(f) for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index))
 
 
 def trend(
@@ -189,8 +184,9 @@ def trend(
                                 loss_scale=loss_scale, allow_outside_index=allow_outside_index, cache=cache)
     if progress is not None and hasattr(progress, "set_total"):
         from .sources import resolve_paths
+        from .sources.paths import file_size
 
-        progress.set_total(sum(os.path.getsize(f) for st in steps
+        progress.set_total(sum(file_size(f) for st in steps
                                for f in resolve_paths([st.path], allow_outside_index=allow_outside_index)))
     opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step
     results = []
