@@ -261,6 +261,31 @@ def test_check_diff_info_trend_over_s3_globs_and_directories(uploaded: tuple[Pat
     assert (r.exit_code, r.stderr) == (2, f"Error: {url}/run/step_9*.safetensors: no file matches this pattern\n")
 
 
+def test_index_files_over_s3_expand_to_their_shards(s3: Any, bucket: str, tmp_path: Path,
+                                                    rng: np.random.Generator) -> None:
+    g = _grads(rng, 20_000)
+    names = sorted(n for n in g if g[n].dtype.kind == "f")
+    shards = {"model-00001-of-00002.safetensors": names[:2], "model-00002-of-00002.safetensors": names[2:]}
+    weight_map = {}
+    for shard, members in shards.items():
+        save_file({n: g[n] for n in members}, str(tmp_path / shard))
+        weight_map.update(dict.fromkeys(members, shard))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for f in (index, *(tmp_path / s for s in shards)):
+        _put(s3, f, f"s3://{bucket}/m/{f.name}")
+    url = f"s3://{bucket}/m"
+    r = run("norms", f"{url}/{index.name}", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert strict_json(r.stdout)["sources"] == [f"{url}/{s}" for s in shards]
+    assert _numbers(r.stdout, url) == _numbers(_json("norms", index), tmp_path)
+    weight_map[names[0]] = "model-00002-of-00002.safetensors"  # names a tensor its shard does not hold
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    _put(s3, index, f"{url}/{index.name}")
+    r = run("norms", f"{url}/{index.name}")
+    assert r.exit_code == 2 and r.stderr.startswith(f"Error: {url}/{index.name}: weight_map puts tensor")
+
+
 def test_missing_object_and_bucket_are_one_line_at_once(uploaded: tuple[Path, str], s3: Any) -> None:
     _, url = uploaded
     for target in (f"{url}/run/nope.safetensors", "s3://no-such-bucket-here/g.safetensors"):
@@ -431,6 +456,22 @@ def test_messages_never_show_credentials(web: Any) -> None:
     assert "s3cr3t" not in r.stderr and "t0k3n" not in r.stderr
     assert r.stderr == f"Error: {web.url.replace('http://', 'http://alice:***@')}/missing.safetensors?…: " \
                        "no such file or object\n"
+
+
+# --- file:// ---------------------------------------------------------------------------------------------------
+
+def test_file_urls_read_through_fsspec_like_local_paths(tmp_path: Path, rng: np.random.Generator) -> None:
+    _need("fsspec")
+    (tmp_path / "run").mkdir()
+    for step in (1, 2):
+        save_file(_grads(rng, 50_000), str(tmp_path / f"run/step_{step}.safetensors"))
+    url = (tmp_path / "run").as_uri()
+    for args in [("norms", "ROOT/step_1.safetensors"), ("norms", "ROOT/", "--shards", "replicas"),
+                 ("trend", "ROOT/step_*.safetensors")]:
+        r = run(*(a.replace("ROOT", url) for a in args), "--format", "json")
+        ll = run(*(a.replace("ROOT", str(tmp_path / "run")) for a in args), "--format", "json")
+        assert r.exit_code == ll.exit_code == 0, r.stderr
+        assert _numbers(r.stdout, url) == _numbers(ll.stdout, tmp_path / "run"), args
 
 
 # --- without the extra ------------------------------------------------------------------------------------------

@@ -134,8 +134,9 @@ def _resolve_url(url: str, notes: list[str] | None, allow_outside_index: bool) -
 
     c = container_for(url)
     if _expands(c):
-        raise InputError(display(url), "index files are read from local disk only "
-                                       "(give the shard URLs, a quoted glob or the directory URL)")
+        if "?" in url and _store.scheme_of(url) in ("http", "https"):  # a signed index cannot sign its shards
+            raise InputError(display(url), "an index file URL with a query string: give the shard URLs")
+        return resolve_paths(c.expand(url, allow_outside_index), notes, allow_outside_index)
     kind, found, other = resolve_url(url, _readable)
     if kind == "glob":
         if not found:
