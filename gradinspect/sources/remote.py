@@ -18,6 +18,9 @@ disk.  No fsspec file cache is used (``cat_file`` with a range; for HTTP a
 file opened with ``cache_type="none"``, which refuses a server that ignores
 ``Range`` rather than downloading the whole object).
 
+Within the first :data:`HEAD` bytes, small reads are served from one fetch
+of them (a safetensors header and its length: one request).
+
 Identity: the object's size and whatever fsspec's ``info`` reports of its
 version (ETag, version id or generation, content hashes, modification
 time), recorded at open and compared after the last read (a fresh ``info``,
@@ -55,7 +58,8 @@ SCHEMES = ("s3", "s3a", "gs", "gcs", "hf", "http", "https", "file", "az", "abfs"
 RETRIES = 3  #: retries of a transient error (so at most RETRIES + 1 attempts)
 BACKOFF = 0.5  #: seconds before the first retry, doubled before each next one
 BLOCK = 4 << 20  #: bytes per ranged read of tensor data
-BLOCK_MIN = 64 << 10  #: smaller reads (headers, small tensors) fetch exactly what they ask for
+BLOCK_MIN = 64 << 10  #: smaller reads (headers, small tensors) fetch exactly what they ask for ...
+HEAD = 64 << 10  #: ... except within the first HEAD bytes, fetched once (a header in one request)
 AHEAD = 2  #: blocks fetched ahead of the one being read
 KEEP = 12  #: blocks held at most per store
 
@@ -280,6 +284,7 @@ class FsspecStore(ByteStore):
         self.lock = threading.Lock()
         self.blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()
         self.pool: ThreadPoolExecutor | None = None
+        self.head: bytes | None = None  # the first HEAD bytes, once a small read asked for some of them
 
     @classmethod
     def open(cls, path: str) -> FsspecStore:
@@ -346,6 +351,12 @@ class FsspecStore(ByteStore):
         if offset + n > self.size:
             raise InputError(self.path, f"unexpected end of file at byte {self.size}")
         if n < BLOCK_MIN:
+            head = self.head
+            if head is None and offset < HEAD:  # the first read of a header: one request for the usual header
+                head = self.head = self.fetch(0, min(HEAD, self.size))
+            if head is not None and offset + n <= len(head):
+                view[:] = head[offset : offset + n]
+                return
             data = self.fetch(offset, offset + n)
             if len(data) != n:
                 self.verify()
@@ -445,6 +456,7 @@ class FsspecStore(ByteStore):
     def close(self) -> None:
         with self.lock:
             self.blocks.clear()
+            self.head = None
             pool, self.pool = self.pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
