@@ -10,7 +10,10 @@ An entry is used only when its whole key equals the file's: the cache format and
 gradinspect version, the reduction's ``CHUNK``/``SMALL``, the norm type, the absolute path,
 the identity of the open descriptor the header was read through (device, inode, size,
 mtime_ns, ctime_ns: ``touch -r`` and ``cp -p`` cannot set ctime back) and a hash of the
-tensor list (names, dtypes with byte order, shapes, order, extents, CRCs).  Anything else
+tensor list (names, dtypes with byte order, shapes, order, extents, CRCs).  A remote object
+(:class:`~gradinspect.sources.remote.FsspecStore`) is keyed by its URL, endpoint, size and
+version fields (ETag, version id, generation, content hash, modification time); one without
+such a version field is never cached.  Anything else
 (unreadable, truncated, bad JSON, a wrong checksum, another version or key) is a miss: the
 file is read and the entry rewritten.  The file is still checked unchanged after its last
 read (:meth:`~gradinspect.sources.Source.finish`), as without a cache.
@@ -236,8 +239,14 @@ class Cache:
 
         store = src.store
         ident = store.identity() if store is not None else None
-        if store is None or ident is None:
+        if store is None:
             return None
+        if ident is None:  # a remote object: keyed by its URL, size and version (ETag, version id), if it has one
+            fields = store.cache_key()
+            if fields is None:
+                return None
+            return {"format": FORMAT, "version": __version__, "chunk": CHUNK, "small": SMALL, "p": float(p).hex(),
+                    **fields, "tensors": _fingerprint(src)}
         dev, ino, size, mtime_ns, ctime_ns = ident
         return {"format": FORMAT, "version": __version__, "chunk": CHUNK, "small": SMALL, "p": float(p).hex(),
                 "path": store.key, "dev": dev, "ino": ino, "size": size, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns,
@@ -282,7 +291,7 @@ class Cache:
         key = key or self.key(src, p)
         if key is None or not stats:
             return False
-        if time.time_ns() - max(key["mtime_ns"], key["ctime_ns"]) < SETTLE_NS:
+        if time.time_ns() - max(key.get("mtime_ns", 0), key.get("ctime_ns", 0)) < SETTLE_NS:
             return False
         rows = {str(i): _stats_row(s) for i, s in sorted(stats.items())}
         doc = {"key": key, "stats": rows, "checksum": _checksum(key, rows)}

@@ -20,7 +20,6 @@ it: its files are only ``stat``-ed.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
 import math
 import os
@@ -146,10 +145,13 @@ def _directory_steps(path: str, allow_outside_index: bool) -> list[StepPath] | N
 
 def _matches(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
     """Each step's PATH: a PATH, or each match of a quoted glob (sorted); InputError for a glob with none."""
+    from .sources.paths import expand_glob
+
     for p in paths:
         p = os.fspath(p)
-        if not os.path.exists(p) and glob.has_magic(p):
-            matches = sorted(glob.glob(p))
+        globbed = expand_glob(p)  # a URL's listed through fsspec
+        if globbed is not None:
+            matches = globbed
             if not matches:
                 raise InputError(p, "no file matches this pattern")
             yield from matches
@@ -194,16 +196,9 @@ def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bo
     its identity; when it differs from the last, the trend is computed again.  InputError as
     :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches nothing yet)."""
     from .sources import resolve_paths
+    from .sources.paths import file_state
 
-    state: list[tuple[Any, ...]] = []
-    for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index):
-        try:
-            st = os.stat(f)
-        except OSError:
-            state.append((f, None))
-            continue
-        state.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(state)
+    return tuple(file_state(f) for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index))
 
 
 def trend(
@@ -280,9 +275,11 @@ def trend(
     steps = _in_order(found)
     sizes: list[int] | None = None
     if progress is not None and hasattr(progress, "set_total"):
-        sizes = [sum(os.path.getsize(f) for f in (files if files is not None else
-                                                  resolve_paths(st.files or [st.path],
-                                                                allow_outside_index=allow_outside_index)))
+        from .sources.paths import file_size
+
+        sizes = [sum(file_size(f) for f in (files if files is not None else
+                                            resolve_paths(st.files or [st.path],
+                                                          allow_outside_index=allow_outside_index)))
                  for st, files, _, _ in steps]
         progress.set_total(sum(sizes))
     opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step

@@ -441,17 +441,19 @@ def test_loss_scale_option_must_be_a_finite_positive_number(tmp_path: Path, valu
 
 def test_urls_name_what_is_missing(tmp_path: Path) -> None:
     """A URL is not a missing local file: the error says no byte store reads its scheme."""
-    r = run("norms", "s3://bucket/grads.safetensors")
+    r = run("norms", "nosuch://bucket/grads.safetensors")
     assert r.exit_code == 2 and r.stdout == ""
-    assert r.stderr == "Error: s3://bucket/grads.safetensors: s3:// URLs are not supported yet (local files only)\n"
+    assert r.stderr == "Error: nosuch://bucket/grads.safetensors: nosuch:// URLs are not supported\n"
 
 
 def test_byte_stores_are_registered_by_scheme() -> None:
+    from gradinspect.sources.remote import FsspecStore
     from gradinspect.sources.store import STORES, LocalFile, store_class
 
     assert store_class("/tmp/x.safetensors") is LocalFile and LocalFile in STORES
-    with pytest.raises(gradinspect.InputError, match=r"gs:// URLs are not supported yet"):
-        store_class("gs://b/x.safetensors")
+    assert store_class("gs://b/x.safetensors") is FsspecStore and FsspecStore in STORES
+    with pytest.raises(gradinspect.InputError, match=r"nosuch:// URLs are not supported"):
+        store_class("nosuch://b/x.safetensors")
 
 
 @pytest.mark.parametrize("command", ["diff", "info"])

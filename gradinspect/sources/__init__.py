@@ -8,7 +8,7 @@ a whole file, never a whole large tensor.  Nothing is ever unpickled.
 - :mod:`.base`: the public, immutable, picklable descriptions (:class:`Extent`,
   :class:`TensorDesc`, :class:`Source`) and the :class:`Container` interface;
 - :mod:`.store`: byte stores (:class:`LocalFile`: pread, identity checks, parking;
-  :class:`MemoryStore`), :class:`ChunkBuffer`;
+  :class:`MemoryStore`), :class:`ChunkBuffer`; :mod:`.remote`: URLs through fsspec, by ranges;
 - :mod:`.codec`: deflate streaming, CRC-32 combining;  :mod:`.limits`: every limit;
 - one module per container: :mod:`.safetensors`, :mod:`.npz`, :mod:`.npy`,
   :mod:`.index` (expands to shard files), :mod:`.memory` (in-memory arrays);

@@ -8,6 +8,7 @@ every tensor the weight_map names must be in the shard it names.
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Sequence
 
 from ..errors import InputError
@@ -61,8 +62,27 @@ def _outside(shard: str) -> bool:
 _NO_WEIGHT_MAP = "no \"weight_map\" object of tensor names to shard files"
 
 
+def _read_index(path: str) -> bytes:
+    """The index file's bytes (a URL's by a ranged read), at most ``MAX_INDEX_BYTES``."""
+    if not _is_url(path):
+        return _store.read_small(path, limits.MAX_INDEX_BYTES)
+    store = _store.store_class(path).open(path)
+    try:
+        if store.size > limits.MAX_INDEX_BYTES:
+            raise InputError(store.path, f"file is larger than the {limits.MAX_INDEX_BYTES}-byte limit")
+        raw = store.read(store.size, 0)
+        store.finish()
+    finally:
+        store.close()
+    return raw
+
+
+def _is_url(path: str) -> bool:
+    return bool(_store.scheme_of(path)) and not os.path.exists(path)
+
+
 def weight_map(path: str) -> dict[str, str]:
-    raw = _store.read_small(path, limits.MAX_INDEX_BYTES)
+    raw = _read_index(path)
     found: dict[str, dict[str, str]] = {}
     seen: set[str] = set()
 
@@ -94,12 +114,16 @@ def weight_map(path: str) -> dict[str, str]:
 
 
 def _shard_path(index: str, shard: str) -> str:
+    if _is_url(index):  # a URL's shards: the same scheme, '/'-joined
+        scheme, sep, rest = index.partition("://")
+        return scheme + sep + posixpath.normpath(posixpath.join(posixpath.dirname(rest), shard))
     return os.path.normpath(os.path.join(os.path.dirname(index), shard))
 
 
 def check_index_names(paths: Sequence[str | os.PathLike[str]], sources: list[Source]) -> None:
     """Every tensor an index's weight_map names must be in the shard it names."""
-    indexes = [os.fspath(p) for p in paths if os.fspath(p).lower().endswith(INDEX_SUFFIX) and os.path.isfile(p)]
+    indexes = [os.fspath(p) for p in paths if os.fspath(p).lower().endswith(INDEX_SUFFIX)
+               and (os.path.isfile(p) or _is_url(os.fspath(p)))]
     if not indexes:  # no set of every tensor without need
         return
     where = {(s.path, t.name) for s in sources for t in s.tensors}

@@ -13,7 +13,8 @@ from . import limits, voids
 from . import store as _store
 from .base import Container, Source
 
-__all__ = ["resolve_paths", "open_source", "open_paths", "close_all", "container_for", "PICKLE_SUFFIXES"]
+__all__ = ["resolve_paths", "open_source", "open_paths", "close_all", "container_for", "PICKLE_SUFFIXES",
+           "expand_glob", "file_size", "file_state"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
@@ -26,7 +27,56 @@ def _containers() -> tuple[Container, ...]:
 
 def container_for(path: str) -> Container | None:
     """The registered container that recognises ``path`` (None: none does)."""
+    if _store.scheme_of(path) in ("http", "https"):
+        path = path.partition("?")[0]  # the name, not the query (a signed URL)
     return next((c for c in _containers() if c.recognises(path)), None)
+
+
+def _is_url(path: str) -> bool:
+    return bool(_store.scheme_of(path)) and not os.path.exists(path)
+
+
+def _shown(path: str) -> str:
+    """A PATH as messages name it (a URL without password or query string)."""
+    if _is_url(path):
+        from .remote import display
+
+        return display(path)
+    return path
+
+
+def expand_glob(path: str) -> list[str] | None:
+    """The sorted matches of a quoted glob (a URL's listed through fsspec), or None: ``path`` is no glob."""
+    if _is_url(path) and _store.store_class(path) is not _store.LocalFile:
+        from .remote import resolve_url
+
+        kind, found, _ = resolve_url(path, _readable)
+        return found if kind == "glob" else None
+    if not os.path.exists(path) and glob.has_magic(path):
+        return sorted(glob.glob(path))
+    return None
+
+
+def file_size(path: str) -> int:
+    """The size of a resolved file (a URL's from fsspec)."""
+    if _is_url(path):
+        from .remote import url_size
+
+        return url_size(path)
+    return os.path.getsize(path)
+
+
+def file_state(path: str) -> tuple[object, ...]:
+    """What tells a file changed: its identity ((path, None) when it is gone)."""
+    if _is_url(path):
+        from .remote import url_state
+
+        return url_state(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _expands(c: Container | None) -> TypeGuard[Container]:
@@ -47,8 +97,9 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
     out: list[str] = []
     for p in paths:
         p = os.fspath(p)
-        if _store.scheme_of(p) and not os.path.exists(p):  # a URL: a byte store must read it
-            _store.store_class(p)
+        if _is_url(p) and _store.store_class(p) is not _store.LocalFile:  # a URL: a byte store reads it
+            out.extend(_resolve_url(p, notes, allow_outside_index))
+            continue
         if not os.path.exists(p) and glob.has_magic(p):
             matches = sorted(glob.glob(p))
             if not matches:
@@ -77,19 +128,43 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
     return out
 
 
+def _resolve_url(url: str, notes: list[str] | None, allow_outside_index: bool) -> list[str]:
+    """:func:`resolve_paths` of a URL: globs and directories listed through fsspec (sorted as local ones)."""
+    from .remote import display, resolve_url
+
+    c = container_for(url)
+    if _expands(c):
+        if "?" in url and _store.scheme_of(url) in ("http", "https"):  # a signed index cannot sign its shards
+            raise InputError(display(url), "an index file URL with a query string: give the shard URLs")
+        return resolve_paths(c.expand(url, allow_outside_index), notes, allow_outside_index)
+    kind, found, other = resolve_url(url, _readable)
+    if kind == "glob":
+        if not found:
+            raise InputError(display(url), "no file matches this pattern")
+        return resolve_paths(found, notes, allow_outside_index)
+    if kind == "dir":
+        if not found:
+            raise InputError(display(url), "directory holds no .safetensors, .npz or .npy file")
+        if notes is not None:
+            notes.extend(_skipped_files(display(url).rstrip("/"), other, files=set(other), sep="/"))
+    return found
+
+
 def _readable(name: str) -> bool:
     """Whether a directory's file is read as tensors (index files are not: their shards are)."""
     c = container_for(name)
     return c is not None and not _expands(c)
 
 
-def _skipped_files(directory: str, names: list[str]) -> list[str]:
-    """A warning naming the files of ``directory`` that are not read (index files' shards are)."""
-    other = sorted(n for n in names if container_for(n) is None and os.path.isfile(os.path.join(directory, n)))
+def _skipped_files(directory: str, names: list[str], files: set[str] | None = None, sep: str = os.sep) -> list[str]:
+    """A warning naming the files of ``directory`` that are not read (index files' shards are);
+    ``files``: the names that are files, when known (a listed URL)."""
+    other = sorted(n for n in names if container_for(n) is None
+                   and (n in files if files is not None else os.path.isfile(os.path.join(directory, n))))
     if not other:
         return []
     shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
-    label = directory if directory.endswith(os.sep) else directory + os.sep
+    label = directory if directory.endswith(sep) else directory + sep
     line = (f"{label}: skipped {len(other)} file{'s' if len(other) > 1 else ''} that "
             f"{'are' if len(other) > 1 else 'is'} not .safetensors/.npz/.npy ({shown})")
     pickles = sorted({_suffix(n) for n in other if _suffix(n) in PICKLE_SUFFIXES})
@@ -106,13 +181,13 @@ def open_source(path: str) -> Source:
     c = container_for(path)
     if c is None or _expands(c):
         if _suffix(path) in PICKLE_SUFFIXES:
-            raise InputError(path, "pickle-based files are never loaded (they can run code); "
+            raise InputError(_shown(path), "pickle-based files are never loaded (they can run code); "
                                    "save gradients with safetensors")
-        raise InputError(path, "unsupported file type "
+        raise InputError(_shown(path), "unsupported file type "
                                "(expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
     store = _store.store_class(path).open(path)
     try:
-        return c.describe(store, path)
+        return c.describe(store, store.path)  # a URL as shown: without password or query string
     except BaseException:
         store.close()
         raise
@@ -131,10 +206,13 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
     if not paths:
         raise ValueError("no paths given")
     files = resolve_paths(paths, notes, allow_outside_index)
-    seen: dict[tuple[int, int], str] = {}
+    seen: dict[tuple[object, ...], str] = {}
     for f in files:
-        st = _store.regular_file(f)
-        key = (st.st_dev, st.st_ino)
+        if _is_url(f):  # opened below
+            key: tuple[object, ...] = (f,)
+        else:
+            st = _store.regular_file(f)
+            key = (st.st_dev, st.st_ino)
         if key in seen:
             raise InputError(f, f"the same file is given twice (also as {seen[key]})")
         seen[key] = f

@@ -31,6 +31,7 @@ import re
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +65,11 @@ class ByteStore(ABC):
         return None
 
     def identity(self) -> Identity | None:
+        return None
+
+    def cache_key(self) -> dict[str, Any] | None:
+        """For a store without a local :meth:`identity`: the fields that key its bytes in the statistics
+        cache (``path`` and what identifies this version; ``mtime_ns`` when known), or None: not cached."""
         return None
 
     #: URL schemes whose paths this store opens ("" for local paths); see :func:`store_class`.
@@ -297,9 +303,6 @@ class LocalFile(ByteStore):
             raise InputError(self.path, "changed while being read")
 
 
-#: The byte stores that open paths, by URL scheme: a new store (say, remote objects
-#: through fsspec) is one module with a ByteStore subclass and one line here.
-STORES: tuple[type[ByteStore], ...] = (LocalFile,)
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -316,7 +319,7 @@ def store_class(path: str) -> type[ByteStore]:
     for cls in STORES:
         if scheme in cls.schemes:
             return cls
-    raise InputError(path, f"{scheme}:// URLs are not supported yet (local files only)")
+    raise InputError(path, f"{scheme}:// URLs are not supported")
 
 
 _MEMORY_KEYS = itertools.count()
@@ -386,3 +389,8 @@ class ChunkBuffer:
         return arr
 
 
+# The byte stores that open paths, by URL scheme: a new store is one module with a ByteStore
+# subclass and one line here (imported last: it subclasses ByteStore).
+from .remote import FsspecStore  # noqa: E402
+
+STORES: tuple[type[ByteStore], ...] = (LocalFile, FsspecStore)
