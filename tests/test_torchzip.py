@@ -51,14 +51,22 @@ def _views(rng: np.random.Generator) -> dict[str, T]:
     }
 
 
+def _in_storage_order(v: T) -> T:
+    """The view's elements as its storage holds them: dimensions by descending stride (``w.t()`` -> ``w``)."""
+    dims = sorted(range(len(v.shape)), key=lambda d: -v.stride[d])
+    return T(v.storage, v.offset, tuple(v.shape[d] for d in dims), tuple(v.stride[d] for d in dims))
+
+
 def _write_pair(tmp_path: Path, views: dict[str, Any], protocol: int = 2, name: str = "g",
-                step: int | None = None) -> tuple[Path, Path]:
+                step: int | None = None, storage_order: bool = False) -> tuple[Path, Path]:
+    """The views as .pt and made contiguous as .safetensors: in logical C order, or in their storage's order
+    (what norms/check/trend read them in: the statistics are bit-for-bit those of that copy)."""
     obj: dict[str, Any] = dict(views)
     if step is not None:
         obj["step"] = step
     pt = tmp_path / f"{name}.pt"
     save(obj, pt, protocol)
-    flat = {k: np.ascontiguousarray(v.view()) for k, v in views.items()}
+    flat = {k: np.ascontiguousarray((_in_storage_order(v) if storage_order else v).view()) for k, v in views.items()}
     st = tmp_path / f"{name}.safetensors"
     save_file(flat, str(st), metadata=None if step is None else {"step": str(step)})
     return pt, st
@@ -72,9 +80,15 @@ def _rows(report: Any) -> dict[str, Any]:
 def test_norms_bit_identical_to_safetensors_of_the_views(tmp_path: Path, rng: np.random.Generator,
                                                          protocol: int) -> None:
     views = _views(rng)
-    pt, st = _write_pair(tmp_path, views, protocol)
+    assert np.array_equal(_in_storage_order(views["tr"]).view(), views["w"].view())  # w.t() in storage order is w
+    pt, st = _write_pair(tmp_path, views, protocol, storage_order=True)
     a, b = gradinspect.inspect(pt), gradinspect.inspect(st)
-    assert _rows(a) == _rows(b)
+    rows_a, rows_b = _rows(a), _rows(b)
+    # a permuted view's shape is its own, not its storage-order copy's (so the copy of w.t() is a duplicate of w)
+    for k in ("shape", "source", "duplicate_of"):
+        for r in (*rows_a.values(), *rows_b.values()):
+            r.pop(k, None)
+    assert rows_a == rows_b
     assert a.total == b.total
     assert {t.name for t in a.tensors} == set(views) - {"i"}
     # and the exact oracle, from the views as numpy gives them (what torch.load gives)
@@ -88,8 +102,10 @@ def test_norms_bit_identical_to_safetensors_of_the_views(tmp_path: Path, rng: np
 
 @pytest.mark.parametrize("jobs", [1, 3])
 def test_chunks_and_jobs_do_not_change_bits(tmp_path: Path, rng: np.random.Generator, jobs: int) -> None:
-    pt, st = _write_pair(tmp_path, _views(rng))
-    assert _rows(gradinspect.inspect(pt, jobs=jobs)) == _rows(gradinspect.inspect(st, jobs=1))
+    pt, st = _write_pair(tmp_path, _views(rng), storage_order=True)
+    a, b = _rows(gradinspect.inspect(pt, jobs=jobs)), _rows(gradinspect.inspect(st, jobs=1))
+    assert {k: r["l2"] for k, r in a.items()} == {k: r["l2"] for k, r in b.items()}
+    assert a == _rows(gradinspect.inspect(pt, jobs=1))
 
 
 def test_every_command_reads_pt(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -99,7 +115,8 @@ def test_every_command_reads_pt(tmp_path: Path, rng: np.random.Generator) -> Non
     assert norms.exit_code == 0, norms.output
     data = strict_json(norms.stdout)
     assert data["metadata"] == {str(pt): {"step": "7"}}
-    ref = strict_json(run("norms", st, "--format", "json").stdout)
+    _, st_storage = _write_pair(tmp_path, views, name="s", step=7, storage_order=True)
+    ref = strict_json(run("norms", st_storage, "--format", "json").stdout)
     assert data["total"] == ref["total"]
     check = run("check", pt)
     assert check.exit_code == 0 and "rules hold" in check.stdout, check.output
@@ -317,8 +334,42 @@ def test_process_executor_gives_the_same_bits(tmp_path: Path, rng: np.random.Gen
         assert _rows(gradinspect.inspect(pt, jobs=pool)) == _rows(gradinspect.inspect(pt, jobs=1))
 
 
+@pytest.mark.parametrize("permuted", ["t", "permute"])
+def test_a_permuted_view_reads_its_storage_once(tmp_path: Path, rng: np.random.Generator, permuted: str) -> None:
+    """w.t() of 1024x1024 and x.permute(2, 0, 1) of 64x128x128: read in storage order, each byte once, in
+    reads of at most the buffer (1 MiB); the statistics are bit-for-bit those of the storage saved contiguously."""
+    from gradinspect.sources import views
+    from gradinspect.sources.store import ByteStore
+
+    if permuted == "t":
+        w = T.of(rng.standard_normal((1024, 1024)).astype(np.float32))
+        v = T(w.storage, 0, (1024, 1024), (1, 1024))
+    else:
+        w = T.of(rng.standard_normal((64, 128, 128)).astype(np.float32))
+        v = T(w.storage, 0, (128, 64, 128), (1, 128 * 128, 128))
+    save({"t": v}, tmp_path / "t.pt")
+    calls: list[int] = []
+    real = views.gather
+
+    def counting(store: ByteStore, *args: Any) -> Any:
+        class Counting:
+            def read_into(self, view: memoryview, offset: int) -> None:
+                calls.append(len(view))
+                store.read_into(view, offset)
+        return real(Counting(), *args)  # type: ignore[arg-type]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(views, "gather", counting)
+        rep = gradinspect.inspect(tmp_path / "t.pt", jobs=1)
+    assert rep.total == gradinspect.compute_norms({"t": w.view()}).total
+    assert rep.tensors[0].shape == v.shape
+    s1, s2 = exact_sums(v.view())
+    assert rel(rep.tensors[0].l1, s1) <= 1e-12 and rel_sqrt(rep.tensors[0].l2, s2) <= 1e-12
+    assert max(calls) <= 1 << 20 and sum(calls) == 4 << 20, (len(calls), sum(calls))
+
+
 def test_a_transposed_matrix_reads_in_few_calls(tmp_path: Path, rng: np.random.Generator) -> None:
-    """w.t() of 1024x1024: reads of at most the buffer (1 MiB), the storage at most once per chunk."""
+    """w.t() of 1024x1024 in logical order (diff, copy detection: Source.chunks): reads of at most the buffer
+    (1 MiB), the storage at most once per chunk."""
     from gradinspect.sources import views
     from gradinspect.sources.store import ByteStore
 
@@ -333,12 +384,16 @@ def test_a_transposed_matrix_reads_in_few_calls(tmp_path: Path, rng: np.random.G
                 calls.append(len(view))
                 store.read_into(view, offset)
         return real(Counting(), *args)  # type: ignore[arg-type]
-    import gradinspect.engine
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(views, "gather", counting)
-        rep = gradinspect.inspect(tmp_path / "t.pt", jobs=1)
-    ref = gradinspect.compute_norms({"t": np.ascontiguousarray(w.view().T)})
-    assert rep.total == ref.total
+    from gradinspect.sources.store import ChunkBuffer
+
+    src = open_source(str(tmp_path / "t.pt"))
+    try:
+        with src, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(views, "gather", counting)
+            got = np.concatenate([c.copy() for c in src.chunks(src.tensors[0], ChunkBuffer())])
+    finally:
+        src.close()
+    assert np.array_equal(got, w.view().T.reshape(-1))
     chunks = 1024 * 1024 // (1 << 17)
     assert max(calls) <= 1 << 20 and len(calls) <= chunks * 4 + chunks, calls[:5]
     assert sum(calls) <= chunks * 4 * 1024 * 1024, sum(calls)
