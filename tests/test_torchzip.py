@@ -8,6 +8,7 @@ tests/test_torchzip_torch.py.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -209,11 +210,73 @@ def test_a_single_tensor_and_ordered_dicts(tmp_path: Path) -> None:
     assert gradinspect.inspect(tmp_path / "od.pt").total.l2 == pytest.approx(3 ** 0.5)
 
 
-def test_pt_and_npz_in_one_directory_keep_their_containers(tmp_path: Path) -> None:
+def test_pt_and_npz_matched_by_one_glob_keep_their_containers(tmp_path: Path) -> None:
     save({"a": T.of(np.ones(3, np.float32))}, tmp_path / "x.pt")
     np.savez(tmp_path / "y.npz", b=np.ones(2, np.float32))
-    rep = gradinspect.inspect(tmp_path)
+    rep = gradinspect.inspect(str(tmp_path / "*"))
     assert sorted(t.name for t in rep.tensors) == ["a", "b"]
+    assert [t.name for t in gradinspect.inspect(tmp_path).tensors] == ["b"]  # a directory: not its torch files
+
+
+def _hf_checkpoint(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, np.ndarray]:
+    """A Hugging Face-like checkpoint folder: model weights, optimizer state (tensors!), pickled training args."""
+    d = tmp_path / "checkpoint-500"
+    d.mkdir()
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    save_file({"w": w}, str(d / "model.safetensors"))
+    save({"state": {0: {"exp_avg": T.of(w * 3), "exp_avg_sq": T.of(w * w)}}, "param_groups": [{"lr": 0.1}]},
+         d / "optimizer.pt")
+    (d / "training_args.bin").write_bytes(archive(
+        b"\x80\x02" + global_("transformers.training_args", "TrainingArguments", 2) + b")\x81.", {}))
+    return d, w
+
+
+def test_a_directory_reads_no_torch_file_and_names_them(tmp_path: Path, rng: np.random.Generator) -> None:
+    d, w = _hf_checkpoint(tmp_path, rng)
+    warning = (f"{d}{os.sep}: skipped 2 torch files (optimizer.pt, training_args.bin): .bin/.pt files are not read "
+               "from a directory (a checkpoint's optimizer state and training arguments are not gradients): name them "
+               f"or use a glob ('{d}{os.sep}*.pt')")
+    res = run("norms", d, "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert [t["name"] for t in strict_json(res.stdout)["tensors"]] == ["w"]
+    assert res.stderr == f"Warning: {warning}\n"
+    rep = gradinspect.inspect(d)
+    assert rep.input_warnings() == [warning]
+    assert rep.total == gradinspect.compute_norms({"w": w}).total
+    (d / "notes.txt").write_text("hello")
+    assert gradinspect.inspect(d).input_warnings() == [
+        f"{d}{os.sep}: skipped 1 file that is not .safetensors/.npz/.npy (notes.txt); " + warning.split(": ", 1)[1]]
+    (d / "model.safetensors").unlink()
+    (d / "notes.txt").unlink()
+    _cli_refuses(d, "directory holds no .safetensors, .npz or .npy file; " + warning.split(": ", 1)[1])
+
+
+def test_torch_files_named_or_globbed_are_read(tmp_path: Path, rng: np.random.Generator) -> None:
+    d, w = _hf_checkpoint(tmp_path, rng)
+    named = gradinspect.inspect(d / "optimizer.pt")
+    assert [t.name for t in named.tensors] == ["state.0.exp_avg", "state.0.exp_avg_sq"]
+    assert named.input_warnings() == []
+    globbed = gradinspect.inspect(str(d / "*.pt"))
+    assert globbed.total == named.total
+    both = gradinspect.inspect([d / "model.safetensors", d / "optimizer.pt"])
+    assert both.total == gradinspect.compute_norms({"w": w, "a": w * 3, "b": w * w}).total
+    _cli_refuses(d / "training_args.bin", "refused: the pickle references transformers.training_args."
+                 "TrainingArguments (only tensors and plain containers are read)")
+    res = run("norms", str(d / "*.bin"))  # a glob reads what it matches: the pickle is refused, not skipped
+    assert res.exit_code == 2 and "TrainingArguments" in res.stderr, res.output
+
+
+def test_trend_over_a_glob_of_step_files_beside_optimizer_state(tmp_path: Path, rng: np.random.Generator) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step in (2, 1):
+        save({"w": T.of(np.full(4, step, np.float32))}, run_dir / f"step_{step}.pt")
+    save({"state": {0: {"exp_avg": T.of(np.ones(4, np.float32))}}}, run_dir / "optimizer.pt")
+    res = run("trend", str(run_dir / "step_*.pt"), "--format", "json")
+    assert res.exit_code == 0, res.output
+    steps = strict_json(res.stdout)["steps"]
+    assert [(s["step"], s["total"]["l2"], s["sources"]) for s in steps] == [
+        (1, 2.0, [str(run_dir / "step_1.pt")]), (2, 4.0, [str(run_dir / "step_2.pt")])]
 
 
 # --- refusals --------------------------------------------------------------------------------------
