@@ -15,9 +15,12 @@ descending stride, merged where they continue each other.  A permuted dense view
 statistics are bit-for-bit those of its storage saved contiguously (``w`` for ``w.t()``); other
 views are summed in chunks on the same element boundaries as a contiguous copy of that order.
 Element-wise work (diff, copy detection: ``Source.chunks`` -> :func:`view_chunks`) needs logical
-C order, and there a transposed matrix reads its storage's span once per chunk: quadratic
-(Source.chunks of a 64 MiB 4096x4096 float32 ``w.t()`` took 2.8 s against 0.015 s contiguous, so
-a 1 GiB one would take about 12 minutes).
+C order, and there a transposed n x n matrix is slow: a chunk of its logical rows is a short run
+from every storage row (chunk / n elements), so either the storage's span is read once per chunk
+(rows closer than 16 KiB) or n small reads are made per chunk; with memory bounded by the chunk the
+cost grows as n^3 / chunk.  Measured (Source.chunks of a float32 ``w.t()``, one thread, loaded
+2-core machine): 16 MiB 0.19 s, 64 MiB 1.5-2.8 s (contiguous: 0.015 s), 256 MiB 12.6 s; 1 GiB
+would take about 100 s.
 """
 
 from __future__ import annotations
