@@ -61,7 +61,7 @@ def inspect(
 ) -> NormsReport:
     """Norms of the gradients saved at ``paths``: one gradient set, however many files.
 
-    ``paths`` are files (.safetensors, .npz, .npy), directories, ``*.index.json``
+    ``paths`` are files (.safetensors, .npz, .npy, torch .pt), directories (not their torch files), ``*.index.json``
     files or quoted globs.  ``jobs`` threads share the work (default: one per
     core); results are identical for every value.
 

@@ -425,9 +425,10 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
           output: str | None, void_as: str | None, part: str | None, partial: str | None) -> None:
     """Per-tensor and global gradient norms, and what clipping would do.
 
-    PATH is a .safetensors, .npz or .npy file, a directory of them, a
-    *.safetensors.index.json, or a quoted glob.  Several PATHs are the shards
-    of one gradient set: the global norm is over all of them.
+    PATH is a .safetensors, .npz, .npy or torch.save .pt/.pth/.bin file, a
+    directory (its .safetensors, .npz and .npy files; torch files only when
+    named or globbed), a *.safetensors.index.json, or a quoted glob.  Several
+    PATHs are the shards of one gradient set: the global norm is over all of them.
 
     \b
     Examples:

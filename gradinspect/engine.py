@@ -48,7 +48,7 @@ class WorkUnit:
     """One piece of work: bytes ``[offset, offset + size)`` of store ``store``."""
 
     kind: str  # raw (a chunk of one tensor) | batch (small tensors, one read) | stream (a whole deflate member)
-    #          | strided (chunk ``part`` of a strided view, gathered in C order by sources/views.py)
+    #          | strided (chunk ``part`` of a strided view in storage order, gathered by sources/views.py)
     store: str  # the byte store's key
     offset: int
     size: int  # bytes read (stream: 0, the member is read whole)
@@ -120,7 +120,8 @@ def plan(descs: Sequence[TensorDesc], chunk: int = CHUNK) -> list[WorkUnit]:
 
 
 def _strided_units(i: int, t: TensorDesc, chunk: int) -> list[WorkUnit]:
-    """A strided view's units: its elements in C order cut like a contiguous tensor's (see :mod:`.sources.views`)."""
+    """A strided view's units: its elements in storage order (``views.storage_order``) cut like a contiguous
+    tensor's (see :mod:`.sources.views`)."""
     assert t.extent is not None and t.np_dtype is not None
     size = t.np_dtype.itemsize
     return [WorkUnit("strided", t.extent.store, t.extent.offset, 0, "raw", (i,), k, min(chunk, t.numel - a) * size)
@@ -145,13 +146,14 @@ def run_unit(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDe
         crc = zlib.crc32(view) if t.extent.crc is not None else None
         x = w.buf.array(dtype, unit.size // dtype.itemsize)
         return [(unit.tensors[0], unit.part, w.reducer.reduce(x, scratch=True), crc)]  # our buffer
-    if unit.kind == "strided":  # gathered in C order; summed as a contiguous tensor's chunk or batch would be
-        from .sources.views import gather
+    if unit.kind == "strided":  # gathered in storage order (the statistics do not depend on the order);
+        from .sources.views import gather, storage_order  # summed as a contiguous tensor's chunk or batch would be
 
         assert t.strides is not None
         a = unit.part * w.buf.chunk
         b = min(a + w.buf.chunk, t.numel)
-        x = gather(store, unit.offset, dtype, t.shape, t.strides, a, b, w.pack, w.buf.array(dtype, b - a))
+        shape, strides = storage_order(t.shape, t.strides)
+        x = gather(store, unit.offset, dtype, shape, strides, a, b, w.pack, w.buf.array(dtype, b - a))
         if t.numel <= SMALL:
             return [(unit.tensors[0], 0, w.reducer.reduce_segments(x, [t.numel], scratch=True)[0], None)]
         return [(unit.tensors[0], unit.part, w.reducer.reduce(x, scratch=True), None)]

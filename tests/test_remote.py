@@ -501,3 +501,30 @@ def test_urls_are_recognised_without_importing_fsspec() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=60, check=False,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.stdout == b"False\n", p.stderr
+
+
+def test_an_s3_directory_reads_no_torch_file_and_a_glob_does(s3: Any, bucket: str, tmp_path: Path,
+                                                              rng: np.random.Generator) -> None:
+    """As on disk: a directory URL skips its .pt/.bin files (optimizer state is not gradients) and names them;
+    a glob URL of .pt files reads them, with the numbers of the local files."""
+    from ptwriter import Storage, T, save
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    w = rng.standard_normal(300).astype(np.float32)
+    save_file({"w": w}, str(ckpt / "model.safetensors"))
+    save({"w": T(Storage(w * 2), 0, (300,), (1,))}, ckpt / "optimizer.pt")
+    save({"g": T(Storage(w * 3), 0, (300,), (1,))}, ckpt / "grads.pt")
+    url = f"s3://{bucket}/ckpt"
+    for f in ckpt.iterdir():
+        _put(s3, f, f"{url}/{f.name}")
+    r = run("norms", f"{url}/", "--format", "json")
+    local = run("norms", str(ckpt), "--format", "json")
+    assert r.exit_code == local.exit_code == 0, r.stderr
+    assert [t["name"] for t in strict_json(r.stdout)["tensors"]] == ["w"]
+    assert "skipped 2 torch files (grads.pt, optimizer.pt)" in r.stderr and f"'{url}/*.pt'" in r.stderr
+    g = run("norms", f"{url}/*.pt", "--format", "json")
+    gl = run("norms", str(ckpt / "*.pt"), "--format", "json")
+    assert g.exit_code == 0, g.stderr
+    assert _numbers(g.stdout, url) == _numbers(gl.stdout, ckpt)
+    assert len(strict_json(g.stdout)["sources"]) == 2

@@ -8,6 +8,7 @@ tests/test_torchzip_torch.py.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -51,14 +52,22 @@ def _views(rng: np.random.Generator) -> dict[str, T]:
     }
 
 
+def _in_storage_order(v: T) -> T:
+    """The view's elements as its storage holds them: dimensions by descending stride (``w.t()`` -> ``w``)."""
+    dims = sorted(range(len(v.shape)), key=lambda d: -v.stride[d])
+    return T(v.storage, v.offset, tuple(v.shape[d] for d in dims), tuple(v.stride[d] for d in dims))
+
+
 def _write_pair(tmp_path: Path, views: dict[str, Any], protocol: int = 2, name: str = "g",
-                step: int | None = None) -> tuple[Path, Path]:
+                step: int | None = None, storage_order: bool = False) -> tuple[Path, Path]:
+    """The views as .pt and made contiguous as .safetensors: in logical C order, or in their storage's order
+    (what norms/check/trend read them in: the statistics are bit-for-bit those of that copy)."""
     obj: dict[str, Any] = dict(views)
     if step is not None:
         obj["step"] = step
     pt = tmp_path / f"{name}.pt"
     save(obj, pt, protocol)
-    flat = {k: np.ascontiguousarray(v.view()) for k, v in views.items()}
+    flat = {k: np.ascontiguousarray((_in_storage_order(v) if storage_order else v).view()) for k, v in views.items()}
     st = tmp_path / f"{name}.safetensors"
     save_file(flat, str(st), metadata=None if step is None else {"step": str(step)})
     return pt, st
@@ -72,9 +81,15 @@ def _rows(report: Any) -> dict[str, Any]:
 def test_norms_bit_identical_to_safetensors_of_the_views(tmp_path: Path, rng: np.random.Generator,
                                                          protocol: int) -> None:
     views = _views(rng)
-    pt, st = _write_pair(tmp_path, views, protocol)
+    assert np.array_equal(_in_storage_order(views["tr"]).view(), views["w"].view())  # w.t() in storage order is w
+    pt, st = _write_pair(tmp_path, views, protocol, storage_order=True)
     a, b = gradinspect.inspect(pt), gradinspect.inspect(st)
-    assert _rows(a) == _rows(b)
+    rows_a, rows_b = _rows(a), _rows(b)
+    # a permuted view's shape is its own, not its storage-order copy's (so the copy of w.t() is a duplicate of w)
+    for k in ("shape", "source", "duplicate_of"):
+        for r in (*rows_a.values(), *rows_b.values()):
+            r.pop(k, None)
+    assert rows_a == rows_b
     assert a.total == b.total
     assert {t.name for t in a.tensors} == set(views) - {"i"}
     # and the exact oracle, from the views as numpy gives them (what torch.load gives)
@@ -88,8 +103,10 @@ def test_norms_bit_identical_to_safetensors_of_the_views(tmp_path: Path, rng: np
 
 @pytest.mark.parametrize("jobs", [1, 3])
 def test_chunks_and_jobs_do_not_change_bits(tmp_path: Path, rng: np.random.Generator, jobs: int) -> None:
-    pt, st = _write_pair(tmp_path, _views(rng))
-    assert _rows(gradinspect.inspect(pt, jobs=jobs)) == _rows(gradinspect.inspect(st, jobs=1))
+    pt, st = _write_pair(tmp_path, _views(rng), storage_order=True)
+    a, b = _rows(gradinspect.inspect(pt, jobs=jobs)), _rows(gradinspect.inspect(st, jobs=1))
+    assert {k: r["l2"] for k, r in a.items()} == {k: r["l2"] for k, r in b.items()}
+    assert a == _rows(gradinspect.inspect(pt, jobs=1))
 
 
 def test_every_command_reads_pt(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -99,7 +116,8 @@ def test_every_command_reads_pt(tmp_path: Path, rng: np.random.Generator) -> Non
     assert norms.exit_code == 0, norms.output
     data = strict_json(norms.stdout)
     assert data["metadata"] == {str(pt): {"step": "7"}}
-    ref = strict_json(run("norms", st, "--format", "json").stdout)
+    _, st_storage = _write_pair(tmp_path, views, name="s", step=7, storage_order=True)
+    ref = strict_json(run("norms", st_storage, "--format", "json").stdout)
     assert data["total"] == ref["total"]
     check = run("check", pt)
     assert check.exit_code == 0 and "rules hold" in check.stdout, check.output
@@ -192,11 +210,73 @@ def test_a_single_tensor_and_ordered_dicts(tmp_path: Path) -> None:
     assert gradinspect.inspect(tmp_path / "od.pt").total.l2 == pytest.approx(3 ** 0.5)
 
 
-def test_pt_and_npz_in_one_directory_keep_their_containers(tmp_path: Path) -> None:
+def test_pt_and_npz_matched_by_one_glob_keep_their_containers(tmp_path: Path) -> None:
     save({"a": T.of(np.ones(3, np.float32))}, tmp_path / "x.pt")
     np.savez(tmp_path / "y.npz", b=np.ones(2, np.float32))
-    rep = gradinspect.inspect(tmp_path)
+    rep = gradinspect.inspect(str(tmp_path / "*"))
     assert sorted(t.name for t in rep.tensors) == ["a", "b"]
+    assert [t.name for t in gradinspect.inspect(tmp_path).tensors] == ["b"]  # a directory: not its torch files
+
+
+def _hf_checkpoint(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, np.ndarray]:
+    """A Hugging Face-like checkpoint folder: model weights, optimizer state (tensors!), pickled training args."""
+    d = tmp_path / "checkpoint-500"
+    d.mkdir()
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    save_file({"w": w}, str(d / "model.safetensors"))
+    save({"state": {0: {"exp_avg": T.of(w * 3), "exp_avg_sq": T.of(w * w)}}, "param_groups": [{"lr": 0.1}]},
+         d / "optimizer.pt")
+    (d / "training_args.bin").write_bytes(archive(
+        b"\x80\x02" + global_("transformers.training_args", "TrainingArguments", 2) + b")\x81.", {}))
+    return d, w
+
+
+def test_a_directory_reads_no_torch_file_and_names_them(tmp_path: Path, rng: np.random.Generator) -> None:
+    d, w = _hf_checkpoint(tmp_path, rng)
+    warning = (f"{d}{os.sep}: skipped 2 torch files (optimizer.pt, training_args.bin): .bin/.pt files are not read "
+               "from a directory (a checkpoint's optimizer state and training arguments are not gradients): name them "
+               f"or use a glob ('{d}{os.sep}*.pt')")
+    res = run("norms", d, "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert [t["name"] for t in strict_json(res.stdout)["tensors"]] == ["w"]
+    assert res.stderr == f"Warning: {warning}\n"
+    rep = gradinspect.inspect(d)
+    assert rep.input_warnings() == [warning]
+    assert rep.total == gradinspect.compute_norms({"w": w}).total
+    (d / "notes.txt").write_text("hello")
+    assert gradinspect.inspect(d).input_warnings() == [
+        f"{d}{os.sep}: skipped 1 file that is not .safetensors/.npz/.npy (notes.txt); " + warning.split(": ", 1)[1]]
+    (d / "model.safetensors").unlink()
+    (d / "notes.txt").unlink()
+    _cli_refuses(d, "directory holds no .safetensors, .npz or .npy file; " + warning.split(": ", 1)[1])
+
+
+def test_torch_files_named_or_globbed_are_read(tmp_path: Path, rng: np.random.Generator) -> None:
+    d, w = _hf_checkpoint(tmp_path, rng)
+    named = gradinspect.inspect(d / "optimizer.pt")
+    assert [t.name for t in named.tensors] == ["state.0.exp_avg", "state.0.exp_avg_sq"]
+    assert named.input_warnings() == []
+    globbed = gradinspect.inspect(str(d / "*.pt"))
+    assert globbed.total == named.total
+    both = gradinspect.inspect([d / "model.safetensors", d / "optimizer.pt"])
+    assert both.total == gradinspect.compute_norms({"w": w, "a": w * 3, "b": w * w}).total
+    _cli_refuses(d / "training_args.bin", "refused: the pickle references transformers.training_args."
+                 "TrainingArguments (only tensors and plain containers are read)")
+    res = run("norms", str(d / "*.bin"))  # a glob reads what it matches: the pickle is refused, not skipped
+    assert res.exit_code == 2 and "TrainingArguments" in res.stderr, res.output
+
+
+def test_trend_over_a_glob_of_step_files_beside_optimizer_state(tmp_path: Path, rng: np.random.Generator) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step in (2, 1):
+        save({"w": T.of(np.full(4, step, np.float32))}, run_dir / f"step_{step}.pt")
+    save({"state": {0: {"exp_avg": T.of(np.ones(4, np.float32))}}}, run_dir / "optimizer.pt")
+    res = run("trend", str(run_dir / "step_*.pt"), "--format", "json")
+    assert res.exit_code == 0, res.output
+    steps = strict_json(res.stdout)["steps"]
+    assert [(s["step"], s["total"]["l2"], s["sources"]) for s in steps] == [
+        (1, 2.0, [str(run_dir / "step_1.pt")]), (2, 4.0, [str(run_dir / "step_2.pt")])]
 
 
 # --- refusals --------------------------------------------------------------------------------------
@@ -317,8 +397,42 @@ def test_process_executor_gives_the_same_bits(tmp_path: Path, rng: np.random.Gen
         assert _rows(gradinspect.inspect(pt, jobs=pool)) == _rows(gradinspect.inspect(pt, jobs=1))
 
 
+@pytest.mark.parametrize("permuted", ["t", "permute"])
+def test_a_permuted_view_reads_its_storage_once(tmp_path: Path, rng: np.random.Generator, permuted: str) -> None:
+    """w.t() of 1024x1024 and x.permute(2, 0, 1) of 64x128x128: read in storage order, each byte once, in
+    reads of at most the buffer (1 MiB); the statistics are bit-for-bit those of the storage saved contiguously."""
+    from gradinspect.sources import views
+    from gradinspect.sources.store import ByteStore
+
+    if permuted == "t":
+        w = T.of(rng.standard_normal((1024, 1024)).astype(np.float32))
+        v = T(w.storage, 0, (1024, 1024), (1, 1024))
+    else:
+        w = T.of(rng.standard_normal((64, 128, 128)).astype(np.float32))
+        v = T(w.storage, 0, (128, 64, 128), (1, 128 * 128, 128))
+    save({"t": v}, tmp_path / "t.pt")
+    calls: list[int] = []
+    real = views.gather
+
+    def counting(store: ByteStore, *args: Any) -> Any:
+        class Counting:
+            def read_into(self, view: memoryview, offset: int) -> None:
+                calls.append(len(view))
+                store.read_into(view, offset)
+        return real(Counting(), *args)  # type: ignore[arg-type]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(views, "gather", counting)
+        rep = gradinspect.inspect(tmp_path / "t.pt", jobs=1)
+    assert rep.total == gradinspect.compute_norms({"t": w.view()}).total
+    assert rep.tensors[0].shape == v.shape
+    s1, s2 = exact_sums(v.view())
+    assert rel(rep.tensors[0].l1, s1) <= 1e-12 and rel_sqrt(rep.tensors[0].l2, s2) <= 1e-12
+    assert max(calls) <= 1 << 20 and sum(calls) == 4 << 20, (len(calls), sum(calls))
+
+
 def test_a_transposed_matrix_reads_in_few_calls(tmp_path: Path, rng: np.random.Generator) -> None:
-    """w.t() of 1024x1024: reads of at most the buffer (1 MiB), the storage at most once per chunk."""
+    """w.t() of 1024x1024 in logical order (diff, copy detection: Source.chunks): reads of at most the buffer
+    (1 MiB), the storage at most once per chunk."""
     from gradinspect.sources import views
     from gradinspect.sources.store import ByteStore
 
@@ -333,12 +447,16 @@ def test_a_transposed_matrix_reads_in_few_calls(tmp_path: Path, rng: np.random.G
                 calls.append(len(view))
                 store.read_into(view, offset)
         return real(Counting(), *args)  # type: ignore[arg-type]
-    import gradinspect.engine
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(views, "gather", counting)
-        rep = gradinspect.inspect(tmp_path / "t.pt", jobs=1)
-    ref = gradinspect.compute_norms({"t": np.ascontiguousarray(w.view().T)})
-    assert rep.total == ref.total
+    from gradinspect.sources.store import ChunkBuffer
+
+    src = open_source(str(tmp_path / "t.pt"))
+    try:
+        with src, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(views, "gather", counting)
+            got = np.concatenate([c.copy() for c in src.chunks(src.tensors[0], ChunkBuffer())])
+    finally:
+        src.close()
+    assert np.array_equal(got, w.view().T.reshape(-1))
     chunks = 1024 * 1024 // (1 << 17)
     assert max(calls) <= 1 << 20 and len(calls) <= chunks * 4 + chunks, calls[:5]
     assert sum(calls) <= chunks * 4 * 1024 * 1024, sum(calls)

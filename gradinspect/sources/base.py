@@ -203,6 +203,9 @@ class Container(ABC):
 
     # A container may instead stand for other files (an index and its shards):
     expands: bool = False
+    # False: read only when named or matched by a glob, never picked up from a directory (torch files:
+    # a checkpoint folder's optimizer.pt or training_args.bin are not gradients)
+    in_directories: bool = True
 
     def expand(self, path: str, allow_outside: bool = False) -> list[str]:
         """The files ``path`` stands for (only when ``expands``)."""

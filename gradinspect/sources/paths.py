@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeGuard
 
 from ..errors import InputError
@@ -115,7 +115,8 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
                 if _readable(n) and os.path.isfile(os.path.join(p, n))
             )
             if not found:
-                raise InputError(p, "directory holds no .safetensors, .npz or .npy file")
+                raise InputError(p, "; ".join(filter(None, ("directory holds no .safetensors, .npz or .npy file",
+                                                              _named_only_hint(p, names)))))
             if notes is not None:
                 notes.extend(_skipped_files(p, names))
             out.extend(found)
@@ -144,33 +145,62 @@ def _resolve_url(url: str, notes: list[str] | None, allow_outside_index: bool) -
         return resolve_paths(found, notes, allow_outside_index)
     if kind == "dir":
         if not found:
-            raise InputError(display(url), "directory holds no .safetensors, .npz or .npy file")
+            hint = _named_only_hint(display(url).rstrip("/"), other, set(other).__contains__, "/")
+            raise InputError(display(url), "; ".join(filter(None, ("directory holds no .safetensors, .npz or .npy "
+                                                                   "file", hint))))
         if notes is not None:
             notes.extend(_skipped_files(display(url).rstrip("/"), other, files=set(other), sep="/"))
     return found
 
 
 def _readable(name: str) -> bool:
-    """Whether a directory's file is read as tensors (index files are not: their shards are)."""
+    """Whether a directory's file is read as tensors (index files are not: their shards are; nor torch files)."""
     c = container_for(name)
-    return c is not None and not _expands(c)
+    return c is not None and not _expands(c) and c.in_directories
+
+
+def _named_only(directory: str, names: list[str], is_file: Callable[[str], bool] | None = None) -> list[str]:
+    """The files of ``directory`` read only when named or globbed (torch files), sorted."""
+    return sorted(n for n in names if (c := container_for(n)) is not None and not c.in_directories
+                  and (is_file(n) if is_file is not None else os.path.isfile(os.path.join(directory, n))))
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def _named_only_hint(directory: str, names: list[str], is_file: Callable[[str], bool] | None = None,
+                     sep: str = os.sep) -> str:
+    """Why a directory's torch files were not read, and how to read them ('' when it has none)."""
+    torch = _named_only(directory, names, is_file)
+    if not torch:
+        return ""
+    label = directory if directory.endswith(sep) else directory + sep
+    return (f"skipped {len(torch)} torch file{'s' if len(torch) > 1 else ''} ({_listed(torch)}): "
+            f"{'/'.join(sorted({_suffix(n) for n in torch}))} files are not read from a directory (a checkpoint's "
+            f"optimizer state and training arguments are not gradients): name them or use a glob "
+            f"('{label}*{_suffix(torch[0])}')")
 
 
 def _skipped_files(directory: str, names: list[str], files: set[str] | None = None, sep: str = os.sep) -> list[str]:
-    """A warning naming the files of ``directory`` that are not read (index files' shards are);
-    ``files``: the names that are files, when known (a listed URL)."""
-    other = sorted(n for n in names if container_for(n) is None
-                   and (n in files if files is not None else os.path.isfile(os.path.join(directory, n))))
-    if not other:
+    """A warning naming the files of ``directory`` that are not read (index files' shards are; torch files
+    are named with how to read them); ``files``: the names that are files, when known (a listed URL)."""
+    def is_file(n: str) -> bool:
+        return n in files if files is not None else os.path.isfile(os.path.join(directory, n))
+
+    other = sorted(n for n in names if container_for(n) is None and is_file(n))
+    hint = _named_only_hint(directory, names, is_file, sep)
+    if not other and not hint:
         return []
-    shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
     label = directory if directory.endswith(sep) else directory + sep
+    if not other:
+        return [f"{label}: {hint}"]
     line = (f"{label}: skipped {len(other)} file{'s' if len(other) > 1 else ''} that "
-            f"{'are' if len(other) > 1 else 'is'} not .safetensors/.npz/.npy ({shown})")
+            f"{'are' if len(other) > 1 else 'is'} not .safetensors/.npz/.npy ({_listed(other)})")
     pickles = sorted({_suffix(n) for n in other if _suffix(n) in PICKLE_SUFFIXES})
     if pickles:
         line += f"; {'/'.join(pickles)} files are pickles, never loaded (they can run code): save with safetensors"
-    return [line]
+    return [line + (f"; {hint}" if hint else "")]
 
 
 def open_source(path: str) -> Source:
@@ -184,7 +214,8 @@ def open_source(path: str) -> Source:
             raise InputError(_shown(path), "pickle-based files are never loaded (they can run code); "
                                    "save gradients with safetensors")
         raise InputError(_shown(path), "unsupported file type "
-                               "(expected .safetensors, .npz, .npy, a directory or a *.safetensors.index.json)")
+                               "(expected .safetensors, .npz, .npy, a torch.save .pt/.pth/.bin, a directory "
+                               "or a *.safetensors.index.json)")
     store = _store.store_class(path).open(path)
     try:
         return c.describe(store, store.path)  # a URL as shown: without password or query string

@@ -147,6 +147,7 @@ def _desc(name: str, t: TensorRef, path: str, key: str, member: tuple[int, int, 
 class TorchZip(Container):
     name = "torch"
     suffixes = (".pt", ".pth", ".bin")
+    in_directories = False  # a checkpoint folder's optimizer.pt / training_args.bin: read only when named
 
     def describe(self, store: ByteStore, path: str) -> Source:
         return read_torch(store, path)
