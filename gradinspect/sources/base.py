@@ -54,6 +54,7 @@ class TensorDesc:
     np_dtype: np.dtype | None = field(default=None, repr=False)  # byte order included
     extent: Extent | None = field(default=None, repr=False)
     order: str = "C"  # "F": .npy data in column-major order
+    chunks: int = 1  # the pieces it is stored in (a distributed checkpoint's chunks), gathered by its store
 
     @property
     def is_float(self) -> bool:
@@ -197,6 +198,10 @@ class Container(ABC):
 
     # A container may instead stand for other files (an index and its shards):
     expands: bool = False
+
+    def describe_dir(self, path: str) -> Source:
+        """A directory that is one container (``recognises(path, True)``): open its files, read its headers."""
+        raise InputError(path, "is a directory")
 
     def expand(self, path: str, allow_outside: bool = False) -> list[str]:
         """The files ``path`` stands for (only when ``expands``)."""

@@ -15,3 +15,5 @@ MAX_INDEX_BYTES = 64 << 20  # size of a *.safetensors.index.json
 MAX_USIZE = (1 << 64) - 1  # safetensors shapes and offsets are u64; so is a tensor's element count
 MAX_NPY_HEADER = 1 << 16  # bytes of one .npy header
 MAX_ZIP_CD = 256 << 20  # a zip central directory (its entries take at least 46 bytes: millions of members fit)
+MAX_DCP_METADATA = 256 << 20  # bytes of a distributed checkpoint's pickled .metadata
+MAX_DCP_RUNS = 1 << 22  # contiguous pieces a distributed checkpoint's chunks cut its tensors into (column shards: rows)

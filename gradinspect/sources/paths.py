@@ -24,9 +24,9 @@ def _containers() -> tuple[Container, ...]:
     return CONTAINERS
 
 
-def container_for(path: str) -> Container | None:
+def container_for(path: str, is_dir: bool = False) -> Container | None:
     """The registered container that recognises ``path`` (None: none does)."""
-    return next((c for c in _containers() if c.recognises(path)), None)
+    return next((c for c in _containers() if c.recognises(path, is_dir)), None)
 
 
 def _expands(c: Container | None) -> TypeGuard[Container]:
@@ -54,6 +54,8 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
             if not matches:
                 raise InputError(p, "no file matches this pattern")
             out.extend(resolve_paths(matches, notes, allow_outside_index))
+        elif os.path.isdir(p) and container_for(p, True) is not None:  # one container (a distributed checkpoint)
+            out.append(p)
         elif os.path.isdir(p):
             try:
                 names = os.listdir(p)
@@ -103,6 +105,8 @@ def open_source(path: str) -> Source:
 
     The source holds the open file: :meth:`Source.finish` or :meth:`Source.close` it.
     """
+    if os.path.isdir(path) and (d := container_for(path, True)) is not None:
+        return d.describe_dir(path)
     c = container_for(path)
     if c is None or _expands(c):
         if _suffix(path) in PICKLE_SUFFIXES:
@@ -131,7 +135,7 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
     files = resolve_paths(paths, notes, allow_outside_index)
     seen: dict[tuple[int, int], str] = {}
     for f in files:
-        st = _store.regular_file(f)
+        st = os.stat(f) if os.path.isdir(f) else _store.regular_file(f)  # a directory: one container
         key = (st.st_dev, st.st_ino)
         if key in seen:
             raise InputError(f, f"the same file is given twice (also as {seen[key]})")
