@@ -84,7 +84,8 @@ def write(out: str, steps: int, mesh: object | None, safetensors_format: bool, b
         if rank == 0:
             from safetensors.torch import save_file
 
-            save_file(full_tensors(step + 1, big), name + ".full.safetensors", metadata={"step": str(step * 10), "loss_scale": str(LOSS_SCALE)})
+            meta = {"step": str(step * 10), "loss_scale": str(LOSS_SCALE)}
+            save_file(full_tensors(step + 1, big), name + ".full.safetensors", metadata=meta)
 
 
 def _worker(rank: int, world: int, port: int, out: str, steps: int, st: bool, big: bool) -> None:

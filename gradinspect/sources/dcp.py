@@ -35,7 +35,8 @@ from ..errors import InputError
 from . import limits
 from .base import Container, Extent, Source, TensorDesc, dtype_name, skip_reason
 from .ranges import GatherStore, SubStore
-from .store import ByteStore, LocalFile, read_small
+from .store import ByteStore, LocalFile
+from .unpickle import DTYPES, DType, Stateful, UnpickleError, Unpickler
 
 __all__ = ["CONTAINER", "METADATA", "SUFFIX", "Chunk", "TensorMeta", "StorageInfo", "Meta", "tile"]
 
@@ -190,28 +191,15 @@ class DistributedCheckpoint(Container):
 CONTAINER = DistributedCheckpoint()
 
 
-#: torch dtype names -> numpy dtype names (those numpy, with ml_dtypes, reads)
-_DTYPES = {
-    "float64": "float64", "double": "float64", "float32": "float32", "float": "float32", "float16": "float16",
-    "half": "float16", "bfloat16": "bfloat16", "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
-    "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz", "float8_e8m0fnu": "float8_e8m0fnu",
-    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32", "int16": "int16", "short": "int16",
-    "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "bool": "bool",
-    "complex64": "complex64", "complex128": "complex128",
-}
-
-
 def np_dtype_of(torch_name: str) -> np.dtype | None:
     """The little-endian numpy dtype of a torch dtype name (None: not one numpy reads)."""
-    name = _DTYPES.get(torch_name)
-    if name is None:
+    known = DTYPES.get(torch_name)
+    if known is None or known.numpy is None:
         return None
-    try:
-        import ml_dtypes
+    import ml_dtypes
 
-        dt = np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
-    except TypeError:
-        return None
+    name = known.numpy
+    dt = np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
     return dt.newbyteorder("<") if dt.itemsize > 1 else dt
 
 
@@ -250,8 +238,9 @@ def read_checkpoint(directory: str) -> Source:
     meta_store = LocalFile.open(meta_path)
     files = _Files(directory)
     try:
-        raw = read_small(meta_path, limits.MAX_DCP_METADATA)
-        meta = parse_metadata(raw, meta_path)
+        if meta_store.size > limits.MAX_DCP_METADATA:
+            raise InputError(meta_path, f"file is larger than the {limits.MAX_DCP_METADATA}-byte limit")
+        meta = parse_metadata(meta_store.read(meta_store.size, 0), meta_path)
         return _build(directory, meta_path, meta, meta_store, files)
     except BaseException:
         files.close()
@@ -393,10 +382,186 @@ def _objects(meta_path: str, meta: Meta, files: _Files) -> dict[str, str]:
 
 
 # --- the pickles: .metadata, and the torch.save archives of chunks and objects --------------------------------
+#
+# Stand-ins for the DCP dataclasses: the unpickler creates them (NEWOBJ, no arguments) and hands them
+# the pickle's state (BUILD); each checks that state's types and keeps only what is read here.
+
+
+def _str(x: object, what: str) -> str:
+    if not isinstance(x, str) or len(x) > limits.MAX_METADATA_VALUE:
+        raise UnpickleError(f"{what} must be a string")
+    return x
+
+
+def _nat(x: object, what: str) -> int:
+    if type(x) is not int or x < 0:
+        raise UnpickleError(f"{what} must be an integer >= 0")
+    return x
+
+
+def _dims(x: object, what: str) -> tuple[int, ...]:
+    if not isinstance(x, tuple | list) or len(x) > 64:
+        raise UnpickleError(f"{what} must be a torch.Size")
+    return tuple(_nat(v, what) for v in x)
+
+
+def _attrs(state: object, what: str, allowed: Iterable[str]) -> dict[str, object]:
+    """A dataclass's pickled ``__dict__`` (``(None, slots)`` pairs are not written by DCP)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise UnpickleError(f"the state of a {what} must be a dict of attributes")
+    extra = set(state) - set(allowed)
+    if extra:
+        raise UnpickleError(f"a {what} with unknown attributes {sorted(extra)[:5]}")
+    return state
+
+
+class _Metadata(Stateful):
+    def __init__(self) -> None:
+        self.tensors: object = None
+        self.storage: object = None
+
+    def set_state(self, state: object) -> None:
+        d = _attrs(state, "Metadata", ("state_dict_metadata", "planner_data", "storage_data", "storage_meta",
+                                       "version"))
+        self.tensors, self.storage = d.get("state_dict_metadata"), d.get("storage_data")
+        if not isinstance(self.tensors, dict) or not isinstance(self.storage, dict):
+            raise UnpickleError("a Metadata without its state_dict_metadata and storage_data dicts")
+
+
+class _TensorStorage(Stateful):
+    def __init__(self) -> None:
+        self.meta: TensorMeta | None = None
+
+    def set_state(self, state: object) -> None:
+        d = _attrs(state, "TensorStorageMetadata", ("properties", "size", "chunks"))
+        props, chunks = d.get("properties"), d.get("chunks")
+        if not isinstance(props, _Properties) or props.dtype is None:
+            raise UnpickleError("a TensorStorageMetadata without its TensorProperties")
+        if not isinstance(chunks, list) or not all(isinstance(c, _Chunk) and c.chunk for c in chunks):
+            raise UnpickleError("a TensorStorageMetadata whose chunks are not ChunkStorageMetadata")
+        self.meta = TensorMeta(props.dtype.name, _dims(d.get("size"), "a tensor's size"),
+                               [c.chunk for c in chunks if c.chunk is not None])
+
+
+class _Properties(Stateful):
+    def __init__(self) -> None:
+        self.dtype: DType | None = None
+
+    def set_state(self, state: object) -> None:
+        # (dtype, layout, requires_grad, memory format, pin_memory) as its __getstate__ writes it; a dict before
+        dtype = state[0] if type(state) is tuple and len(state) == 5 else (
+            state.get("dtype") if isinstance(state, dict) else None)
+        if not isinstance(dtype, DType):
+            raise UnpickleError("TensorProperties without a torch dtype")
+        self.dtype = dtype
+
+
+class _Chunk(Stateful):
+    def __init__(self) -> None:
+        self.chunk: Chunk | None = None
+
+    def set_state(self, state: object) -> None:
+        d = _attrs(state, "ChunkStorageMetadata", ("offsets", "sizes"))
+        self.chunk = Chunk(_dims(d.get("offsets"), "a chunk's offsets"), _dims(d.get("sizes"), "a chunk's sizes"))
+
+
+class _Bytes(Stateful):
+    def set_state(self, state: object) -> None:
+        _attrs(state, "BytesStorageMetadata", ())
+
+
+class _Index(Stateful):
+    def __init__(self) -> None:
+        self.key: tuple[str, tuple[int, ...] | None] | None = None
+
+    def set_state(self, state: object) -> None:
+        d = _attrs(state, "MetadataIndex", ("fqn", "offset", "index"))
+        offset = d.get("offset")
+        self.key = (_str(d.get("fqn"), "a MetadataIndex's fqn"),
+                    None if offset is None else _dims(offset, "a MetadataIndex's offset"))
+
+
+class _Info(Stateful):
+    def __init__(self) -> None:
+        self.info: StorageInfo | None = None
+
+    def set_state(self, state: object) -> None:
+        d = _attrs(state, "_StorageInfo", ("relative_path", "offset", "length", "transform_descriptors"))
+        transforms = d.get("transform_descriptors") or ()
+        if not isinstance(transforms, list | tuple):
+            raise UnpickleError("a _StorageInfo's transform_descriptors must be a list")
+        self.info = StorageInfo(_str(d.get("relative_path"), "a _StorageInfo's relative_path"),
+                                _nat(d.get("offset"), "a _StorageInfo's offset"),
+                                _nat(d.get("length"), "a _StorageInfo's length"),
+                                tuple(_str(t, "a transform descriptor") for t in transforms))
+
+
+class _StorageMeta(Stateful):
+    def set_state(self, state: object) -> None:
+        _attrs(state, "StorageMeta", ("checkpoint_id", "save_id", "load_id", "modules"))  # not read
+
+
+def _path(*parts: object) -> str:
+    """``pathlib.PosixPath(*parts)`` (StorageMeta.checkpoint_id): the parts joined, nothing touched."""
+    return "/".join(_str(p, "a path part") for p in parts)
+
+
+def _layout(name: object) -> str:
+    return _str(name, "a layout")  # torch.serialization._get_layout("torch.strided"): the name
+
+
+def _memory_format(code: object) -> int:
+    if code not in (0, 1, 2) or type(code) is not int:
+        raise UnpickleError("an unknown memory format")
+    return code
+
+
+_M = "torch.distributed.checkpoint.metadata"
+DCP_GLOBALS: dict[tuple[str, str], object] = {
+    (_M, "Metadata"): _Metadata,
+    (_M, "TensorStorageMetadata"): _TensorStorage,
+    (_M, "TensorProperties"): _Properties,
+    (_M, "ChunkStorageMetadata"): _Chunk,
+    (_M, "BytesStorageMetadata"): _Bytes,
+    (_M, "MetadataIndex"): _Index,
+    (_M, "StorageMeta"): _StorageMeta,
+    (_M, "_MEM_FORMAT_ENCODING"): _memory_format,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _Info,
+    ("torch.serialization", "_get_layout"): _layout,
+    ("pathlib", "PosixPath"): _path,
+    ("pathlib", "WindowsPath"): _path,
+    ("pathlib", "PurePosixPath"): _path,
+    ("pathlib", "PureWindowsPath"): _path,
+}
+"""The DCP dataclasses (and what they hold) as this module's stand-ins, for :class:`~.unpickle.Unpickler`."""
+
+_READS = "tensors, plain containers and distributed checkpoint metadata"
 
 
 def parse_metadata(raw: bytes, path: str) -> Meta:
-    raise InputError(path, "torch distributed checkpoints are not read yet (the restricted unpickler is missing)")
+    """A checkpoint's ``.metadata``, read by the restricted unpickler extended to the DCP dataclasses."""
+    obj = Unpickler(raw, path, extra_globals=DCP_GLOBALS, reads=_READS).load()
+    if not isinstance(obj, _Metadata) or not isinstance(obj.tensors, dict) or not isinstance(obj.storage, dict):
+        raise InputError(path, "not a torch distributed checkpoint's Metadata")
+    meta = Meta()
+    for name, entry in obj.tensors.items():
+        if not isinstance(name, str):
+            raise InputError(path, "a state_dict_metadata key that is not a string")
+        if isinstance(entry, _TensorStorage) and entry.meta is not None:
+            meta.tensors[name] = entry.meta
+        elif isinstance(entry, _Bytes):
+            meta.objects.append(name)
+        else:
+            raise InputError(path, f"entry {name!r} is neither a TensorStorageMetadata nor a BytesStorageMetadata")
+    if len(meta.tensors) > limits.MAX_TENSORS:
+        raise InputError(path, f"more than {limits.MAX_TENSORS:,} tensors (the limit per file)")
+    for index, info in obj.storage.items():
+        if not isinstance(index, _Index) or index.key is None or not isinstance(info, _Info) or info.info is None:
+            raise InputError(path, "storage_data must map MetadataIndex to _StorageInfo")
+        if index.key in meta.storage:
+            raise InputError(path, f"storage_data lists {index.key[0]!r} at {index.key[1]} twice")
+        meta.storage[index.key] = info.info
+    return meta
 
 
 def chunk_archive(store: SubStore, where: str) -> TensorDesc:

@@ -54,9 +54,10 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
             if not matches:
                 raise InputError(p, "no file matches this pattern")
             out.extend(resolve_paths(matches, notes, allow_outside_index))
-        elif os.path.isdir(p) and container_for(p, True) is not None:  # one container (a distributed checkpoint)
-            out.append(p)
         elif os.path.isdir(p):
+            if container_for(p, True) is not None:  # the directory is one container (a distributed checkpoint)
+                out.append(p)
+                continue
             try:
                 names = os.listdir(p)
             except OSError as e:
@@ -105,9 +106,9 @@ def open_source(path: str) -> Source:
 
     The source holds the open file: :meth:`Source.finish` or :meth:`Source.close` it.
     """
-    if os.path.isdir(path) and (d := container_for(path, True)) is not None:
-        return d.describe_dir(path)
     c = container_for(path)
+    if (c is None or _expands(c)) and os.path.isdir(path) and (d := container_for(path, True)) is not None:
+        return d.describe_dir(path)
     if c is None or _expands(c):
         if _suffix(path) in PICKLE_SUFFIXES:
             raise InputError(path, "pickle-based files are never loaded (they can run code); "
@@ -135,7 +136,12 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
     files = resolve_paths(paths, notes, allow_outside_index)
     seen: dict[tuple[int, int], str] = {}
     for f in files:
-        st = os.stat(f) if os.path.isdir(f) else _store.regular_file(f)  # a directory: one container
+        try:
+            st = _store.regular_file(f)
+        except InputError:
+            if not os.path.isdir(f):
+                raise
+            st = os.stat(f)  # a directory that is one container
         key = (st.st_dev, st.st_ino)
         if key in seen:
             raise InputError(f, f"the same file is given twice (also as {seen[key]})")
