@@ -190,7 +190,7 @@ def trend(
     if progress is not None and hasattr(progress, "set_total"):
         from .sources import resolve_paths
 
-        progress.set_total(sum(os.path.getsize(f) for st in steps
+        progress.set_total(sum(_size(f) for st in steps
                                for f in resolve_paths([st.path], allow_outside_index=allow_outside_index)))
     opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step
     results = []
@@ -205,6 +205,13 @@ def trend(
         cache.prune()
     return analyze(results, norm_type=p, max_norm=max_norm, eps=eps, group_by=group_by, window=window,
                    spike_factor=spike_factor, clip_target=clip_target)
+
+
+def _size(path: str) -> int:
+    """A file's size; of a directory that is one container (a distributed checkpoint), its files'."""
+    if os.path.isdir(path):
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+    return os.path.getsize(path)
 
 
 def _stats(row: Any, p: float) -> Stats | None:

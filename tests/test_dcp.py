@@ -164,6 +164,25 @@ def test_trend_over_a_glob_of_step_directories() -> None:
     assert [x["total"] for x in a["steps"]] == [x["total"] for x in b["steps"]]
 
 
+def test_trend_progress_total_counts_the_checkpoints_files() -> None:
+    class Bar:
+        def __init__(self) -> None:
+            self.totals: list[int] = []
+            self.done = 0
+
+        def set_total(self, n: int) -> None:
+            self.totals.append(n)
+
+        def __call__(self, n: int) -> None:
+            self.done += n
+
+    bar = Bar()
+    steps = [DATA / "ranks3" / "step_0000", DATA / "ranks3" / "step_0001"]
+    runs.trend(steps, progress=bar)
+    assert bar.totals == [sum(f.stat().st_size for d in steps for f in d.iterdir())]
+    assert bar.done == 2 * (140 + 48 + 96 + 20) < bar.totals[0]  # the tensors' bytes; archives are the rest
+
+
 def test_directory_of_step_directories_is_listed_step_by_step() -> None:
     r = runs.trend([str(DATA / "ranks3" / "step_0000"), str(DATA / "ranks3" / "step_0001")])
     assert [s.step for s in r.steps] == [0, 10]
