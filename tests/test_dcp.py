@@ -146,6 +146,12 @@ def test_diff_against_the_full_tensors(case: str) -> None:
     assert all(t["l2_diff"] == 0.0 and t["linf_diff"] == 0.0 for t in doc["tensors"])
 
 
+def test_diff_of_checkpoints_sharded_differently() -> None:
+    r = api.diff(CASES["ranks3"], CASES["safetensors2"])  # 3 ranks against 2 ranks: the same full tensors
+    assert r.mismatched == () and len(r.tensors) == 4
+    assert all(t.l2_diff == 0.0 and t.l2_a == t.l2_b > 0 for t in r.tensors)
+
+
 def test_diff_of_two_steps_as_of_their_full_tensors() -> None:
     a, b = DATA / "ranks3" / "step_0000", DATA / "ranks3" / "step_0001"
     x = api.diff(a, b)
@@ -537,3 +543,27 @@ def test_chunk_archive_must_end_where_the_chunk_ends(tmp_path: Path) -> None:
     (d / ".metadata").write_bytes(metadata_pickle(meta))
     assert _error(d) == (f"Error: {d / info.relative_path}: tensor 'layers.0.w': chunk at [0, 0]: not a torch.save "
                          "archive ending where the chunk ends\n")
+
+
+def test_mutated_checkpoints_are_read_or_refused(tmp_path: Path) -> None:
+    """Random byte changes in .metadata and in the chunk archives: an InputError or numbers, never a crash."""
+    rng = np.random.default_rng(2026)
+    d, _ = _copy(tmp_path)
+    files = [d / ".metadata", d / "__0_0.distcp", d / "__2_0.distcp"]
+    originals = {f: f.read_bytes() for f in files}
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(120):
+        f = files[int(rng.integers(len(files)))]
+        data = bytearray(originals[f])
+        for _ in range(int(rng.integers(1, 4))):
+            data[int(rng.integers(len(data)))] = int(rng.integers(256))
+        f.write_bytes(bytes(data))
+        try:
+            r = gradinspect.inspect(d)
+        except InputError:
+            outcomes["refused"] += 1
+        else:
+            outcomes["read"] += 1
+            assert r.total.numel == 35 + 24 + 24 + 5
+        f.write_bytes(originals[f])
+    assert outcomes["refused"] > 20 and outcomes["read"] > 20, outcomes
