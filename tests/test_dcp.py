@@ -567,3 +567,28 @@ def test_mutated_checkpoints_are_read_or_refused(tmp_path: Path) -> None:
             assert r.total.numel == 35 + 24 + 24 + 5
         f.write_bytes(originals[f])
     assert outcomes["refused"] > 20 and outcomes["read"] > 20, outcomes
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+def test_many_files_are_not_held_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past limits.MAX_DCP_OPEN files, each read opens the files it needs: the same bits, no descriptor held."""
+    from gradinspect.sources import limits, open_source
+
+    d = CASES["ranks3"]  # .metadata and 3 .distcp files
+    before = _open_fds()
+    held = open_source(str(d))
+    assert _open_fds() == before + 4
+    held.close()
+    monkeypatch.setattr(limits, "MAX_DCP_OPEN", 2)
+    src = open_source(str(d))
+    assert _open_fds() == before
+    with src:
+        assert _open_fds() == before
+    src.close()
+    assert _rows(gradinspect.inspect(d)) == _rows(gradinspect.inspect(full(d)))
+    assert all(t.l2_diff == 0.0 for t in api.diff(d, full(d)).tensors)
+    assert _open_fds() == before

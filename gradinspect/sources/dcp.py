@@ -218,13 +218,19 @@ class _Files:
     def open(self, rel: str, meta_path: str) -> tuple[int, LocalFile]:
         i = self.index.get(rel)
         if i is not None:
-            return i, self.stores[i]
+            store = self.stores[i]
+            if store.fd is None:  # parked below: opened again, its identity checked
+                store.__enter__()
+            return i, store
         if (not rel or rel in (".", "..") or "\0" in rel or os.path.basename(rel) != rel
                 or (os.altsep is not None and os.altsep in rel)):
             raise InputError(meta_path, f"names a data file {rel!r} outside the checkpoint's directory")
         where = os.path.join(self.directory, rel)
         if not os.path.lexists(where):
             raise InputError(where, f"missing: {METADATA} says chunks are stored in it")
+        if sum(s.fd is not None for s in self.stores) >= limits.MAX_DCP_OPEN:
+            for s in self.stores:  # at most MAX_DCP_OPEN descriptors while the headers are read
+                s.park()
         store = LocalFile.open(where)
         self.index[rel] = len(self.stores)
         self.stores.append(store)
@@ -293,7 +299,7 @@ def _build(directory: str, meta_path: str, meta: Meta, meta_store: LocalFile, fi
         key, directory, members,
         np.concatenate(starts) if starts else np.zeros(0, np.int64),
         np.concatenate(which) + 1 if which else np.zeros(0, np.int64),  # members[0] is .metadata
-        np.concatenate(at) if at else np.zeros(0, np.int64), virtual)
+        np.concatenate(at) if at else np.zeros(0, np.int64), virtual, transient=len(members) > limits.MAX_DCP_OPEN)
     size = sum(s.size for s in members)
     return Source(directory, "dcp", tensors, metadata, size, gather)
 

@@ -16,6 +16,7 @@ MAX_USIZE = (1 << 64) - 1  # safetensors shapes and offsets are u64; so is a ten
 MAX_NPY_HEADER = 1 << 16  # bytes of one .npy header
 MAX_ZIP_CD = 256 << 20  # a zip central directory (its entries take at least 46 bytes: millions of members fit)
 MAX_DCP_METADATA = 256 << 20  # bytes of a distributed checkpoint's pickled .metadata
+MAX_DCP_OPEN = 64  # files of a distributed checkpoint held open; with more, each read opens the ones it needs
 MAX_DCP_RUNS = 1 << 22  # contiguous pieces a distributed checkpoint's chunks cut its tensors into (column shards: rows)
 MAX_PICKLE = 256 << 20  # bytes of one pickle (a torch file's data.pkl, a DCP .metadata)
 MAX_PICKLE_DEPTH = 256  # tuples nested in tuples; containers nested in containers (walked)

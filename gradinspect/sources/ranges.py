@@ -62,10 +62,12 @@ class GatherStore(ByteStore):
     holds the bytes of member ``which[i]`` from its offset ``at[i]`` up to the next run's start.
     The members are the stores of the files (``with``, park, finish and close go to each);
     :meth:`identity` is None (no single file: nothing is cached, and other processes do not reopen it).
+    ``transient``: the members are parked and each read opens the ones it needs (identity checked) and
+    closes them, so a checkpoint of thousands of files holds no descriptor between reads.
     """
 
     def __init__(self, key: str, path: str, members: Sequence[ByteStore], starts: np.ndarray, which: np.ndarray,
-                 at: np.ndarray, size: int) -> None:
+                 at: np.ndarray, size: int, transient: bool = False) -> None:
         self.key = key
         self.path = path
         self.members = list(members)
@@ -73,6 +75,9 @@ class GatherStore(ByteStore):
         self.which = which
         self.at = at
         self.size = size
+        self.transient = transient
+        if transient:
+            self.park()
 
     def read_into(self, view: memoryview, offset: int) -> None:
         n = len(view)
@@ -81,17 +86,35 @@ class GatherStore(ByteStore):
         i = int(np.searchsorted(self.starts, offset, side="right")) - 1
         done = 0
         last = len(self.starts) - 1
-        while done < n:
-            end = int(self.starts[i + 1]) if i < last else self.size
-            pos = offset + done
-            k = min(n - done, end - pos)
-            if k > 0:
-                self.members[int(self.which[i])].read_into(view[done : done + k], int(self.at[i]) + pos - int(
-                    self.starts[i]))
-                done += k
-            i += 1
+        opened: dict[int, ByteStore] = {}
+        try:
+            while done < n:
+                end = int(self.starts[i + 1]) if i < last else self.size
+                pos = offset + done
+                k = min(n - done, end - pos)
+                if k > 0:
+                    w = int(self.which[i])
+                    member = opened.get(w) or self._member(w, opened)
+                    member.read_into(view[done : done + k], int(self.at[i]) + pos - int(self.starts[i]))
+                    done += k
+                i += 1
+        finally:
+            for m in opened.values():
+                m.close()
+
+    def _member(self, w: int, opened: dict[int, ByteStore]) -> ByteStore:
+        """Member ``w``, held open by this store, or (transient) opened again for one read."""
+        m = self.members[w]
+        spec = m.reopen_spec() if self.transient else None
+        if spec is None:
+            return m
+        cls, path, ident = spec
+        opened[w] = cls.reopen(path, ident, m.key)
+        return opened[w]
 
     def __enter__(self) -> GatherStore:
+        if self.transient:
+            return self
         entered: list[ByteStore] = []
         try:
             for m in self.members:
@@ -104,6 +127,8 @@ class GatherStore(ByteStore):
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self.transient:
+            return
         first: BaseException | None = None
         for m in self.members:
             try:
