@@ -57,7 +57,7 @@ def default_dir() -> str:
 def _fingerprint(src: Source) -> str:
     """A hash of the tensor list as the header describes it (names, dtypes, shapes, where the bytes are)."""
     rows = [(t.name, t.dtype, t.np_dtype.str if t.np_dtype is not None else "", t.shape, t.numel, t.nbytes, t.order,
-             t.skip_reason, None if t.extent is None else tuple(t.extent)) for t in src.tensors]
+             t.skip_reason, None if t.extent is None else tuple(t.extent), t.strides) for t in src.tensors]
     return hashlib.sha256(repr(rows).encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -48,6 +48,7 @@ class WorkUnit:
     """One piece of work: bytes ``[offset, offset + size)`` of store ``store``."""
 
     kind: str  # raw (a chunk of one tensor) | batch (small tensors, one read) | stream (a whole deflate member)
+    #          | strided (chunk ``part`` of a strided view, gathered in C order by sources/views.py)
     store: str  # the byte store's key
     offset: int
     size: int  # bytes read (stream: 0, the member is read whole)
@@ -86,6 +87,10 @@ def plan(descs: Sequence[TensorDesc], chunk: int = CHUNK) -> list[WorkUnit]:
     for i, t in enumerate(descs):
         ext = t.extent
         assert ext is not None and t.np_dtype is not None, t
+        if t.strides is not None:
+            flush()
+            units += _strided_units(i, t, chunk)
+            continue
         if t.numel <= SMALL and ext.encoding == "raw":
             if batch:
                 head = descs[batch[0]]
@@ -114,6 +119,14 @@ def plan(descs: Sequence[TensorDesc], chunk: int = CHUNK) -> list[WorkUnit]:
     return units
 
 
+def _strided_units(i: int, t: TensorDesc, chunk: int) -> list[WorkUnit]:
+    """A strided view's units: its elements in C order cut like a contiguous tensor's (see :mod:`.sources.views`)."""
+    assert t.extent is not None and t.np_dtype is not None
+    size = t.np_dtype.itemsize
+    return [WorkUnit("strided", t.extent.store, t.extent.offset, 0, "raw", (i,), k, min(chunk, t.numel - a) * size)
+            for k, a in enumerate(range(0, t.numel, chunk))]
+
+
 def run_unit(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDesc],
              stores: Mapping[str, ByteStore], w: Worker) -> list[Part]:
     """The statistics of one unit (a pure function of the unit and the bytes it reads)."""
@@ -132,6 +145,16 @@ def run_unit(unit: WorkUnit, descs: Mapping[int, TensorDesc] | Sequence[TensorDe
         crc = zlib.crc32(view) if t.extent.crc is not None else None
         x = w.buf.array(dtype, unit.size // dtype.itemsize)
         return [(unit.tensors[0], unit.part, w.reducer.reduce(x, scratch=True), crc)]  # our buffer
+    if unit.kind == "strided":  # gathered in C order; summed as a contiguous tensor's chunk or batch would be
+        from .sources.views import gather
+
+        assert t.strides is not None
+        a = unit.part * w.buf.chunk
+        b = min(a + w.buf.chunk, t.numel)
+        x = gather(store, unit.offset, dtype, t.shape, t.strides, a, b, w.pack, w.buf.array(dtype, b - a))
+        if t.numel <= SMALL:
+            return [(unit.tensors[0], 0, w.reducer.reduce_segments(x, [t.numel], scratch=True)[0], None)]
+        return [(unit.tensors[0], unit.part, w.reducer.reduce(x, scratch=True), None)]
     if unit.kind == "stream":
         st = combine((w.reducer.reduce(w.buf.array(dtype, n // dtype.itemsize), scratch=True)
                       for n in inflate_pieces(store, t, w.buf)), w.reducer.p)
@@ -207,7 +230,17 @@ def reduce_entries(
     from .executors import ThreadExecutor
 
     executor = ThreadExecutor(jobs) if isinstance(jobs, int) else jobs
-    units = plan(entries, chunk)
+    # names of the very same bytes (one view twice in a torch file: tied weights) are read once
+    first: dict[tuple[object, ...], int] = {}
+    which = [first.setdefault((t.extent, t.strides, t.np_dtype, t.shape), i) for i, t in enumerate(entries)]
+    unique = [entries[i] for i in first.values()]
+    units = plan(unique, chunk)
     assert src.store is not None
-    results = executor.run(units, entries, {src.store.key: src.store}, p, chunk, progress)
-    return merge(entries, units, results, p)
+    results = executor.run(units, unique, {src.store.key: src.store}, p, chunk, progress)
+    stats = merge(unique, units, results, p)
+    if len(unique) == len(entries):
+        return stats
+    if progress is not None:
+        progress(sum(t.nbytes for i, t in enumerate(entries) if which[i] != i))
+    at = {i: k for k, i in enumerate(first.values())}
+    return [stats[at[w]] for w in which]

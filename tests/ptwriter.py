@@ -25,7 +25,7 @@ STORAGE_CLASS = {"float64": "DoubleStorage", "float32": "FloatStorage", "float16
 @dataclass(eq=False)
 class Storage:
     data: np.ndarray  # 1-d, the storage's elements
-    key: str | None = None  # assigned when saved
+    key: str | None = None  # assigned when saved (the last file's key)
 
 
 @dataclass(eq=False)
@@ -111,15 +111,16 @@ class _Writer:
     def tensor(self, t: T) -> bytes:
         p, s = self.p, t.storage
         dt = s.data.dtype.name
-        if s.key is None:
-            s.key = str(len(self.storages))
+        if id(s) not in self.keys:  # keys are numbered per file, as torch.save does
+            self.keys[id(s)] = s.key = str(len(self.storages))
             self.storages.append(s)
+        key = self.keys[id(s)]
         if dt in STORAGE_CLASS:
             stype, numel, fn, tail = global_("torch", STORAGE_CLASS[dt], p), s.data.size, "_rebuild_tensor_v2", b""
         else:
             stype, numel, fn = global_("torch.storage", "UntypedStorage", p), s.data.nbytes, "_rebuild_tensor_v3"
             tail = global_("torch", dt, p)
-        pid = b"(" + unicode("storage") + stype + unicode(s.key) + unicode("cpu") + integer(numel) + b"tQ"
+        pid = b"(" + unicode("storage") + stype + unicode(key) + unicode("cpu") + integer(numel) + b"tQ"
         args = pid + integer(t.offset) + self.w(tuple(t.shape)) + self.w(tuple(t.stride)) + b"\x89" \
             + global_("collections", "OrderedDict", p) + b")R" + tail
         return global_("torch._utils", fn, p) + b"(" + args + b"tR"

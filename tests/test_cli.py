@@ -232,7 +232,8 @@ def test_tensor_names_are_not_markup(tmp_path: Path) -> None:
         (lambda d: d / "missing.safetensors", "no such file"),
         (lambda d: _touch(d / "empty.npz", b""), "empty file"),
         (lambda d: _touch(d / "x.txt", b"hello"), "unsupported file type"),
-        (lambda d: _touch(d / "model.bin", b"\x80\x02"), "never loaded"),
+        (lambda d: _touch(d / "model.bin", b"\x80\x02"), "not a torch.save zip archive"),
+        (lambda d: _touch(d / "model.ckpt", b"\x80\x02"), "never loaded"),
         (lambda d: _touch(d / "t.safetensors", (10**6).to_bytes(8, "little") + b"{}"), "runs past the end"),
         (lambda d: _touch(d / "j.safetensors", (4).to_bytes(8, "little") + b"{{{{"), "not valid JSON"),
         (lambda d: write_raw_safetensors(d / "o.safetensors", {"w": _f32([4], [0, 16])}, b"\0" * 8),
@@ -243,8 +244,8 @@ def test_tensor_names_are_not_markup(tmp_path: Path) -> None:
         (lambda d: _npz_object(d / "p.npz"), "refusing to unpickle"),
         (lambda d: _mkdir(d / "nothing"), "holds no .safetensors"),
     ],
-    ids=["missing", "empty", "extension", "pickle", "header-length", "header-json", "offsets", "overlap", "zip",
-         "object", "empty-dir"],
+    ids=["missing", "empty", "extension", "torch-not-zip", "pickle", "header-length", "header-json", "offsets",
+         "overlap", "zip", "object", "empty-dir"],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, make, fragment: str) -> None:  # type: ignore[no-untyped-def]
     path = make(tmp_path)

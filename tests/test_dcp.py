@@ -541,8 +541,8 @@ def test_chunk_archive_must_end_where_the_chunk_ends(tmp_path: Path) -> None:
     info = meta.storage[("layers.0.w", (0, 0))]
     meta.storage[("layers.0.w", (0, 0))] = replace(info, length=info.length + 1)  # one byte of the next chunk
     (d / ".metadata").write_bytes(metadata_pickle(meta))
-    assert _error(d) == (f"Error: {d / info.relative_path}: tensor 'layers.0.w': chunk at [0, 0]: not a torch.save "
-                         "archive ending where the chunk ends\n")
+    assert _error(d) == (f"Error: {d / info.relative_path}: tensor 'layers.0.w': chunk at [0, 0]: not a zip file "
+                         "(no end-of-central-directory record): corrupt or truncated\n")
 
 
 def test_mutated_checkpoints_are_read_or_refused(tmp_path: Path) -> None:

@@ -202,14 +202,14 @@ def ckpt(tmp_path: Path) -> Path:
     d = tmp_path / "ckpt"
     d.mkdir()
     save_file({"w": np.ones(4, np.float32)}, str(d / "grads.safetensors"))
-    (d / "grads.pt").write_bytes(b"\x80\x04pickle")
+    (d / "grads.ckpt").write_bytes(b"\x80\x04pickle")
     (d / "notes.txt").write_text("hello")
     (d / "sub").mkdir()
     return d
 
 
-SKIPPED_FILES = ("skipped 2 files that are not .safetensors/.npz/.npy (grads.pt, notes.txt); "
-                 ".pt files are pickles, never loaded (they can run code): save with safetensors")
+SKIPPED_FILES = ("skipped 2 files that are not .safetensors/.npz/.npy (grads.ckpt, notes.txt); "
+                 ".ckpt files are pickles, never loaded (they can run code): save with safetensors")
 
 
 @pytest.mark.parametrize("command", ["norms", "check", "info", "diff"])
@@ -219,7 +219,7 @@ def test_directory_files_not_read_are_named(ckpt: Path, command: str) -> None:
     assert r.exit_code == 0, r.output
     expected = f"Warning: {ckpt}{os.sep}: {SKIPPED_FILES}\n"
     assert r.stderr == expected * (2 if command == "diff" else 1)
-    assert "grads.pt" not in r.stdout
+    assert "grads.ckpt" not in r.stdout
 
 
 def test_directory_files_not_read_reach_the_api(ckpt: Path) -> None:
@@ -229,7 +229,7 @@ def test_directory_files_not_read_reach_the_api(ckpt: Path) -> None:
 
 
 def test_directory_with_only_readable_files_warns_nothing(ckpt: Path) -> None:
-    (ckpt / "grads.pt").unlink()
+    (ckpt / "grads.ckpt").unlink()
     (ckpt / "notes.txt").unlink()
     (ckpt / "model.safetensors.index.json").write_text('{"weight_map": {"w": "grads.safetensors"}}')
     r = run("norms", ckpt)

@@ -130,6 +130,7 @@ def test_refusal_comes_before_any_call(tmp_path: Path) -> None:
     (global_("collections", "OrderedDict", 2) + b"(K\x01t\x85R", "OrderedDict takes a list of pairs"),
     (global_("builtins", "set", 2) + b"(]]\x85t\x85R", "unhashable"),
     (global_("_codecs", "encode", 2) + unicode("x") + unicode("rot13") + b"\x86R", "only for latin-1"),
+    (global_("_codecs", "encode", 2) + unicode("\u2603") + unicode("latin1") + b"\x86R", "bad arguments to _codecs"),
     (b"(" + unicode("storage") + global_("torch", "FloatStorage", 2) + unicode("../../etc/passwd")
      + unicode("cpu") + b"K\x01tQ", "not a plain member name"),
     (b"(" + unicode("module") + unicode("os") + b"\x86Q", "a persistent id that is not a torch storage"),
@@ -195,8 +196,15 @@ def test_deep_tuples_refused_before_hashing() -> None:
         loads(data, "x")
 
 
+def test_deep_marks_refused_at_once() -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=f"refused: marks nested more than {limits.MAX_PICKLE_DEPTH} deep"):
+        loads(b"\x80\x04" + b"](" * 1_000_000 + b"e" * 1_000_000 + b".", "x")
+    assert time.perf_counter() - t0 < 2
+
+
 def test_deep_lists_and_cycles_refused_by_walk() -> None:
-    deep = loads(b"\x80\x04" + b"](" * 50_000 + b"e" * 50_000 + b".", "x")  # the machine itself never recurses
+    deep = loads(b"\x80\x04" + b"]" * 50_000 + b"a" * 49_999 + b".", "x")  # nested without marks: never recursed
     with pytest.raises(InputError, match="containers nested more than"):
         list(walk(deep, "x"))
     cyc = loads(b"\x80\x04]\x94h\x00a.", "x")  # l = []; l.append(l)
@@ -205,8 +213,9 @@ def test_deep_lists_and_cycles_refused_by_walk() -> None:
         list(walk(cyc, "x"))
 
 
-def test_shared_containers_cannot_explode_the_walk() -> None:
+def test_shared_containers_cannot_explode_the_walk(monkeypatch: pytest.MonkeyPatch) -> None:
     """l1 = [l0, l0], l2 = [l1, l1] ... 60 levels: 2**60 paths, refused by the entry budget."""
+    monkeypatch.setattr(limits, "MAX_TENSORS", 10_000)
     body = b"]\x940"  # memo 0: []
     for i in range(60):
         body += b"](h" + bytes([i]) + b"h" + bytes([i]) + b"e\x940"

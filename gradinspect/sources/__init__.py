@@ -21,7 +21,7 @@ A new container format is one module exporting ``CONTAINER`` and one line below.
 from __future__ import annotations
 
 from ..errors import InputError
-from . import dcp, index, memory, npy, npz, safetensors
+from . import dcp, index, memory, npy, npz, safetensors, torchzip
 from .base import Container, Extent, Source, TensorDesc, TensorEntry
 from .memory import array_source
 from .paths import close_all, open_paths, open_source, resolve_paths
@@ -31,6 +31,7 @@ CONTAINERS: tuple[Container, ...] = (
     safetensors.CONTAINER,
     npz.CONTAINER,
     npy.CONTAINER,
+    torchzip.CONTAINER,
     index.CONTAINER,
     memory.CONTAINER,
     dcp.CONTAINER,

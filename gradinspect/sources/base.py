@@ -54,6 +54,7 @@ class TensorDesc:
     np_dtype: np.dtype | None = field(default=None, repr=False)  # byte order included
     extent: Extent | None = field(default=None, repr=False)
     order: str = "C"  # "F": .npy data in column-major order
+    strides: tuple[int, ...] | None = None  # a strided view (torch): element strides from the extent's first element
     chunks: int = 1  # the pieces it is stored in (a distributed checkpoint's chunks), gathered by its store
 
     @property
@@ -123,6 +124,11 @@ class Source:
         """
         dtype, ext, store = entry.np_dtype, entry.extent, self.store
         assert dtype is not None and ext is not None and store is not None and entry.is_float, entry
+        if entry.strides is not None:  # a strided view (torch): its elements in logical C order
+            from .views import view_chunks
+
+            yield from view_chunks(store, ext.offset, dtype, entry.shape, entry.strides, buf)
+            return
         if ext.encoding == "raw":
             whole = store.buffer(ext.offset, entry.nbytes)
             if whole is not None:  # in memory: views, no copy

@@ -22,11 +22,9 @@ pickled ``Metadata`` saying where each chunk is.  Here:
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
-import struct
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,9 +35,11 @@ import numpy as np
 from ..errors import InputError
 from . import limits
 from .base import Container, Extent, Source, TensorDesc, dtype_name, skip_reason
+from .npz import Window, check_spans, member_data, zip_directory
 from .ranges import GatherStore, SubStore
 from .store import ByteStore, LocalFile
-from .unpickle import DTYPES, DType, Stateful, TensorRef, UnpickleError, Unpickler
+from .torchzip import read_torch
+from .unpickle import DTYPES, DType, Stateful, UnpickleError, Unpickler
 
 __all__ = ["CONTAINER", "METADATA", "SUFFIX", "Chunk", "TensorMeta", "StorageInfo", "Meta", "tile"]
 
@@ -573,141 +573,28 @@ def parse_metadata(raw: bytes, path: str) -> Meta:
     return meta
 
 
-# A torch.save archive: a stored (uncompressed) zip of ``<prefix>/data.pkl``, ``<prefix>/byteorder`` and
-# ``<prefix>/data/<key>`` storages.  Read strictly: the end record must end the chunk exactly (no comment),
-# the central directory must fill the bytes before it, every local header must agree with it, and members
-# may not overlap.  Until :mod:`.torchzip` reads them for every torch file, a chunk's archive is read here.
-
-_EOCD = struct.Struct("<4s4H2LH")
-_EOCD64_LOC = struct.Struct("<4sLQL")
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")
-_CDIR = struct.Struct("<4s6H3L5H2L")
-_LOCAL = struct.Struct("<4s5H3L2H")
-_MAX_MEMBERS = 4096
+# A chunk's or an object's bytes are a torch.save archive, read in place through a SubStore by the zip
+# walker of :mod:`.npz` and the torch reader of :mod:`.torchzip` (their strictness: the archive must end
+# exactly where the chunk ends, its records must agree, its members may not overlap).
 
 
-def _zip64(extra: bytes, values: list[int], path: str) -> list[int]:
-    """Values of 0xFFFFFFFF replaced from the ZIP64 extra field, in order."""
-    i = 0
-    while i + 4 <= len(extra):
-        tag, n = struct.unpack_from("<HH", extra, i)
-        if tag == 1:
-            big = list(struct.unpack_from(f"<{n // 8}Q", extra, i + 4)) if i + 4 + n <= len(extra) else []
-            out = []
-            for v in values:
-                if v == 0xFFFFFFFF:
-                    if not big:
-                        raise InputError(path, "corrupt ZIP64 extra field")
-                    v = big.pop(0)
-                out.append(v)
-            return out
-        i += 4 + n
-    if 0xFFFFFFFF in values:
-        raise InputError(path, "corrupt ZIP64 extra field")
-    return values
-
-
-def _archive_members(store: ByteStore, where: str) -> dict[str, tuple[int, int, int]]:
-    """{member name: (data offset, size, CRC-32)} of a stored zip that ends exactly at the store's end."""
-    path, size = store.path, store.size
-    bad = f"{where}: not a torch.save archive ending where the chunk ends"
-    if size < _EOCD.size:
-        raise InputError(path, bad)
-    sig, disk, cd_disk, on_disk, count, cd_size, cd_off, comment = _EOCD.unpack(store.read(_EOCD.size,
-                                                                                          size - _EOCD.size))
-    cd_end = size - _EOCD.size
-    if sig != b"PK\x05\x06" or comment or disk or cd_disk or on_disk != count:
-        raise InputError(path, bad)
-    if cd_end >= _EOCD64_LOC.size and store.read(4, cd_end - _EOCD64_LOC.size) == b"PK\x06\x07":
-        loc = cd_end - _EOCD64_LOC.size
-        _, _, at, _ = _EOCD64_LOC.unpack(store.read(_EOCD64_LOC.size, loc))
-        if at + _EOCD64.size > loc:
-            raise InputError(path, f"{where}: corrupt ZIP64 end record")
-        s64, rest, _, _, d64, cd64, on64, count, cd_size, cd_off = _EOCD64.unpack(store.read(_EOCD64.size, at))
-        if s64 != b"PK\x06\x06" or at + 12 + rest != loc or d64 or cd64 or on64 != count:
-            raise InputError(path, f"{where}: corrupt ZIP64 end record")
-        cd_end = at
-    if cd_off + cd_size != cd_end or count > _MAX_MEMBERS or cd_size > limits.MAX_ZIP_CD:
-        raise InputError(path, bad)
-    cd = store.read(cd_size, cd_off)
-    members: dict[str, tuple[int, int, int]] = {}
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    for _ in range(count):
-        if pos + _CDIR.size > len(cd):
-            raise InputError(path, f"{where}: corrupt zip central directory")
-        f = _CDIR.unpack_from(cd, pos)
-        method, crc, csize, usize, nlen, elen, clen, off = f[4], f[7], f[8], f[9], f[10], f[11], f[12], f[16]
-        if f[0] != b"PK\x01\x02" or pos + _CDIR.size + nlen + elen + clen > len(cd):
-            raise InputError(path, f"{where}: corrupt zip central directory")
-        raw = cd[pos + _CDIR.size : pos + _CDIR.size + nlen]
-        usize, csize, off = _zip64(cd[pos + _CDIR.size + nlen : pos + _CDIR.size + nlen + elen], [usize, csize, off],
-                                   path)
-        pos += _CDIR.size + nlen + elen + clen
-        name = raw.decode("utf-8", "replace")
-        if method != 0 or csize != usize:
-            raise InputError(path, f"{where}: member {name!r} is compressed (torch.save stores its members)")
-        if off + _LOCAL.size > cd_off:
-            raise InputError(path, f"{where}: member {name!r} lies past the central directory")
-        local = _LOCAL.unpack(store.read(_LOCAL.size, off))
-        lname = store.read(local[9], off + _LOCAL.size) if off + _LOCAL.size + local[9] <= cd_off else b""
-        if local[0] != b"PK\x03\x04" or lname != raw or local[3] != 0:
-            raise InputError(path, f"{where}: the local header of member {name!r} disagrees with the central directory")
-        data = off + _LOCAL.size + local[9] + local[10]
-        if data + usize > cd_off:
-            raise InputError(path, f"{where}: member {name!r} runs past the central directory")
-        if name in members:
-            raise InputError(path, f"{where}: member {name!r} twice")
-        members[name] = (data, usize, crc)
-        spans.append((off, data + usize))
-    if pos != len(cd):
-        raise InputError(path, f"{where}: corrupt zip central directory")
-    spans.sort()
-    if any(b[0] < a[1] for a, b in itertools.pairwise(spans)):
-        raise InputError(path, f"{where}: zip members overlap")
-    return members
-
-
-def _archive_pickle(store: ByteStore, where: str) -> tuple[str, dict[str, tuple[int, int, int]], bytes]:
-    """(the archive's prefix, its members, its data.pkl checked against its CRC-32)."""
-    members = _archive_members(store, where)
-    pkls = [n for n in members if n.count("/") == 1 and n.endswith("/data.pkl")]
-    if len(pkls) != 1:
-        raise InputError(store.path, f"{where}: not a torch.save archive (no single data.pkl)")
-    prefix = pkls[0][: -len("/data.pkl")]
-    if any(not n.startswith(prefix + "/") for n in members):
-        raise InputError(store.path, f"{where}: members under several top-level directories")
-    off, n, crc = members[pkls[0]]
-    if n > limits.MAX_PICKLE:
-        raise InputError(store.path, f"{where}: a data.pkl of {n} bytes exceeds the "
-                                     f"{limits.MAX_PICKLE >> 20} MiB limit")
-    pkl = store.read(n, off)
-    if zlib.crc32(pkl) != crc:
-        raise InputError(store.path, f"{where}: data.pkl: CRC-32 mismatch (the archive is corrupt)")
-    order = members.get(prefix + "/byteorder")
-    if order is not None and store.read(min(order[1], 16), order[0]) != b"little":
-        raise InputError(store.path, f"{where}: a big-endian torch.save archive (not read)")
-    return prefix, members, pkl
+def _in(where: str, e: InputError) -> InputError:
+    return InputError(e.path, f"{where}: {e.problem}")
 
 
 def chunk_archive(store: SubStore, where: str) -> TensorDesc:
     """The one tensor of a chunk's torch.save archive, which must be contiguous (as DCP saves chunks)."""
-    prefix, members, pkl = _archive_pickle(store, where)
-    t = Unpickler(pkl, store.path).load()
-    if not isinstance(t, TensorRef):
+    try:
+        src = read_torch(store, store.path)
+    except InputError as e:
+        raise _in(where, e) from None
+    if len(src.tensors) != 1 or src.metadata:
         raise InputError(store.path, f"{where}: the archive does not hold one tensor")
-    np_dtype = np_dtype_of(t.dtype.name)
-    if np_dtype is None:
-        raise InputError(store.path, f"{where}: a tensor of dtype {t.dtype.name} (not read)")
-    member = members.get(f"{prefix}/data/{t.storage.key}")
-    if member is None or member[1] != t.storage.nbytes:
-        raise InputError(store.path, f"{where}: storage {t.storage.key!r} is missing from the archive or has "
-                                     "another size")
-    if any(n > 1 and s != c for n, s, c in zip(t.shape, t.stride, _c_strides(t.shape), strict=True)):
-        raise InputError(store.path, f"{where}: the tensor is a non-contiguous view (strides {list(t.stride)})")
-    nbytes = t.numel * np_dtype.itemsize
-    ext = store.rebase(Extent(store.key, member[0] + t.offset * np_dtype.itemsize, nbytes))
-    return TensorDesc("", store.path, dtype_name(np_dtype), t.shape, t.numel, nbytes, None, np_dtype, ext)
+    t = src.tensors[0]
+    if t.strides is not None or t.extent is None or t.np_dtype is None:
+        raise InputError(store.path, f"{where}: the tensor is a non-contiguous view or of an unread dtype ({t.dtype})")
+    t.extent = store.rebase(t.extent)
+    return t
 
 
 def _no_storage(pid: object) -> object:
@@ -716,5 +603,24 @@ def _no_storage(pid: object) -> object:
 
 def object_archive(store: SubStore, where: str) -> Any:
     """The plain value a torch.save archive holds (a non-tensor entry such as ``step``)."""
-    _, _, pkl = _archive_pickle(store, where)
-    return Unpickler(pkl, store.path, persistent_load=_no_storage).load()
+    path = store.path
+    try:
+        members, cd_off = zip_directory(path, store, store.size)
+        window = Window(store)
+        pkls = [m for m in members if m[0].count("/") == 1 and m[0].endswith("/data.pkl")]
+        if len(pkls) != 1:
+            raise InputError(path, "not a torch.save archive (no single data.pkl)")
+        spans = []
+        for m in members:
+            data = member_data(path, window, m)
+            spans.append((m[7], data + m[5], m[0]))
+        check_spans(path, spans, cd_off)
+        _, _, _, method, crc, _, usize, _ = pkls[0]
+        if method != 0 or usize > limits.MAX_PICKLE:
+            raise InputError(path, "data.pkl is compressed or too large")
+        pkl = store.read(usize, member_data(path, window, pkls[0]))
+        if zlib.crc32(pkl) != crc:
+            raise InputError(path, "data.pkl: CRC-32 mismatch (the archive is corrupt)")
+    except InputError as e:
+        raise _in(where, e) from None
+    return Unpickler(pkl, path, persistent_load=_no_storage).load()

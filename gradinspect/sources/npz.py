@@ -195,6 +195,41 @@ def _check_local(path: str, where: str, local: tuple[Any, ...], lname: bytes, le
                              f"({a} vs {b})")
 
 
+def member_data(path: str, window: _Window, m: _Member) -> int:
+    """Where member ``m``'s data starts, once its flags, method and local header are checked."""
+    name, _, flags, method, crc, csize, usize, off = m
+    size = window.size
+    where = f"member {name!r}: "
+    if flags & 1:
+        raise InputError(path, f"{where}is encrypted")
+    if flags & _UNREADABLE_FLAGS:  # patched data (bit 5), strong encryption (6), a masked header (13)
+        raise InputError(path,
+                         f"{where}uses zip features that are not supported (general purpose flags {flags:#06x})")
+    if method not in (0, 8):
+        raise InputError(path, f"{where}unsupported zip compression method {method}")
+    if method == 0 and csize != usize:
+        raise InputError(path, f"{where}stored, yet its sizes differ ({csize} stored, {usize} declared)")
+    if off + _LOCAL.size > size:
+        raise InputError(path, f"{where}local header past the end of the file: truncated")
+    ahead = csize < _Window.SIZE // 4
+    head = window.read(off, min(_LOCAL.size + len(m[1]) + 20, size - off), ahead=ahead)  # the usual extra: 20
+    local = _LOCAL.unpack_from(head)
+    if local[0] != b"PK\x03\x04":
+        raise InputError(path, f"{where}corrupt zip local header")
+    nlen, hend = local[9], _LOCAL.size + local[9] + local[10]
+    data: int = off + hend
+    if data + csize > size:
+        raise InputError(path, f"{where}data runs past the end of the file: truncated")
+    if hend > len(head):
+        head = window.read(off, hend, ahead=ahead)
+    lname, lextra = head[_LOCAL.size : _LOCAL.size + nlen], head[_LOCAL.size + nlen : hend]
+    sizes = local[6:9]
+    if not (lname == m[1] and local[3] == method and (local[2] & 8 or sizes == (crc, csize, usize) or (
+            sizes == (crc, 0xFFFFFFFF, 0xFFFFFFFF) and lextra == _ZIP64_LOCAL.pack(1, 16, usize, csize)))):
+        _check_local(path, where, local, lname, lextra, m)  # says what disagrees
+    return data
+
+
 def read_npz(store: ByteStore, path: str) -> Source:
     size = store.size
     members, cd_off = _zip_directory(path, store, size)
@@ -203,35 +238,10 @@ def read_npz(store: ByteStore, path: str) -> Source:
     seen: set[str] = set()
     spans = []
     for m in members:
-        name, _, flags, method, crc, csize, usize, off = m
+        name, _, _, method, crc, csize, usize, off = m
         where = f"member {name!r}: "
-        if flags & 1:
-            raise InputError(path, f"{where}is encrypted")
-        if flags & _UNREADABLE_FLAGS:  # patched data (bit 5), strong encryption (6), a masked header (13)
-            raise InputError(path,
-                             f"{where}uses zip features that are not supported (general purpose flags {flags:#06x})")
-        if method not in (0, 8):
-            raise InputError(path, f"{where}unsupported zip compression method {method}")
-        if method == 0 and csize != usize:
-            raise InputError(path, f"{where}stored, yet its sizes differ ({csize} stored, {usize} declared)")
-        if off + _LOCAL.size > size:
-            raise InputError(path, f"{where}local header past the end of the file: truncated")
         ahead = csize < _Window.SIZE // 4
-        head = window.read(off, min(_LOCAL.size + len(m[1]) + 20, size - off), ahead=ahead)  # the usual extra: 20
-        local = _LOCAL.unpack_from(head)
-        if local[0] != b"PK\x03\x04":
-            raise InputError(path, f"{where}corrupt zip local header")
-        nlen, hend = local[9], _LOCAL.size + local[9] + local[10]
-        data = off + hend
-        if data + csize > size:
-            raise InputError(path, f"{where}data runs past the end of the file: truncated")
-        if hend > len(head):
-            head = window.read(off, hend, ahead=ahead)
-        lname, lextra = head[_LOCAL.size : _LOCAL.size + nlen], head[_LOCAL.size + nlen : hend]
-        sizes = local[6:9]
-        if not (lname == m[1] and local[3] == method and (local[2] & 8 or sizes == (crc, csize, usize) or (
-                sizes == (crc, 0xFFFFFFFF, 0xFFFFFFFF) and lextra == _ZIP64_LOCAL.pack(1, 16, usize, csize)))):
-            _check_local(path, where, local, lname, lextra, m)  # says what disagrees
+        data = member_data(path, window, m)
         spans.append((off, data + csize, name))
         if name.endswith("/"):
             if usize:
@@ -276,6 +286,12 @@ def _check_spans(path: str, spans: list[tuple[int, int, str]], cd_off: int) -> N
         end, last = stop, name
     if end > cd_off:
         raise InputError(path, f"member {last!r} overlaps the zip central directory")
+
+
+# for other zip-based containers (torch archives): the same walker and the same strictness
+Window = _Window
+zip_directory = _zip_directory
+check_spans = _check_spans
 
 
 class Npz(Container):

@@ -22,12 +22,13 @@ virtual machine of its own (pure Python, no ``pickle`` import) with an opcode al
 - **Limits.**  The pickle is held in memory (at most ``limits.MAX_PICKLE`` bytes) and every
   opcode reads its operands from it, so no length field can make it allocate more than the
   pickle's own size; the stack, the marks and the memo (a dict: a huge ``BINPUT`` index costs
-  nothing) grow by at most one entry per opcode.  Integers are at most 32 bytes long.  Tuples
-  nest at most ``limits.MAX_PICKLE_DEPTH`` deep and count at most ``limits.MAX_PICKLE_WEIGHT``
-  elements with repetitions (hashing or comparing one is bounded: no exponential ``DUP``
-  trees, no C-stack overflow); lists and dicts may nest or be cyclic, and whoever walks the
-  result bounds its depth (see :func:`walk`).  The machine never recurses.  Every problem is an
-  :class:`~gradinspect.errors.InputError`, never another exception.
+  nothing) grow by at most one entry per opcode.  Integers are at most 32 bytes long.  Marks
+  (open containers) and tuples nest at most ``limits.MAX_PICKLE_DEPTH`` deep; a tuple counts at
+  most ``limits.MAX_PICKLE_WEIGHT`` elements with repetitions (hashing or comparing one is
+  bounded: no exponential ``DUP`` trees, no C-stack overflow); lists and dicts may nest (by
+  ``APPEND``) or be cyclic, and whoever walks the result bounds its depth (see :func:`walk`).
+  The machine never recurses.  Every problem is an :class:`~gradinspect.errors.InputError`,
+  never another exception.
 
 Extension point: ``Unpickler(data, path, extra_globals={("pkg.mod", "Name"): stand_in})``.  A
 callable stand-in is called as ``stand_in(*args)`` by ``REDUCE`` and ``NEWOBJ`` (a class is
@@ -453,7 +454,7 @@ class Unpickler:
                     self._key(item)
             try:
                 out = target(*args, **(kwargs or {}))
-            except TypeError:
+            except (TypeError, ValueError, OverflowError):
                 raise self._refuse(f"bad arguments to {name}") from None
             except UnpickleError as e:
                 raise self._refuse(str(e)) from None
@@ -503,6 +504,8 @@ class Unpickler:
                     raise self._refuse(f"an integer of {n} bytes at byte {at}")
                 stack.append(int.from_bytes(take(n), "little", signed=True))
             elif name == "MARK":
+                if len(marks) >= limits.MAX_PICKLE_DEPTH:  # a pickle nests its marks as its containers
+                    raise self._err(f"refused: marks nested more than {limits.MAX_PICKLE_DEPTH} deep (byte {at})")
                 marks.append(len(stack))
             elif name == "TUPLE":
                 stack.append(self._tuple(pop_mark()))
