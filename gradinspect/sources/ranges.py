@@ -83,21 +83,24 @@ class GatherStore(ByteStore):
         n = len(view)
         if offset < 0 or offset + n > self.size:
             raise InputError(self.path, f"unexpected end of data at byte {offset + n}")
-        i = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        first = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        stop = int(np.searchsorted(self.starts, offset + n, side="left"))  # the runs this read covers
+        starts = self.starts[first : stop + 1].tolist()  # Python ints: a read covers few runs, often hundreds
+        if len(starts) == stop - first:
+            starts.append(self.size)
+        which, at = self.which[first:stop].tolist(), self.at[first:stop].tolist()
         done = 0
-        last = len(self.starts) - 1
         opened: dict[int, ByteStore] = {}
         try:
-            while done < n:
-                end = int(self.starts[i + 1]) if i < last else self.size
+            for j, w in enumerate(which):
                 pos = offset + done
-                k = min(n - done, end - pos)
+                k = min(n - done, starts[j + 1] - pos)
                 if k > 0:
-                    w = int(self.which[i])
                     member = opened.get(w) or self._member(w, opened)
-                    member.read_into(view[done : done + k], int(self.at[i]) + pos - int(self.starts[i]))
+                    member.read_into(view[done : done + k], at[j] + pos - starts[j])
                     done += k
-                i += 1
+            if done != n:  # pragma: no cover - the runs tile the space
+                raise AssertionError("runs do not cover the read")
         finally:
             for m in opened.values():
                 m.close()
