@@ -179,8 +179,12 @@ def _source_record(src: Any) -> dict[str, Any]:
     ident = store.identity() if store is not None else None
     # a local file's (device, inode, size, mtime_ns, ctime_ns): device and inode differ between nodes
     size, mtime = (ident[2], ident[3]) if isinstance(ident, tuple) and len(ident) == 5 else (src.size, None)
+    if mtime is None and src.store is not None and os.path.isdir(src.path):  # a directory that is one container
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(src.path) if e.is_file())
+        size, mtime = sum(f[1] for f in files), max((f[2] for f in files), default=None)
+        header = hashlib.sha256(_canonical([header, files])).hexdigest()  # every file's size and mtime
     return {"path": src.path, "key": store.key if store is not None else src.path, "kind": src.kind,
-            "size": src.size, "metadata": dict(src.metadata), "tensors": rows,
+            "size": src.size, "metadata": [[k, v] for k, v in src.metadata.items()], "tensors": rows,
             "identity": {"size": size, "mtime_ns": mtime, "header": header}}
 
 
@@ -195,7 +199,7 @@ def _virtual_source(rec: Mapping[str, Any]) -> Any:
                                   np_dtype=None if dt is None else np.dtype(dt),
                                   extent=None if ext is None else Extent(*ext), order=order,
                                   strides=None if strides is None else tuple(strides)))
-    return Source(path=rec["path"], kind=rec["kind"], tensors=tensors, metadata=dict(rec["metadata"]),
+    return Source(path=rec["path"], kind=rec["kind"], tensors=tensors, metadata={k: v for k, v in rec["metadata"]},
                   size=rec["size"])
 
 

@@ -687,7 +687,7 @@ def info_report(gset: GradientSet) -> InfoReport:
     return InfoReport(
         sources=gset.paths,
         tensors=tuple(InfoTensor(name=t.name, source=t.source, dtype=t.dtype, shape=t.shape, numel=t.numel,
-                                 bytes=t.nbytes) for s in gset.sources for t in s.tensors),
+                                 bytes=t.nbytes, chunks=t.chunks) for s in gset.sources for t in s.tensors),
         metadata=gset.metadata,
         notes=tuple(gset.notes),
     )

@@ -437,7 +437,7 @@ INFO_SCHEMA = "gradinspect.info/1"
 
 @dataclass(frozen=True, kw_only=True)
 class InfoTensor:
-    FIELDS: ClassVar[tuple[str, ...]] = ("name", "source", "dtype", "shape", "numel", "bytes")
+    FIELDS: ClassVar[tuple[str, ...]] = ("name", "source", "dtype", "shape", "numel", "bytes", "chunks")
 
     name: str
     source: str
@@ -445,6 +445,7 @@ class InfoTensor:
     shape: tuple[int, ...]
     numel: int
     bytes: int
+    chunks: int = 1  # the pieces it is stored in (a distributed checkpoint's chunks); shape is the whole tensor's
 
     to_dict = _fields_dict(FIELDS)
 

@@ -262,12 +262,12 @@ def trend(
         split = _split(m, pattern, allow_outside_index)
         if split is not None:  # a GradDumper directory: several steps, each of its files
             for st in split:
-                key = None if options is None else cache.step_key(st.path, list(st.files), options)
+                key = None if options is None else cache.step_key(st.path, _key_files(st.files), options)
                 found.append((st, list(st.files), key, None if key is None else cache.lookup_step(key)))
             continue
         number = None if pattern is None else _number(m, pattern, allow_outside_index, void_as)
         files = resolve_paths([m], allow_outside_index=allow_outside_index)
-        key = None if options is None else cache.step_key(m, files, options)
+        key = None if options is None else cache.step_key(m, _key_files(files), options)
         hit = None if key is None else cache.lookup_step(key)
         if number is None:
             number = hit[0].step if hit is not None else _number(m, None, allow_outside_index, void_as)
@@ -275,11 +275,9 @@ def trend(
     steps = _in_order(found)
     sizes: list[int] | None = None
     if progress is not None and hasattr(progress, "set_total"):
-        from .sources.paths import file_size
-
-        sizes = [sum(file_size(f) for f in (files if files is not None else
-                                            resolve_paths(st.files or [st.path],
-                                                          allow_outside_index=allow_outside_index)))
+        sizes = [sum(_size(f) for f in (files if files is not None else
+                                        resolve_paths(st.files or [st.path],
+                                                      allow_outside_index=allow_outside_index)))
                  for st, files, _, _ in steps]
         progress.set_total(sum(sizes))
     opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step
@@ -331,6 +329,26 @@ def _compute(st: StepPath, opts: dict[str, Any], group_by: int | str | None, gro
         report = regroup(tensor_report, group_by, group_sep) or inspect(st.paths, group_by=group_by, **opts)
     result = StepResult.from_reports(st.step, report, tensor_report if group_by is not None else None)
     return result, report.input_warnings()
+def _key_files(files: Sequence[str]) -> list[str]:
+    """What a step entry's key holds the identity of: the step's files and, of a directory that is one
+    container (a distributed checkpoint), every file in it (rewriting one in place leaves the directory's
+    own identity as it was)."""
+    out: list[str] = []
+    for f in files:
+        out.append(f)
+        if os.path.isdir(f):
+            out.extend(sorted(e.path for e in os.scandir(f) if e.is_file()))
+    return out
+
+
+def _size(path: str) -> int:
+    """A file's size (a URL's from fsspec); of a directory that is one container (a distributed checkpoint),
+    its files'."""
+    from .sources.paths import file_size
+
+    if os.path.isdir(path):
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+    return file_size(path)
 
 
 def _stats(row: Any, p: float) -> Stats | None:

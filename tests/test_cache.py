@@ -702,3 +702,25 @@ def test_a_dumper_directory_uses_step_entries(tmp_path: Path, reads: list[str]) 
     again = run(*args, "--cache-dir", str(cdir))
     assert {os.path.basename(p) for p in reads[n:]} == {"step_00000005_rank1.safetensors"}
     assert again.stdout != warm.stdout
+
+
+def test_a_checkpoint_directory_step_sees_a_file_rewritten_in_place(tmp_path: Path) -> None:
+    """A distributed checkpoint is one directory per step: a .distcp file rewritten in place (same size, mtime
+    put back) leaves the directory's own identity as it was, and must still miss the step entry."""
+    src = ROOT / "tests" / "data" / "dcp" / "st2" / "step_0000"
+    for step in (5, 6):
+        shutil.copytree(src, tmp_path / "run" / f"step_{step:04d}")
+    args = ("trend", str(tmp_path / "run" / "step_*"), "--step-pattern", r"step_(\d+)", "-f", "json", "-q")
+    cdir = str(tmp_path / "c")
+    cold = run(*args, "--cache-dir", cdir)
+    assert cold.exit_code == 0, cold.output
+    assert len(_step_entries(Path(cdir))) == 2
+    f = sorted((tmp_path / "run" / "step_0006").glob("*.distcp"))[0]
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-2] ^= 0x01  # a bit of the last tensor's data
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    warm = run(*args, "--cache-dir", cdir)
+    plain = run(*args, "--no-cache")
+    assert warm.stdout == plain.stdout != cold.stdout

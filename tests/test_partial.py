@@ -477,3 +477,20 @@ def test_torch_views_merge_as_one_run_reads_them(tmp_path: Path) -> None:
     assert {t["name"] for t in plain["tensors"]} == {"w_t", "w", "b_expanded"}
     for n in (2, 3):
         _same(args, _parts(tmp_path, args, n, seed=n), "json")
+
+
+def test_a_checkpoint_directory_merges_and_a_changed_chunk_file_is_seen(tmp_path: Path) -> None:
+    """A distributed checkpoint (a directory, one container): parts merge to the plain run (metadata in its
+    order), and a .distcp file rewritten between parts (same size) is exit 2 at merge."""
+    ckpt = tmp_path / "step_0000"
+    shutil.copytree(ROOT / "tests" / "data" / "dcp" / "ranks3" / "step_0000", ckpt)
+    args = ["norms", str(ckpt)]
+    _same(args, _parts(tmp_path, args, 3, seed=4), "json")
+    p0 = _part(args, tmp_path, 0, 2, "c0.json")
+    f = sorted(ckpt.glob("*.distcp"))[0]
+    time_ns = f.stat().st_mtime_ns
+    f.write_bytes(f.read_bytes())
+    os.utime(f, ns=(time_ns + 1_000_000_000, time_ns + 1_000_000_000))
+    p1 = _part(args, tmp_path, 1, 2, "c1.json")
+    res = run("merge", p0, p1)
+    assert res.exit_code == 2 and "changed" in _error(res), res.output

@@ -252,18 +252,23 @@ def _info(con: Console, report: Any, elide: bool) -> None:
     from ._human import shape, size
 
     many = len(report.sources) > 1
+    chunked = any(t.chunks != 1 for t in report.tensors)  # a distributed checkpoint's tensors in pieces
     cols = [("#", "right"), ("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("numel", "right"),
             ("bytes", "right")]
+    if chunked:
+        cols.append(("chunks", "right"))
     if many:
         cols.append(("source", "left"))
     rows = []
     for i, t in enumerate(report.tensors, 1):
         c = [str(i), printable(t.name), shape(t.shape), printable(t.dtype), f"{t.numel:,}", size(t.bytes)]
+        if chunked:
+            c.append(f"{t.chunks:,}")
         if many:
             c.append(printable(os.path.basename(t.source)))
         rows.append(c)
     if rows:
-        _simple_table(con, cols, rows, [None] * len(rows), elide, droppable=(6,) if many else ())
+        _simple_table(con, cols, rows, [None] * len(rows), elide, droppable=(len(cols) - 1,) if many else ())
     else:
         con.print(Text("no tensors", style="dim"))
     con.print()

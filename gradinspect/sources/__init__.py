@@ -11,7 +11,8 @@ a whole file, never a whole large tensor.  Nothing is ever unpickled.
   :class:`MemoryStore`), :class:`ChunkBuffer`; :mod:`.remote`: URLs through fsspec, by ranges;
 - :mod:`.codec`: deflate streaming, CRC-32 combining;  :mod:`.limits`: every limit;
 - one module per container: :mod:`.safetensors`, :mod:`.npz`, :mod:`.npy`,
-  :mod:`.index` (expands to shard files), :mod:`.memory` (in-memory arrays);
+  :mod:`.index` (expands to shard files), :mod:`.memory` (in-memory arrays), :mod:`.dcp` (a torch
+  distributed checkpoint directory, one container; :mod:`.ranges` gathers its chunks);
 - :mod:`.paths`: PATHs (files, directories, globs, index files) to sources;
 - :mod:`.voids`: the dtype of raw void arrays (bfloat16/float8 written by ``np.save``; ``--void-as``).
 
@@ -21,7 +22,7 @@ A new container format is one module exporting ``CONTAINER`` and one line below.
 from __future__ import annotations
 
 from ..errors import InputError
-from . import index, memory, npy, npz, safetensors, torchzip
+from . import dcp, index, memory, npy, npz, safetensors, torchzip
 from .base import Container, Extent, Source, TensorDesc, TensorEntry
 from .memory import array_source
 from .paths import close_all, open_paths, open_source, resolve_paths
@@ -34,6 +35,7 @@ CONTAINERS: tuple[Container, ...] = (
     torchzip.CONTAINER,
     index.CONTAINER,
     memory.CONTAINER,
+    dcp.CONTAINER,
 )
 
 __all__ = [

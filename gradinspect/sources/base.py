@@ -55,6 +55,7 @@ class TensorDesc:
     extent: Extent | None = field(default=None, repr=False)
     order: str = "C"  # "F": .npy data in column-major order
     strides: tuple[int, ...] | None = None  # a strided view (torch): element strides from the extent's first element
+    chunks: int = 1  # the pieces it is stored in (a distributed checkpoint's chunks), gathered by its store
 
     @property
     def is_float(self) -> bool:
@@ -206,6 +207,10 @@ class Container(ABC):
     # False: read only when named or matched by a glob, never picked up from a directory (torch files:
     # a checkpoint folder's optimizer.pt or training_args.bin are not gradients)
     in_directories: bool = True
+
+    def describe_dir(self, path: str) -> Source:
+        """A directory that is one container (``recognises(path, True)``): open its files, read its headers."""
+        raise InputError(path, "is a directory")
 
     def expand(self, path: str, allow_outside: bool = False) -> list[str]:
         """The files ``path`` stands for (only when ``expands``)."""

@@ -25,11 +25,11 @@ def _containers() -> tuple[Container, ...]:
     return CONTAINERS
 
 
-def container_for(path: str) -> Container | None:
+def container_for(path: str, is_dir: bool = False) -> Container | None:
     """The registered container that recognises ``path`` (None: none does)."""
     if _store.scheme_of(path) in ("http", "https"):
         path = path.partition("?")[0]  # the name, not the query (a signed URL)
-    return next((c for c in _containers() if c.recognises(path)), None)
+    return next((c for c in _containers() if c.recognises(path, is_dir)), None)
 
 
 def _is_url(path: str) -> bool:
@@ -106,6 +106,9 @@ def resolve_paths(paths: Sequence[str | os.PathLike[str]], notes: list[str] | No
                 raise InputError(p, "no file matches this pattern")
             out.extend(resolve_paths(matches, notes, allow_outside_index))
         elif os.path.isdir(p):
+            if container_for(p, True) is not None:  # the directory is one container (a distributed checkpoint)
+                out.append(p)
+                continue
             try:
                 names = os.listdir(p)
             except OSError as e:
@@ -209,6 +212,8 @@ def open_source(path: str) -> Source:
     The source holds the open file: :meth:`Source.finish` or :meth:`Source.close` it.
     """
     c = container_for(path)
+    if (c is None or _expands(c)) and os.path.isdir(path) and (d := container_for(path, True)) is not None:
+        return d.describe_dir(path)
     if c is None or _expands(c):
         if _suffix(path) in PICKLE_SUFFIXES:
             raise InputError(_shown(path), "pickle-based files are never loaded (they can run code); "
@@ -242,7 +247,12 @@ def open_paths(paths: Sequence[str | os.PathLike[str]], allow_repeats: bool = Fa
         if _is_url(f):  # opened below
             key: tuple[object, ...] = (f,)
         else:
-            st = _store.regular_file(f)
+            try:
+                st = _store.regular_file(f)
+            except InputError:
+                if not os.path.isdir(f):
+                    raise
+                st = os.stat(f)  # a directory that is one container
             key = (st.st_dev, st.st_ino)
         if key in seen:
             raise InputError(f, f"the same file is given twice (also as {seen[key]})")
