@@ -196,3 +196,9 @@ def write_raw_safetensors(path: Path, header: dict, data: bytes, *, header_len: 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The JAX tests run last: importing jax starts its threads and installs an at-fork hook that warns
+    (an error here) in every later test that forks worker processes (ProcessExecutor)."""
+    items.sort(key=lambda item: item.path.name == "test_jax.py")  # stable: every other test keeps its order
