@@ -824,6 +824,11 @@ def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include
     named_b = _named(set_b.sources, chosen, strip_b)
     tools = _PairTools.make()
     warnings: list[str] = []
+    for label, gset in (("A", set_a), ("B", set_b)):  # diff compares stored values: say when they are scaled
+        scales = sorted({s.metadata["loss_scale"] for s in gset.sources if "loss_scale" in s.metadata})
+        if scales:
+            warnings.append(f"{label} ({_where(gset.sources)}) holds metadata loss_scale {', '.join(scales)}: diff "
+                            "compares the stored (scaled) values; norms, check and trend divide it out")
     side_a = _side(set_a, named_a, "A", tools, warnings)
     side_b = _side(set_b, named_b, "B", tools, warnings)
     skipped: list[Skipped] = []

@@ -265,3 +265,19 @@ def test_nonfinite_differences_survive_the_totals(tmp_path: Path) -> None:
     # numpy agrees: norm(c − b) and max|c − b| are inf
     assert w["l2_diff"] == w["linf_diff"] == "Infinity"
     assert doc["total"]["l2_diff"] == doc["total"]["linf_diff"] == "Infinity"
+
+
+def test_diff_says_when_a_side_is_loss_scaled(tmp_path: Path) -> None:
+    """diff compares stored values: a side whose metadata holds loss_scale is named in a warning (norms
+    would divide it out), and the numbers are those of the stored values."""
+    g = np.arange(1.0, 7.0, dtype=np.float32)
+    save_file({"w": g * 1024}, str(tmp_path / "a.safetensors"), metadata={"loss_scale": "1024.0"})
+    save_file({"w": g}, str(tmp_path / "b.safetensors"))
+    r = run("diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert r.stderr == (f"Warning: A ({tmp_path / 'a.safetensors'}) holds metadata loss_scale 1024.0: diff compares "
+                        "the stored (scaled) values; norms, check and trend divide it out\n")
+    doc = strict_json(r.stdout)
+    assert doc["total"]["l2_a"] == float(np.sqrt(np.sum((g.astype(np.float64) * 1024) ** 2)))
+    plain = run("diff", str(tmp_path / "b.safetensors"), str(tmp_path / "b.safetensors"), "--format", "json")
+    assert plain.stderr == ""
