@@ -25,7 +25,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,9 +92,15 @@ def _number(path: str, pattern: re.Pattern[str] | None, allow_outside_index: boo
     from .api import info
 
     headers = info(path, allow_outside_index=allow_outside_index, void_as=void_as)
-    meta = headers.metadata
+    return _number_from(path, headers.metadata, headers.sources)
+
+
+def _number_from(path: str, meta: Mapping[str, Mapping[str, str]], sources: Sequence[str]) -> int:
+    """A step's number from its files' metadata ``step`` (they must agree), else the last integer in the
+    final component of ``path``."""
+    name = _final(path)
     first: tuple[str, int] | None = None
-    without = [src for src in headers.sources if "step" not in meta.get(src, {})]
+    without = [src for src in sources if "step" not in meta.get(src, {})]
     for src, md in meta.items():
         text = md.get("step")
         if text is None:
@@ -255,42 +261,52 @@ def trend(
                                 void_as=void_as)
     options = None if cache is None else _step_options(opts, group_by, step_pattern)
     listed = [paths] if isinstance(paths, (str, os.PathLike)) else paths
-    found: list[tuple[StepPath, list[str] | None, str | None, Any]] = []
+    # each step: its PATH and number, its files, its step entry's key, and its (result, warnings) when known:
+    # from the entry (a hit), or computed already because its number is in its metadata
+    found: list[tuple[StepPath, list[str] | None, Any, tuple[StepResult, list[str]] | None, bool]] = []
     if HOOK.get() is not None:  # --part and merge: the steps the parts recorded, no step entries
-        found = [(st, None, None, None) for st in find_steps(listed, step_pattern, allow_outside_index, void_as)]
+        found = [(st, None, None, None, False)
+                 for st in find_steps(listed, step_pattern, allow_outside_index, void_as)]
     for m in () if found else _matches(listed):
         split = _split(m, pattern, allow_outside_index)
         if split is not None:  # a GradDumper directory: several steps, each of its files
             for st in split:
                 key = None if options is None else cache.step_key(st.path, _key_files(st.files), options)
-                found.append((st, list(st.files), key, None if key is None else cache.lookup_step(key)))
+                hit = None if key is None else cache.lookup_step(key)
+                found.append((st, list(st.files), key, hit, hit is not None))
             continue
         number = None if pattern is None else _number(m, pattern, allow_outside_index, void_as)
         files = resolve_paths([m], allow_outside_index=allow_outside_index)
         key = None if options is None else cache.step_key(m, _key_files(files), options)
         hit = None if key is None else cache.lookup_step(key)
-        if number is None:
-            number = hit[0].step if hit is not None else _number(m, None, allow_outside_index, void_as)
-        found.append((StepPath(number, m), files, key, hit))
-    steps = _in_order(found)
-    sizes: list[int] | None = None
+        if number is None and hit is not None:
+            number = hit[0].step
+        found.append((StepPath(-1 if number is None else number, m), files, key, hit, hit is not None))
+    sizes: dict[str, int] = {}
     if progress is not None and hasattr(progress, "set_total"):
-        sizes = [sum(_size(f) for f in (files if files is not None else
-                                        resolve_paths(st.files or [st.path],
-                                                      allow_outside_index=allow_outside_index)))
-                 for st, files, _, _ in steps]
-        progress.set_total(sum(sizes))
+        sizes = {st.path: sum(_size(f) for f in (files if files is not None else
+                                                  resolve_paths(st.files or [st.path],
+                                                                allow_outside_index=allow_outside_index)))
+                 for st, files, *_ in found}
+        progress.set_total(sum(sizes.values()))
     opts["progress"] = None if progress is None else (lambda n: progress(n))  # no set_total per step
+    for i, (st, step_files, key, done, _) in enumerate(found):
+        if done is None and st.step < 0:  # its number is in its metadata: found as the step is read (once)
+            def number_of(report: Any, path: str = st.path) -> int:
+                return _number_from(path, report.metadata, report.sources)
+
+            done = _compute(st, opts, group_by, group_sep, number_of)
+            found[i] = (StepPath(done[0].step, st.path), step_files, key, done, False)
     results = []
-    for i, (st, _, key, hit) in enumerate(steps):
-        if hit is not None:
-            result, warnings = hit
-            if progress is not None and sizes is not None:
-                progress(sizes[i])  # a step from the cache: its files count as read
-        else:
-            result, warnings = _compute(st, opts, group_by, group_sep)
-            if key is not None:
-                cache.store_step(key, result, warnings)
+    for st, _, key, done, from_entry in _in_order(found):
+        if done is None:
+            done = _compute(st, opts, group_by, group_sep)
+        result, warnings = done
+        if from_entry:
+            if sizes and progress is not None:
+                progress(sizes[st.path])  # a step from the cache: its files count as read
+        elif key is not None:
+            cache.store_step(key, result, warnings)
         if on_step is not None:
             on_step(st, warnings)
         results.append(result)
@@ -319,15 +335,17 @@ def _step_options(opts: dict[str, Any], group_by: int | str | None, step_pattern
         return None
 
 
-def _compute(st: StepPath, opts: dict[str, Any], group_by: int | str | None, group_sep: str
-             ) -> tuple[StepResult, list[str]]:
-    """One step computed as ``norms`` computes it, and its input warnings."""
+def _compute(st: StepPath, opts: dict[str, Any], group_by: int | str | None, group_sep: str,
+             number_of: Callable[[Any], int] | None = None) -> tuple[StepResult, list[str]]:
+    """One step computed as ``norms`` computes it, and its input warnings; ``number_of(report)``: the step's
+    number from its per-tensor report (its metadata), when it is not known yet."""
     from .api import inspect
 
     report = tensor_report = inspect(st.paths, group_by=None, **opts)
+    step = st.step if number_of is None else number_of(tensor_report)
     if group_by is not None:
         report = regroup(tensor_report, group_by, group_sep) or inspect(st.paths, group_by=group_by, **opts)
-    result = StepResult.from_reports(st.step, report, tensor_report if group_by is not None else None)
+    result = StepResult.from_reports(step, report, tensor_report if group_by is not None else None)
     return result, report.input_warnings()
 def _key_files(files: Sequence[str]) -> list[str]:
     """What a step entry's key holds the identity of: the step's files and, of a directory that is one

@@ -359,7 +359,7 @@ def test_each_option_set_has_its_step_entries(tmp_path: Path, reads: list[str], 
     one = _trend_json(tmp_path, "--cache-dir", cdir, "--max-norm", "1")
     del reads[:], headers[:]
     half = _trend_json(tmp_path, "--cache-dir", cdir, "--max-norm", "0.5")
-    assert reads == [] and len(headers) == 8  # the file entries serve the numbers; each step is parsed again
+    assert reads == [] and len(headers) == 4  # the file entries serve the numbers; each step is parsed once
     assert half == _trend_json(tmp_path, "--no-cache", "--max-norm", "0.5") != one
     assert len(_step_entries(Path(cdir))) == 8
     del headers[:]
@@ -724,3 +724,14 @@ def test_a_checkpoint_directory_step_sees_a_file_rewritten_in_place(tmp_path: Pa
     warm = run(*args, "--cache-dir", cdir)
     plain = run(*args, "--no-cache")
     assert warm.stdout == plain.stdout != cold.stdout
+
+
+def test_a_cold_step_is_parsed_once(tmp_path: Path, headers: list[str]) -> None:
+    """A step's number from its metadata is taken as the step is read, not from a header parse of its own."""
+    for i in range(4):
+        save_file({"w": np.full(3, i + 1.0, np.float32)}, str(tmp_path / f"s{9 - i}.safetensors"),
+                  metadata={"step": str(10 * i)})
+    r = run("trend", str(tmp_path / "s*.safetensors"), "-f", "json", "--no-cache")
+    assert r.exit_code == 0, r.output
+    assert [s["step"] for s in strict_json(r.stdout)["steps"]] == [0, 10, 20, 30]
+    assert sorted(headers) == sorted(str(p) for p in tmp_path.glob("s*.safetensors"))
