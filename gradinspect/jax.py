@@ -11,17 +11,17 @@ array).  The metadata holds ``step`` (which ``gradinspect trend`` takes as the s
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from .dumps import dump_metadata, write_atomically
+
 __all__ = ["save_grads", "JAX_EXTRA"]
 
 JAX_EXTRA = "pip install 'gradinspect[jax]'"
-_RESERVED = ("step", "loss_scale")
 
 
 def _jax() -> Any:
@@ -38,26 +38,6 @@ def _key(k: Any) -> str:
         if hasattr(k, attr):
             return str(getattr(k, attr))
     return str(k)
-
-
-def _metadata(step: int | None, loss_scale: float | None, metadata: Mapping[str, str] | None) -> dict[str, str]:
-    md: dict[str, str] = {}
-    for key, value in (metadata or {}).items():
-        if key in _RESERVED:
-            raise ValueError(f"metadata key {key!r} is written by save_grads: pass it as {key}= instead")
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata must map str to str, not {key!r}: {value!r}")
-        md[key] = value
-    if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
-            raise ValueError(f"step must be an integer from 0 to 2**63 - 1, not {step!r}")
-        md["step"] = str(int(step))
-    if loss_scale is not None:
-        scale = float(loss_scale)
-        if not 0.0 < scale < math.inf:
-            raise ValueError(f"loss_scale must be a finite number > 0, not {loss_scale!r}")
-        md["loss_scale"] = repr(scale)
-    return md
 
 
 def _readable() -> set[np.dtype]:
@@ -80,7 +60,7 @@ def save_grads(pytree: Any, path: str | os.PathLike[str], *, step: int | None = 
     jax = _jax()
     from safetensors.numpy import save_file
 
-    md = _metadata(step, loss_scale, metadata)
+    md = dump_metadata(step, loss_scale, metadata)
     leaves, _ = jax.tree_util.tree_flatten_with_path(pytree)
     readable = _readable()
     tensors: dict[str, np.ndarray] = {}
@@ -94,13 +74,4 @@ def save_grads(pytree: Any, path: str | os.PathLike[str], *, step: int | None = 
         if arr.dtype.newbyteorder("<") not in readable:
             raise TypeError(f"leaf {name!r}: dtype {arr.dtype} cannot be saved so that gradinspect reads it")
         tensors[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")  # 0-d stays 0-d
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=md)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=md))

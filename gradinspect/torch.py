@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .dumps import dump_metadata, write_atomically
+
 __all__ = ["save_grads", "GradDumper", "TORCH_EXTRA"]
 
 TORCH_EXTRA = "pip install 'gradinspect[torch]'"
@@ -105,30 +107,6 @@ def _grads(model_or_named_parameters: Any, torch: Any) -> list[tuple[str, Any, b
     return out
 
 
-def _metadata(step: int | None, loss_scale: float | None, metadata: Mapping[str, str] | None,
-              rank: int, world_size: int) -> dict[str, str]:
-    md: dict[str, str] = {}
-    for key, value in (metadata or {}).items():
-        if key in _RESERVED:
-            raise ValueError(f"metadata key {key!r} is written by save_grads: pass it as {key}= instead"
-                             if key in ("step", "loss_scale") else f"metadata key {key!r} is written by save_grads")
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata must map str to str, not {key!r}: {value!r}")
-        md[key] = value
-    if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
-            raise ValueError(f"step must be an integer from 0 to 2**63 - 1, not {step!r}")
-        md["step"] = str(int(step))
-    if loss_scale is not None:
-        scale = float(loss_scale)
-        if not 0.0 < scale < math.inf:
-            raise ValueError(f"loss_scale must be a finite number > 0, not {loss_scale!r}")
-        md["loss_scale"] = repr(scale)
-    md["rank"] = str(rank)
-    md["world_size"] = str(world_size)
-    return md
-
-
 def save_grads(model_or_named_parameters: Any, path: str | os.PathLike[str], *, step: int | None = None,
                loss_scale: float | None = None, metadata: Mapping[str, str] | None = None) -> None:
     """Save the current gradients of a model (or of ``(name, parameter)`` pairs, or a ``{name: parameter}``
@@ -142,18 +120,9 @@ def save_grads(model_or_named_parameters: Any, path: str | os.PathLike[str], *, 
     from safetensors.torch import save_file
 
     rank, world_size = _dist_info(torch)
-    md = _metadata(step, loss_scale, metadata, rank, world_size)
+    md = dump_metadata(step, loss_scale, metadata, _RESERVED) | {"rank": str(rank), "world_size": str(world_size)}
     tensors = {name: g.to("cpu").contiguous() for name, g, _ in _grads(model_or_named_parameters, torch)}
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=md)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=md))
 
 
 class GradDumper:
