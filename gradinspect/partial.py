@@ -183,6 +183,10 @@ def _source_record(src: Any) -> dict[str, Any]:
         files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(src.path) if e.is_file())
         size, mtime = sum(f[1] for f in files), max((f[2] for f in files), default=None)
         header = hashlib.sha256(_canonical([header, files])).hexdigest()  # every file's size and mtime
+    version = store.cache_key() if store is not None and ident is None else None
+    if version is not None:  # a remote object: its version (ETag, version id) and modification time, not its URL
+        header = hashlib.sha256(_canonical([header, {k: v for k, v in version.items()
+                                                     if k not in ("path", "endpoint")}])).hexdigest()
     return {"path": src.path, "key": store.key if store is not None else src.path, "kind": src.kind,
             "size": src.size, "metadata": [[k, v] for k, v in src.metadata.items()], "tensors": rows,
             "identity": {"size": size, "mtime_ns": mtime, "header": header}}

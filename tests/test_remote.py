@@ -528,3 +528,33 @@ def test_an_s3_directory_reads_no_torch_file_and_a_glob_does(s3: Any, bucket: st
     assert g.exit_code == 0, g.stderr
     assert _numbers(g.stdout, url) == _numbers(gl.stdout, ckpt)
     assert len(strict_json(g.stdout)["sources"]) == 2
+
+
+# --- parts (--part I/N, merge) ------------------------------------------------------------------------------------
+
+def test_an_object_replaced_between_parts_is_refused_by_merge(s3: Any, bucket: str, tmp_path: Path,
+                                                             rng: np.random.Generator) -> None:
+    """Two uploads with the same header and size (new values of the same model) are different objects (ETag):
+    parts read from each are not merged into a report of neither (as a local file's mtime shows the change)."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for f in (a, b):
+        save_file({"x": rng.standard_normal((300, 200)).astype(np.float32),
+                   "y": rng.standard_normal((300, 200)).astype(np.float32)}, str(f))
+    head = 8 + int.from_bytes(a.read_bytes()[:8], "little")  # the same header, the same size, other values
+    assert a.read_bytes()[:head] == b.read_bytes()[:head] and a.stat().st_size == b.stat().st_size
+    assert a.read_bytes() != b.read_bytes()
+    url = f"s3://{bucket}/g.safetensors"
+    parts = [tmp_path / "p0.json", tmp_path / "p1.json"]
+    for i, f in enumerate((a, b)):
+        _put(s3, f, url)
+        r = run("norms", url, "--part", f"{i}/2", "--partial", parts[i])
+        assert (r.exit_code, r.stdout) == (0, ""), r.stderr
+    r = run("merge", *parts)
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert re.fullmatch(rf"Error: {url}: changed between parts: its header in \S+p1\.json differ from those in "
+                        r"\S+p0\.json\n", r.stderr), r.stderr
+    parts2 = [tmp_path / "q0.json", tmp_path / "q1.json"]  # the same object in both parts: merged as one run
+    for i in range(2):
+        assert run("norms", url, "--part", f"{i}/2", "--partial", parts2[i]).exit_code == 0
+    whole, merged = run("norms", url, "-f", "json"), run("merge", *parts2, "-f", "json")
+    assert (whole.exit_code, merged.exit_code) == (0, 0) and merged.stdout == whole.stdout

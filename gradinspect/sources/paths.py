@@ -12,6 +12,8 @@ from ..errors import InputError
 from . import limits, voids
 from . import store as _store
 from .base import Container, Source
+from .dcp import METADATA
+from .dcp import SUFFIX as DCP_SUFFIX
 
 __all__ = ["resolve_paths", "open_source", "open_paths", "close_all", "container_for", "PICKLE_SUFFIXES",
            "expand_glob", "file_size", "file_state"]
@@ -147,6 +149,9 @@ def _resolve_url(url: str, notes: list[str] | None, allow_outside_index: bool) -
             raise InputError(display(url), "no file matches this pattern")
         return resolve_paths(found, notes, allow_outside_index)
     if kind == "dir":
+        if METADATA in other and any(f.endswith(DCP_SUFFIX) for f in found):
+            raise InputError(display(url).rstrip("/") + "/", "a torch distributed checkpoint (.metadata and .distcp "
+                             "files) is read from a local directory only, not from a URL: give its local path")
         if not found:
             hint = _named_only_hint(display(url).rstrip("/"), other, set(other).__contains__, "/")
             raise InputError(display(url), "; ".join(filter(None, ("directory holds no .safetensors, .npz or .npy "
