@@ -187,6 +187,11 @@ def _source_record(src: Any) -> dict[str, Any]:
     if version is not None:  # a remote object: its version (ETag, version id) and modification time, not its URL
         header = hashlib.sha256(_canonical([header, {k: v for k, v in version.items()
                                                      if k not in ("path", "endpoint")}])).hexdigest()
+    elif store is not None and ident is None and not os.path.isdir(src.path):
+        # a URL with no version token (file://, a plain HTTP server): what its listing says (size, mtime)
+        spec = store.reopen_spec()
+        if spec is not None:
+            header = hashlib.sha256(_canonical([header, repr(spec[2])])).hexdigest()
     return {"path": src.path, "key": store.key if store is not None else src.path, "kind": src.kind,
             "size": src.size, "metadata": [[k, v] for k, v in src.metadata.items()], "tensors": rows,
             "identity": {"size": size, "mtime_ns": mtime, "header": header}}

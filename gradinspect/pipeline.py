@@ -825,7 +825,8 @@ def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include
     tools = _PairTools.make()
     warnings: list[str] = []
     for label, gset in (("A", set_a), ("B", set_b)):  # diff compares stored values: say when they are scaled
-        scales = sorted({s.metadata["loss_scale"] for s in gset.sources if "loss_scale" in s.metadata})
+        scales = sorted({s.metadata["loss_scale"] for s in gset.sources
+                         if s.metadata.get("loss_scale", "1").strip() not in ("1", "1.0")})
         if scales:
             warnings.append(f"{label} ({_where(gset.sources)}) holds metadata loss_scale {', '.join(scales)}: diff "
                             "compares the stored (scaled) values; norms, check and trend divide it out")

@@ -281,3 +281,5 @@ def test_diff_says_when_a_side_is_loss_scaled(tmp_path: Path) -> None:
     assert doc["total"]["l2_a"] == float(np.sqrt(np.sum((g.astype(np.float64) * 1024) ** 2)))
     plain = run("diff", str(tmp_path / "b.safetensors"), str(tmp_path / "b.safetensors"), "--format", "json")
     assert plain.stderr == ""
+    save_file({"w": g}, str(tmp_path / "c.safetensors"), metadata={"loss_scale": "1.0"})  # not scaled: no warning
+    assert run("diff", str(tmp_path / "c.safetensors"), str(tmp_path / "b.safetensors")).stderr == ""

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -558,3 +559,24 @@ def test_an_object_replaced_between_parts_is_refused_by_merge(s3: Any, bucket: s
         assert run("norms", url, "--part", f"{i}/2", "--partial", parts2[i]).exit_code == 0
     whole, merged = run("norms", url, "-f", "json"), run("merge", *parts2, "-f", "json")
     assert (whole.exit_code, merged.exit_code) == (0, 0) and merged.stdout == whole.stdout
+
+
+def test_a_file_url_replaced_between_parts_is_refused_by_merge(tmp_path: Path, rng: np.random.Generator) -> None:
+    """file:// has no ETag: its modification time in the listing tells a file replaced between parts."""
+    _need("fsspec")
+    a, b, g = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "g.safetensors"
+    for f in (a, b):
+        save_file({"x": rng.standard_normal((300, 200)).astype(np.float32)}, str(f))
+    os.utime(b, ns=(b.stat().st_atime_ns, a.stat().st_mtime_ns + 5_000_000_000))
+    url = g.as_uri()
+    parts = [tmp_path / "p0.json", tmp_path / "p1.json"]
+    for i, f in enumerate((a, b)):
+        shutil.copy2(f, g)
+        r = run("norms", url, "--part", f"{i}/2", "--partial", parts[i])
+        assert (r.exit_code, r.stdout) == (0, ""), r.stderr
+    r = run("merge", *parts)
+    assert (r.exit_code, r.stdout) == (2, "") and "changed between parts" in r.stderr, r.stderr
+    same = [tmp_path / "q0.json", tmp_path / "q1.json"]
+    for i in range(2):
+        assert run("norms", url, "--part", f"{i}/2", "--partial", same[i]).exit_code == 0
+    assert run("merge", *same, "-f", "json").stdout == run("norms", url, "-f", "json").stdout
