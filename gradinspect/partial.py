@@ -180,7 +180,10 @@ def _source_record(src: Any) -> dict[str, Any]:
     # a local file's (device, inode, size, mtime_ns, ctime_ns): device and inode differ between nodes
     size, mtime = (ident[2], ident[3]) if isinstance(ident, tuple) and len(ident) == 5 else (src.size, None)
     if mtime is None and src.store is not None and os.path.isdir(src.path):  # a directory that is one container
-        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(src.path) if e.is_file())
+        from .sources.paths import member_files
+
+        files = [(os.path.basename(f), st.st_size, st.st_mtime_ns)
+                 for f in member_files(src.path) for st in (os.stat(f),)]
         size, mtime = sum(f[1] for f in files), max((f[2] for f in files), default=None)
         header = hashlib.sha256(_canonical([header, files])).hexdigest()  # every file's size and mtime
     version = store.cache_key() if store is not None and ident is None else None

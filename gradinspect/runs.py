@@ -247,12 +247,12 @@ def trend(
     Every step must hold a floating-point tensor with elements (InputError otherwise, as for ``norms``):
     a run is never reported with a step of zeros.
     """
+    from .hooks import HOOK
     from .norms import parse_norm_type
     from .sources import resolve_paths
+    from .sources.paths import file_size
 
     p = parse_norm_type(norm_type)
-    from .hooks import HOOK
-
     pattern = compile_step_pattern(step_pattern)
     include, exclude = tuple(include), tuple(exclude)
     opts: dict[str, Any] = dict(norm_type=p, max_norm=max_norm, eps=eps, include=include, exclude=exclude,
@@ -284,7 +284,7 @@ def trend(
         found.append((StepPath(-1 if number is None else number, m), files, key, hit, hit is not None))
     sizes: dict[str, int] = {}
     if progress is not None and hasattr(progress, "set_total"):
-        sizes = {st.path: sum(_size(f) for f in (files if files is not None else
+        sizes = {st.path: sum(file_size(f) for f in (files if files is not None else
                                                   resolve_paths(st.files or [st.path],
                                                                 allow_outside_index=allow_outside_index)))
                  for st, files, *_ in found}
@@ -348,25 +348,11 @@ def _compute(st: StepPath, opts: dict[str, Any], group_by: int | str | None, gro
     result = StepResult.from_reports(step, report, tensor_report if group_by is not None else None)
     return result, report.input_warnings()
 def _key_files(files: Sequence[str]) -> list[str]:
-    """What a step entry's key holds the identity of: the step's files and, of a directory that is one
-    container (a distributed checkpoint), every file in it (rewriting one in place leaves the directory's
-    own identity as it was)."""
-    out: list[str] = []
-    for f in files:
-        out.append(f)
-        if os.path.isdir(f):
-            out.extend(sorted(e.path for e in os.scandir(f) if e.is_file()))
-    return out
+    """What a step entry's key holds the identity of: the step's files, each followed by the files in it
+    when it is a directory that is one container (a distributed checkpoint)."""
+    from .sources.paths import member_files
 
-
-def _size(path: str) -> int:
-    """A file's size (a URL's from fsspec); of a directory that is one container (a distributed checkpoint),
-    its files'."""
-    from .sources.paths import file_size
-
-    if os.path.isdir(path):
-        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
-    return file_size(path)
+    return [g for f in files for g in (f, *member_files(f))]
 
 
 def _stats(row: Any, p: float) -> Stats | None:

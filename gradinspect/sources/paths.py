@@ -60,12 +60,23 @@ def expand_glob(path: str) -> list[str] | None:
 
 
 def file_size(path: str) -> int:
-    """The size of a resolved file (a URL's from fsspec)."""
+    """The size of a resolved file (a URL's from fsspec; of a directory that is one container, its files')."""
     if _is_url(path):
         from .remote import url_size
 
         return url_size(path)
+    if os.path.isdir(path):
+        return sum(os.path.getsize(f) for f in member_files(path))
     return os.path.getsize(path)
+
+
+def member_files(path: str) -> list[str]:
+    """The files, sorted, of a resolved PATH that is a directory holding one container (a distributed
+    checkpoint: rewriting one of them in place leaves the directory's own identity as it was); [] for a
+    file or a URL."""
+    if _is_url(path) or not os.path.isdir(path):
+        return []
+    return sorted(e.path for e in os.scandir(path) if e.is_file())
 
 
 def file_state(path: str) -> tuple[object, ...]:
