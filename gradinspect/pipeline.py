@@ -826,7 +826,7 @@ def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include
     warnings: list[str] = []
     for label, gset in (("A", set_a), ("B", set_b)):  # diff compares stored values: say when they are scaled
         scales = sorted({s.metadata["loss_scale"] for s in gset.sources
-                         if s.metadata.get("loss_scale", "1").strip() not in ("1", "1.0")})
+                         if "loss_scale" in s.metadata and _scaled(s.metadata["loss_scale"])})
         if scales:
             warnings.append(f"{label} ({_where(gset.sources)}) holds metadata loss_scale {', '.join(scales)}: diff "
                             "compares the stored (scaled) values; norms, check and trend divide it out")
@@ -882,6 +882,14 @@ def diff_report(set_a: GradientSet, set_b: GradientSet, tol: Tolerances, include
         skipped=tuple(skipped),
         notes=(*set_a.notes, *set_b.notes, *warnings),
     )
+
+
+def _scaled(text: str) -> bool:
+    """Whether a metadata ``loss_scale`` says the values are scaled (any value but the number 1)."""
+    try:
+        return float(text) != 1.0
+    except ValueError:
+        return True
 
 
 def _diff_row(name: str | None, shape: tuple[int, ...] | None, dtype_a: str | None, dtype_b: str | None,
