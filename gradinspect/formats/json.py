@@ -13,28 +13,11 @@ which parsers read back unchanged, so the text is safe on a terminal too.
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any, TextIO
 
 from . import Format, RenderOptions
 from ._escape import escape_char
-
-
-def strict(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by its JSON string spelling."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return value
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict(v) for v in value]
-    return value
-
 
 #: Larger documents are written on one line: Python's JSON encoder is ~10x
 #: faster without indentation (``jq .`` pretty-prints them).
