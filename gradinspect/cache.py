@@ -42,7 +42,6 @@ counts as little-endian binary.  Anything else is a miss, as for file entries.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -355,19 +354,11 @@ class Cache:
 
     def _write(self, path: str, data: bytes) -> bool:
         """``data`` written to ``path`` atomically (a temporary file, then a rename); False on an OS error."""
-        import tempfile
+        from .atomic import write_bytes_atomically
 
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=self.directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_bytes_atomically(path, data, prefix=".tmp-", suffix=os.path.splitext(path)[1])  # 0o600
         except OSError:
             return False
         self.stored += 1

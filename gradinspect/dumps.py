@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 
-__all__ = ["dump_metadata", "write_atomically"]
+__all__ = ["dump_metadata", "save_atomically"]
 
 _OPTIONS = ("step", "loss_scale")  # metadata keys given as save_grads keyword arguments
 
@@ -36,16 +36,9 @@ def dump_metadata(step: int | None, loss_scale: float | None, metadata: Mapping[
     return md
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a reader sees the
-    old file or the whole new one, never half a dump (the temporary file is removed on failure)."""
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def save_atomically(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """``write(tmp)`` (a safetensors ``save_file``) to a temporary file beside ``path``, then renamed over it:
+    a reader sees the old dump or the whole new one."""
+    from .atomic import write_atomically
+
+    write_atomically(path, write, prefix=f".{os.path.basename(os.fspath(path))}.")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .dumps import dump_metadata, write_atomically
+from .dumps import dump_metadata, save_atomically
 
 __all__ = ["save_grads", "JAX_EXTRA"]
 
@@ -74,4 +74,4 @@ def save_grads(pytree: Any, path: str | os.PathLike[str], *, step: int | None = 
         if arr.dtype.newbyteorder("<") not in readable:
             raise TypeError(f"leaf {name!r}: dtype {arr.dtype} cannot be saved so that gradinspect reads it")
         tensors[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")  # 0-d stays 0-d
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+    save_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=md))

@@ -31,12 +31,10 @@ PairStats), ``digests`` (own fingerprints), ``checksum`` (SHA-256 of all the res
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -544,20 +542,10 @@ def run_part(command: str, options: Mapping[str, Any], part: tuple[int, int], ou
 
 
 def _write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=folder)
-        try:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.fchmod(fd, 0o666 & ~mask)  # as an ordinary new file: a merge may run as another user
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    from .atomic import ordinary_mode, write_bytes_atomically
+
+    try:  # as an ordinary new file: a merge may run as another user
+        write_bytes_atomically(path, data, prefix=".partial-", mode=ordinary_mode())
     except OSError as e:
         raise InputError(path, f"cannot write the partial result ({e.strerror or e})") from None
 

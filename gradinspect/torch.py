@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .dumps import dump_metadata, write_atomically
+from .dumps import dump_metadata, save_atomically
 
 __all__ = ["save_grads", "GradDumper", "TORCH_EXTRA"]
 
@@ -122,7 +122,7 @@ def save_grads(model_or_named_parameters: Any, path: str | os.PathLike[str], *, 
     rank, world_size = _dist_info(torch)
     md = dump_metadata(step, loss_scale, metadata, _RESERVED) | {"rank": str(rank), "world_size": str(world_size)}
     tensors = {name: g.to("cpu").contiguous() for name, g, _ in _grads(model_or_named_parameters, torch)}
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+    save_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=md))
 
 
 class GradDumper:
