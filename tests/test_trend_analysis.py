@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -376,7 +375,7 @@ def test_csv_rows_long_format() -> None:
 
 # --- speed --------------------------------------------------------------------------------------------
 
-def test_a_thousand_steps_of_two_hundred_tensors_in_well_under_a_second(rng: np.random.Generator) -> None:
+def test_a_thousand_steps_of_two_hundred_tensors(rng: np.random.Generator) -> None:
     names = tuple(f"layers.{i // 4}.w{i % 4}" for i in range(200))
     steps = []
     for k in range(1000):
@@ -389,10 +388,8 @@ def test_a_thousand_steps_of_two_hundred_tensors_in_well_under_a_second(rng: np.
             k, (f"step_{k}.safetensors",), StepTotals(norm, norm, norm, norm, total, 0, 0, 200, 200 * 1000),
             clip_coef(norm, 20.0), clip_coef(norm, 20.0) < 1, names, roots, roots, roots, roots, vals,
             tuple((sq / total).tolist()), (0,) * 200, names, (0,) * 200, (0,) * 200, (False,) * 200))
-    start = time.perf_counter()
-    trend = analyze(steps, max_norm=20.0)
-    elapsed = time.perf_counter() - start
-    assert len(trend.spikes) >= 9 and len(trend.tensors) == 200
-    assert elapsed < 1.0, f"{elapsed:.3f} s"  # about 0.1 s on an idle 2-core machine
+    trend = analyze(steps, max_norm=20.0)  # its speed: benchmarks/bench_trend.py (a script, not a timed test)
+    assert {s.step for s in trend.spikes} >= {k for k in range(20, 1000) if k % 97 == 96}
+    assert len(trend.tensors) == 200
     s = series(steps)
     assert s.norm.shape == (200, 1000) and s.present.all()
