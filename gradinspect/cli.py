@@ -771,7 +771,8 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
             group_by=group_by, group_sep=group_sep, shards=shards, jobs=jobs, dedup=dedup, loss_scale=loss_scale,
             allow_outside_index=allow_outside_index, step_pattern=step_pattern, window=window,
             spike_factor=spike_factor, clip_target=clip_target,
-            on_step=lambda st, w: warnings.append((st, w)), progress=bar, cache=cache, void_as=void_as,
+            on_step=lambda st, w: warnings.append((st, w)), progress=bar if bar.enabled else None,  # no sizes
+            cache=cache, void_as=void_as,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)

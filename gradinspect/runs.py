@@ -250,7 +250,7 @@ def trend(
     from .hooks import HOOK
     from .norms import parse_norm_type
     from .sources import resolve_paths
-    from .sources.paths import file_size
+    from .sources.paths import file_size, is_one_file
 
     p = parse_norm_type(norm_type)
     pattern = compile_step_pattern(step_pattern)
@@ -268,7 +268,8 @@ def trend(
         found = [(st, None, None, None, False)
                  for st in find_steps(listed, step_pattern, allow_outside_index, void_as)]
     for m in () if found else _matches(listed):
-        split = _split(m, pattern, allow_outside_index)
+        one = is_one_file(m)  # most steps: one file, its own resolution (found with one stat)
+        split = None if one else _split(m, pattern, allow_outside_index)
         if split is not None:  # a GradDumper directory: several steps, each of its files
             for st in split:
                 key = None if options is None else cache.step_key(st.path, _key_files(st.files), options)
@@ -276,8 +277,8 @@ def trend(
                 found.append((st, list(st.files), key, hit, hit is not None))
             continue
         number = None if pattern is None else _number(m, pattern, allow_outside_index, void_as)
-        files = resolve_paths([m], allow_outside_index=allow_outside_index)
-        key = None if options is None else cache.step_key(m, _key_files(files), options)
+        files = [m] if one else resolve_paths([m], allow_outside_index=allow_outside_index)
+        key = None if options is None else cache.step_key(m, files if one else _key_files(files), options)
         hit = None if key is None else cache.lookup_step(key)
         if number is None and hit is not None:
             number = hit[0].step

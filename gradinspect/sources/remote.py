@@ -44,11 +44,13 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import GradInspectError, InputError
 from .store import ByteStore, scheme_of
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["FsspecStore", "REMOTE_EXTRA", "SCHEMES", "display", "is_url", "resolve_url", "url_size", "url_state"]
 
@@ -388,6 +390,8 @@ class FsspecStore(ByteStore):
             self.blocks.update(ahead)
             self.evict()
             if ahead and self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor  # not at import: most runs read local files
+
                 self.pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="gradinspect-fetch")
             pool = self.pool
         for j, a in ahead:
