@@ -36,8 +36,11 @@ given (and the working directory, when a path is relative), and the identity
 resolves to (a directory or index changes when a file is added or removed).  It is stored only when those
 identities are the same after the step was computed as before it was read,
 and settled (:data:`SETTLE_NS`) before it was read.  The file: a SHA-256 of the
-rest, a line of JSON (key, names, counts, warnings), then the floats and
-counts as little-endian binary.  Anything else is a miss, as for file entries.
+rest, a line of JSON (key, counts, warnings), a line each of the rows' and the
+tensors' names (JSON; ``null``: the rows'), then the floats and counts
+as little-endian binary, and the rows' norms and shares as JSON spells them
+(:attr:`~gradinspect.trend.StepResult.spellings`: a warm ``-f json`` lays them
+out, it does not spell them again).  Anything else is a miss, as for file entries.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .norms import CHUNK, SMALL, Stats
-from .trend import StepResult, StepTotals
+from .trend import SPELLING_WIDTH, StepResult, StepTotals, with_spellings
 
 if TYPE_CHECKING:
     from .sources.base import Source
@@ -62,7 +66,7 @@ if TYPE_CHECKING:
 __all__ = ["Cache", "StepKey", "default_dir", "FORMAT", "STEP_FORMAT", "MAX_FILES", "MAX_BYTES", "SETTLE_NS"]
 
 FORMAT = "gradinspect.cache/1"
-STEP_FORMAT = "gradinspect.step/1"
+STEP_FORMAT = "gradinspect.step/2"
 MAX_FILES = 20_000  #: entries kept (one per file and norm type, one per step and options)
 MAX_BYTES = 512 << 20  #: bytes kept (an entry is about 100 bytes per tensor)
 SETTLE_NS = 2_000_000_000  #: a file changed more recently than this is not stored
@@ -154,10 +158,10 @@ def _step_bytes(key: StepKey, result: StepResult, warnings: Sequence[str]) -> by
     counts = np.array([*r.nonfinite, *r.tensor_nan, *r.tensor_inf], dtype="<u8")
     zero = np.array(r.tensor_zero, dtype="u1")
     head = {"key": key.doc, "step": r.step, "sources": list(r.sources), "warnings": list(warnings),
-            "total": [t.nan, t.inf, t.tensors, t.numel], "clipped": r.clipped, "names": list(r.names),
-            "tensor_names": None if r.tensor_names == r.names else list(r.tensor_names)}
-    body = json.dumps(head, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n" + (
-        floats.tobytes() + counts.tobytes() + zero.tobytes())
+            "total": [t.nan, t.inf, t.tensors, t.numel], "clipped": r.clipped}
+    lines = [head, list(r.names), None if r.tensor_names == r.names else list(r.tensor_names)]
+    body = b"".join(json.dumps(x, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n" for x in lines) + (
+        floats.tobytes() + counts.tobytes() + zero.tobytes() + r.spellings.tobytes())
     return hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body
 
 
@@ -167,45 +171,59 @@ def _strings(x: Any) -> tuple[str, ...]:
     return tuple(x)
 
 
-def _step_of(data: bytes, key: StepKey, known: dict[tuple[str, ...], tuple[str, ...]]
+def _names(line: bytes, known: dict[bytes, tuple[str, ...]]) -> tuple[str, ...]:
+    """The names a line of an entry holds (a JSON list of strings), the same tuple for the same line."""
+    got = known.get(line)
+    if got is None:
+        if len(known) > 1024:
+            known.clear()
+        got = known[line] = _strings(json.loads(line))
+    return got
+
+
+def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
              ) -> tuple[StepResult, list[str]] | None:
     """The step and warnings in entry ``data`` when it is whole and its key is ``key``; else None (or ValueError).
-    ``known``: the name lists of earlier steps, to share (the steps of a run mostly have the same names)."""
+    ``known``: the name lists of earlier steps, by their line (the steps of a run mostly have the same names:
+    parsed once, and one tuple shared)."""
     if len(data) < 66 or data[64:65] != b"\n":
         return None
-    body = memoryview(data)[65:]
-    if hashlib.sha256(body).hexdigest().encode("ascii") != data[:64]:
+    if hashlib.sha256(memoryview(data)[65:]).hexdigest().encode("ascii") != data[:64]:
         return None
     end = data.index(b"\n", 65)
     head = json.loads(data[65:end])
     if type(head) is not dict or head.get("key") != key.doc:
         return None
-    names = _strings(head["names"])
-    if len(known) > 1024:
-        known.clear()
-    names = known.setdefault(names, names)
-    tensor_names = names if head["tensor_names"] is None else _strings(head["tensor_names"])
+    start, end = end + 1, data.index(b"\n", end + 1)
+    names = _names(data[start:end], known)
+    start, end = end + 1, data.index(b"\n", end + 1)
+    tensor_names = names if data[start:end] == b"null" else _names(data[start:end], known)
     sources, warnings = _strings(head["sources"]), list(_strings(head["warnings"]))
     step, clipped, total = head["step"], head["clipped"], head["total"]
     if (type(step) is not int or step < 0 or type(clipped) is not bool or type(total) is not list or len(total) != 4
             or not all(type(x) is int and x >= 0 for x in total)):
         return None
     n, t = len(names), len(tensor_names)
-    blob = body[end - 64:]
-    if len(blob) != 8 * (6 + 6 * n) + 8 * (n + 2 * t) + t:
+    at = end + 1  # the binary part: floats, counts, zero flags, spellings
+    if len(data) - at != 8 * (6 + 6 * n) + 8 * (n + 2 * t) + t + 2 * n * SPELLING_WIDTH:
         return None
-    f = np.frombuffer(blob, dtype="<f8", count=6 + 6 * n).tolist()
-    c = np.frombuffer(blob, dtype="<u8", count=n + 2 * t, offset=8 * (6 + 6 * n)).tolist()
-    zero = bytes(blob[8 * (6 + 7 * n + 2 * t):])
+    l1, l2, linf, norm, sq, coef = struct.unpack_from("<6d", data, at)
+    col = struct.Struct(f"<{n}d").unpack_from  # tuples of floats: no list made and copied
+    f = [col(data, at + 8 * (6 + k * n)) for k in range(6)]
+    at += 8 * (6 + 6 * n)
+    nonfinite = struct.unpack_from(f"<{n}Q", data, at)
+    counts = struct.Struct(f"<{t}Q").unpack_from
+    tensor_nan, tensor_inf = counts(data, at + 8 * n), counts(data, at + 8 * (n + t))
+    at += 8 * (n + 2 * t)
+    zero = data[at:at + t]
     if zero.strip(b"\0\1"):
         return None
-    l1, l2, linf, norm, sq, coef = f[:6]
-    return StepResult(
+    cells = np.frombuffer(data, dtype=np.uint8, offset=at + t).reshape(2, n, SPELLING_WIDTH).copy()
+    return with_spellings(StepResult(
         step=step, sources=sources, total=StepTotals(l1, l2, linf, norm, sq, *total), clip_coef=coef,
-        clipped=clipped, names=names, l1=tuple(f[6:6 + n]), l2=tuple(f[6 + n:6 + 2 * n]),
-        linf=tuple(f[6 + 2 * n:6 + 3 * n]), norm=tuple(f[6 + 3 * n:6 + 4 * n]), sq=tuple(f[6 + 4 * n:6 + 5 * n]),
-        share=tuple(f[6 + 5 * n:]), nonfinite=tuple(c[:n]), tensor_names=tensor_names, tensor_nan=tuple(c[n:n + t]),
-        tensor_inf=tuple(c[n + t:]), tensor_zero=tuple(map(bool, zero))), warnings
+        clipped=clipped, names=names, l1=f[0], l2=f[1], linf=f[2], norm=f[3], sq=f[4], share=f[5],
+        nonfinite=nonfinite, tensor_names=tensor_names, tensor_nan=tensor_nan, tensor_inf=tensor_inf,
+        tensor_zero=tuple(map(bool, zero))), cells), warnings
 
 
 class Cache:
@@ -225,7 +243,7 @@ class Cache:
         self.step_misses = 0
         self.stored = 0
         self._options: tuple[Any, str] | None = None
-        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._names: dict[bytes, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"Cache({self.directory!r})"

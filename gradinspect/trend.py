@@ -37,11 +37,13 @@ drift.  Rows are tensors, or groups with ``group_by``; ``first_nonfinite`` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -53,6 +55,7 @@ __all__ = [
     "DEFAULT_SPIKE_FACTOR",
     "DEFAULT_WINDOW",
     "DRIFT_TOP",
+    "SPELLING_WIDTH",
     "TREND_CSV_COLUMNS",
     "TREND_SCHEMA",
     "ClipSummary",
@@ -74,7 +77,10 @@ __all__ = [
     "max_norm_for_target",
     "median_rows",
     "series",
+    "series_spellings",
     "spell",
+    "spell_cells",
+    "with_spellings",
 ]
 
 TREND_SCHEMA = "gradinspect.trend/1"
@@ -148,13 +154,21 @@ class StepResult:
         t = len(self.tensor_names)
         if any(len(c) != t for c in (self.tensor_nan, self.tensor_inf, self.tensor_zero)):
             raise ValueError(f"step {self.step}: tensor columns of different lengths")
-        if len(set(self.names)) != n or (self.tensor_names is not self.names and len(set(self.tensor_names)) != t):
+        if not (_distinct(self.names) and (self.tensor_names is self.names or _distinct(self.tensor_names))):
             raise ValueError(f"step {self.step}: a name twice")
 
     @property
     def finite(self) -> bool:
         """True when the global norm is finite and no value is NaN/Inf."""
         return math.isfinite(self.total.norm) and not self.total.nonfinite
+
+    @functools.cached_property
+    def spellings(self) -> np.ndarray:
+        """Each row's ``norm`` and ``share`` as strict JSON text: :func:`spell_cells` of them, shape
+        ``(2, rows, SPELLING_WIDTH)``.  Made once, or given by a step entry of the cache
+        (:func:`with_spellings`): a warm ``trend -f json`` lays the series out from these, it does not
+        spell 400,000 numbers again.  TypeError when a value is not a float."""
+        return spell_cells((self.norm, self.share))
 
     @classmethod
     def from_reports(cls, step: int, report: Any, tensor_report: Any = None,
@@ -204,6 +218,51 @@ class StepResult:
         )
 
 
+_DISTINCT: dict[int, tuple[str, ...]] = {}  # name tuples found distinct, by id (the tuple kept: the id stays its)
+
+
+def _distinct(names: tuple[str, ...]) -> bool:
+    """No name twice in ``names`` (the steps of a run share one tuple of names: checked once)."""
+    if _DISTINCT.get(id(names)) is names:
+        return True
+    if len(set(names)) != len(names):
+        return False
+    if len(_DISTINCT) > 256:
+        _DISTINCT.clear()
+    _DISTINCT[id(names)] = names
+    return True
+
+
+#: Bytes of a spelled number: the longest ``float.__repr__`` is 24 characters ('-2.2250738585072014e-308').
+SPELLING_WIDTH = 24
+_JSON_NONFINITE = {"nan": '"NaN"', "inf": '"Infinity"', "-inf": '"-Infinity"'}
+
+
+def spell_cells(columns: Sequence[Sequence[float]]) -> np.ndarray:
+    """Floats as strict JSON writes them (``float.__repr__``; non-finite as the strings ``"NaN"``,
+    ``"Infinity"``, ``"-Infinity"``, quotes included), ASCII, each in a cell of :data:`SPELLING_WIDTH`
+    bytes padded with NUL: a uint8 array of shape ``(len(columns), n, SPELLING_WIDTH)``.  TypeError
+    for a value that is not a float."""
+    out = []
+    for col in columns:
+        text = ",".join(map(float.__repr__, col))
+        if "n" in text:  # finite spellings are digits, '.', 'e', '+', '-'
+            text = ",".join(_JSON_NONFINITE.get(x, x) for x in text.split(","))
+        out.append(np.array(text.encode("ascii").split(b",") if len(col) else [], dtype=f"S{SPELLING_WIDTH}"))
+    return np.stack(out).view(np.uint8).reshape(len(columns), -1, SPELLING_WIDTH) if out else np.zeros(
+        (0, 0, SPELLING_WIDTH), np.uint8)
+
+
+def with_spellings(step: StepResult, cells: np.ndarray) -> StepResult:
+    """``step`` with its :attr:`StepResult.spellings` given: ``cells`` must be :func:`spell_cells` of
+    its norms and shares (the caller vouches for that, as the cache does for its checksummed entries);
+    ValueError for the wrong shape."""
+    if cells.shape != (2, len(step.names), SPELLING_WIDTH) or cells.dtype != np.uint8:
+        raise ValueError(f"step {step.step}: spellings of shape {cells.shape} for {len(step.names)} rows")
+    vars(step)["spellings"] = cells
+    return step
+
+
 # --- the series: [row][step] arrays -------------------------------------------
 
 class Series:
@@ -235,9 +294,10 @@ class Series:
         self.present = np.zeros((r, n), dtype=bool)
         for rows, cols in groups:  # the steps with the same rows at once
             at = np.ix_(rows, cols)
-            self.norm[at] = np.array([ordered[j].norm for j in cols], dtype=np.float64).reshape(len(cols), -1).T
-            self.sq[at] = np.array([ordered[j].sq for j in cols], dtype=np.float64).reshape(len(cols), -1).T
-            self.share[at] = np.array([ordered[j].share for j in cols], dtype=np.float64).reshape(len(cols), -1).T
+            for column in ("norm", "sq", "share"):
+                values = itertools.chain.from_iterable(getattr(ordered[j], column) for j in cols)
+                getattr(self, column)[at] = np.fromiter(values, dtype=np.float64, count=len(rows) * len(cols)
+                                                        ).reshape(len(cols), -1).T
             self.present[at] = True
         self.tensor_names, groups = _index(ordered, "tensor_names")
         self.tensor_present = np.zeros((len(self.tensor_names), n), dtype=bool)
@@ -587,10 +647,44 @@ def analyze(
     return TrendReport(
         norm_type=float(norm_type), max_norm=max_norm, eps=eps, group_by=group_by, window=window,
         spike_factor=spike_factor, steps=s.steps, tensors=s.names,
-        series_norm=_with_none(s.norm, s.present), series_share=_with_none(s.share, s.present),
+        series_norm=_rows_of(s, "norm"), series_share=_rows_of(s, "share"),
         spikes=_spikes(s, window, spike_factor), first_nonfinite=_first_nonfinite(s),
         clip_summary=_clip_summary(s, clip_target, eps), dead=_dead(s), missing=_missing(s), drift=_drift(s),
     )
+
+
+def series_spellings(report: TrendReport) -> tuple[np.ndarray, np.ndarray] | None:
+    """``report.series_norm`` and ``series_share`` as strict JSON spells them, in :func:`spell_cells`
+    cells, [row][step][byte], from its steps' :attr:`StepResult.spellings`; None unless every row is in
+    every step, in the same order, with the values of the series (as :func:`analyze` makes them; a row
+    holding a NaN, which equals nothing, is checked by its spellings).  A transpose of texts made before,
+    much cheaper than spelling the numbers again."""
+    steps, names = report.steps, report.tensors
+    if not steps or any(s.names != names for s in steps):
+        return None
+    try:
+        cells = np.stack([s.spellings for s in steps], axis=2)  # (2, rows, steps, width)
+    except TypeError:
+        return None
+    for k, (rows, column) in enumerate(((report.series_norm, "norm"), (report.series_share, "share"))):
+        if len(rows) != len(names):
+            return None
+        values = zip(*(getattr(s, column) for s in steps), strict=True)
+        for i in itertools.compress(itertools.count(), map(operator.ne, rows, values)):  # a NaN, or not the values
+            row = rows[i]
+            if type(row) is not tuple or not all(type(x) is float for x in row) or (
+                    not np.array_equal(spell_cells((cast(tuple[float, ...], row),))[0], cells[k, i])):
+                return None
+    return cells[0], cells[1]
+
+
+def _rows_of(s: Series, column: str) -> tuple[tuple[float | None, ...], ...]:
+    """The series of ``column`` ([row][step], None where absent): when every step has the same rows, its
+    steps' very floats (a transpose); else from the arrays."""
+    first = s.steps[0].names if s.steps else ()
+    if first == s.names and all(st.names == first for st in s.steps):
+        return tuple(zip(*(getattr(st, column) for st in s.steps), strict=True)) if s.steps else ()
+    return _with_none(getattr(s, column), s.present)
 
 
 def _with_none(values: np.ndarray, present: np.ndarray) -> tuple[tuple[float | None, ...], ...]:

@@ -452,17 +452,30 @@ def test_a_step_changed_just_now_is_not_stored(tmp_path: Path, monkeypatch: pyte
 
 
 def _entry_parts(p: Path) -> tuple[dict, bytes]:
+    """A step entry's lines of JSON (its head, with the lines of ``names`` and ``tensor_names`` as keys of it)
+    and its binary part."""
     data = p.read_bytes()
-    end = data.index(b"\n", 65)
-    return json.loads(data[65:end]), data[end + 1:]
+    lines = data[65:].split(b"\n", 3)
+    head = json.loads(lines[0])
+    head["names"], head["tensor_names"] = json.loads(lines[1]), json.loads(lines[2])
+    return head, lines[3]
 
 
 def _write_entry(p: Path, head: dict, blob: bytes) -> None:
     """An entry with its checksum recomputed: well-formed as far as the checksum can tell."""
     import hashlib
 
-    body = json.dumps(head).encode() + b"\n" + blob
+    head = dict(head)
+    names, tensor_names = head.pop("names"), head.pop("tensor_names")
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in (head, names, tensor_names)) + blob
     p.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+def _spellings_at(head: dict) -> int:
+    """Where in the binary part the spellings of the norms and shares start (from its end)."""
+    from gradinspect.trend import SPELLING_WIDTH
+
+    return -2 * len(head["names"]) * SPELLING_WIDTH
 
 
 _NORM_BYTE = 8 * 3 + 6  # in the floats: the second-highest byte of the step's global norm (the 4th float)
@@ -509,7 +522,20 @@ def _step_a_name_twice(p: Path) -> None:
 
 def _step_bad_flag(p: Path) -> None:
     head, blob = _entry_parts(p)
-    _write_entry(p, head, blob[:-1] + b"\x07")  # tensor_zero is 0 or 1
+    at = _spellings_at(head) - 1  # the last tensor's tensor_zero: 0 or 1
+    _write_entry(p, head, blob[:at] + b"\x07" + blob[at + 1:])
+
+
+def _flip_a_spelling(p: Path) -> None:
+    head, _ = _entry_parts(p)
+    data = bytearray(p.read_bytes())
+    data[len(data) + _spellings_at(head)] ^= 0x01  # the first norm's first digit
+    p.write_bytes(bytes(data))
+
+
+def _step_spellings_cut(p: Path) -> None:
+    head, blob = _entry_parts(p)
+    _write_entry(p, head, blob[:-24])
 
 
 def _step_negative_count(p: Path) -> None:
@@ -518,8 +544,9 @@ def _step_negative_count(p: Path) -> None:
     _write_entry(p, head, blob)
 
 
-@pytest.mark.parametrize("spoil", [_flip_a_float, _step_truncated, _step_other_version, _step_of_another_step,
-                                   _step_short_blob, _step_names_not_strings, _step_a_name_twice, _step_bad_flag,
+@pytest.mark.parametrize("spoil", [_flip_a_float, _flip_a_spelling, _step_truncated, _step_other_version,
+                                   _step_of_another_step, _step_short_blob, _step_spellings_cut,
+                                   _step_names_not_strings, _step_a_name_twice, _step_bad_flag,
                                    _step_negative_count, lambda p: p.write_bytes(b""),
                                    lambda p: p.write_bytes(b"0" * 64 + b"\n{}\n"), lambda p: p.write_text("\n" * 99)])
 def test_a_spoiled_step_entry_is_ignored_and_rebuilt(tmp_path: Path, reads: list[str], headers: list[str],
@@ -551,8 +578,11 @@ def _key(c: Cache, f: Path) -> cache_mod.StepKey:
     return keys[0]
 
 
-def test_the_checksum_is_what_catches_a_spoiled_step_entry(tmp_path: Path) -> None:
+def test_the_checksum_is_what_catches_a_spoiled_step_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flipped float with its checksum recomputed is served: so the checksum did the catching above."""
+    from gradinspect.formats import json as json_format
+
+    monkeypatch.setattr(json_format, "PRETTY_MAX_ROWS", 0)  # on one line: the series laid out from the spellings
     _run(tmp_path, 2)
     cdir = tmp_path / "c"
     cold = _trend_json(tmp_path, "--cache-dir", str(cdir))
@@ -560,6 +590,9 @@ def test_the_checksum_is_what_catches_a_spoiled_step_entry(tmp_path: Path) -> No
     head, blob = _entry_parts(victim)
     at = _NORM_BYTE
     _write_entry(victim, head, blob[:at] + bytes([blob[at] ^ 0x10]) + blob[at + 1:])
+    assert _trend_json(tmp_path, "--cache-dir", str(cdir)) != cold
+    at = len(blob) + _spellings_at(head)  # and a norm's spelling: what -f json writes
+    _write_entry(victim, head, blob[:at] + bytes([blob[at] ^ 0x01]) + blob[at + 1:])
     assert _trend_json(tmp_path, "--cache-dir", str(cdir)) != cold
 
 

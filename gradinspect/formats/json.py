@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from . import Format, RenderOptions
 from ._escape import escape_char
@@ -24,19 +28,64 @@ from ._escape import escape_char
 PRETTY_MAX_ROWS = 1000
 
 
-def dumps(doc: dict[str, Any]) -> str:
+def dumps(doc: dict[str, Any], encoded: Mapping[str, str] | None = None) -> str:
+    """``doc`` as strict JSON text.  ``encoded``: top-level values already encoded, by key, exactly as
+    this function would encode them (used only on one line, for a large document)."""
     # A trend document holds a row's numbers for every step: its series count steps x tensors.
     rows = len(doc.get("tensors", ())) * max(1, len(doc.get("steps", ())))
     rows += len(doc.get("report", {}).get("tensors", ()))
     indent = 2 if rows <= PRETTY_MAX_ROWS else None
     # One pass of the C encoder; Python's spellings of non-finite numbers (bare NaN, Infinity, -Infinity,
     # never inside a string) then become strings.  A document of 400,000 numbers is encoded once, not twice.
-    text = json.dumps(doc, indent=indent, allow_nan=True, ensure_ascii=False)
-    if "NaN" in text or "Infinity" in text:
-        text = _NONFINITE.sub(_quoted, text)
+    if encoded and indent is None:  # what json.dumps writes on one line, with some values given (strict)
+        text = "{" + ", ".join(f"{json.dumps(k)}: {encoded[k] if k in encoded else _strict(_one_line(v))}"
+                               for k, v in doc.items()) + "}"
+    else:
+        text = _strict(json.dumps(doc, indent=indent, allow_nan=True, ensure_ascii=False))
     if not text.isascii() or "\x7f" in text:
         text = _UNSAFE.sub(_escape, text)
     return text + "\n"
+
+
+def _one_line(value: Any) -> str:
+    return json.dumps(value, allow_nan=True, ensure_ascii=False)
+
+
+def _strict(text: str) -> str:
+    """JSON text from ``json.dumps(allow_nan=True)`` with its non-finite numbers as strings."""
+    return _NONFINITE.sub(_quoted, text) if "NaN" in text or "Infinity" in text else text
+
+
+def _rows(cells: np.ndarray) -> str:
+    """Rows of numbers spelled in cells (``(rows, n, width)`` bytes, NUL-padded:
+    :func:`gradinspect.trend.spell_cells`) as :func:`dumps` writes a list of lists of those numbers on one
+    line: ``[[a, b], [c, d]]``.  Laid out with numpy, then the padding dropped in one pass."""
+    import numpy as np
+
+    r, n, w = cells.shape
+    if r == 0 or n == 0:
+        return "[" + ", ".join(["[]"] * r) + "]"
+    buf = np.zeros((r, n * (w + 2) + 4), dtype=np.uint8)
+    body = buf[:, :n * (w + 2)].reshape(r, n, w + 2)
+    body[:, :, :w] = cells
+    body[:, :-1, w:] = np.frombuffer(b", ", dtype=np.uint8)
+    buf[:, -4:] = np.frombuffer(b"], [", dtype=np.uint8)
+    text = buf.tobytes().translate(None, b"\0").decode("ascii")  # every row followed by "], ["
+    return "[[" + text[:-3] + "]"
+
+
+def trend_dumps(report: Any) -> str:
+    """A trend report's JSON: :func:`dumps` of its ``to_dict()``, with the series (steps x rows numbers)
+    laid out from the spellings its steps carry (:func:`gradinspect.trend.series_spellings`) when
+    they have them: the same text, without spelling 400,000 numbers again on a warm run."""
+    from ..trend import series_spellings
+
+    doc = report.to_dict()
+    spelled = series_spellings(report)
+    if spelled is None:
+        return dumps(doc)
+    norm, share = spelled
+    return dumps(doc, {"series": f'{{"norm": {_rows(norm)}, "share": {_rows(share)}}}'})
 
 
 # A JSON string (left as it is) or a bare non-finite number (quoted).
@@ -63,7 +112,11 @@ def _render(report: Any, out: TextIO, options: RenderOptions) -> None:
     out.write(dumps(report.to_dict()))
 
 
-render_norms = render_check = render_diff = render_info = render_trend = _render
+def render_trend(report: Any, out: TextIO, options: RenderOptions) -> None:
+    out.write(trend_dumps(report))
+
+
+render_norms = render_check = render_diff = render_info = _render
 
 
 class JsonFormat(Format):
@@ -74,7 +127,7 @@ class JsonFormat(Format):
     help = "strict JSON with a schema version, for scripts"
 
     def render(self, report: Any, options: RenderOptions) -> str:
-        return dumps(report.to_dict())
+        return trend_dumps(report) if report.kind == "trend" else dumps(report.to_dict())
 
 
 FORMAT = JsonFormat()
