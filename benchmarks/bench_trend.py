@@ -10,7 +10,8 @@ The data (made once; about 1,000 x 0.8 MB) is a run of ``--steps`` safetensors f
 GLOB -f json -q`` process (min and median of ``--runs``; in brackets the CPU time, user + system,
 which a busy shared machine inflates less): cold with an empty ``--cache-dir`` (every file
 read and stored), warm with the cache the cold runs left.  The files are made at least 2 s
-before the first run (a file changed less than 2 s before it is read is not cached).  Also
+before the first run (a file changed less than 2 s before it is read is not cached).  gradinspect's
+modules are compiled first, as an install compiles them.  Also
 timed in-process (imports and Python startup left out): the per-step cost of a warm run.
 """
 
@@ -82,6 +83,10 @@ def main() -> None:
     time.sleep(max(0.0, newest + 2.1 - time.time()))
     pattern = str(a.data / "step_*.safetensors")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # As installed (pip compiles every module on install): no run compiles gradinspect's sources, even where
+    # PYTHONDONTWRITEBYTECODE is set.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "gradinspect")], check=True,
+                   stdout=subprocess.DEVNULL)
     base = [sys.executable, "-m", "gradinspect", "trend", pattern, "-f", a.format, "-q"]
     with tempfile.TemporaryDirectory(prefix="bench-trend-cache-") as tmp:
         cache = Path(tmp) / "cache"

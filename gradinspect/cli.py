@@ -894,6 +894,9 @@ def _follow(paths: tuple[str, ...], allow_outside_index: bool, interval: float, 
 
 
 def main(argv: list[str] | None = None) -> None:
+    # gradinspect never calls BLAS, but OpenBLAS starts a thread per core as numpy is imported, and they spin
+    # for a while: CPU a busy machine's other work could use (about 0.1 s per run on 2 cores).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     cli.main(args=argv, prog_name="gradinspect")
 
 
