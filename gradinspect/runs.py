@@ -199,12 +199,21 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
 
 def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bool = False) -> tuple[Any, ...]:
     """What ``trend --follow`` watches: the files ``paths`` resolve to now (globs expanded again), each with
-    its identity; when it differs from the last, the trend is computed again.  InputError as
-    :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches nothing yet)."""
+    its identity, a directory that is one container (a distributed checkpoint) followed by its files' (one
+    rewritten in place leaves the directory's own as it was); when it differs from the last, the trend is
+    computed again.  InputError as :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches
+    nothing yet)."""
     from .sources import resolve_paths
-    from .sources.paths import file_state
+    from .sources.paths import file_state, member_files
 
-    return tuple(file_state(f) for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index))
+    def members(f: str) -> list[str]:
+        try:
+            return member_files(f)
+        except OSError:  # gone since it was resolved: its own state says so
+            return []
+
+    return tuple(file_state(g) for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index)
+                 for g in (f, *members(f)))
 
 
 def trend(
