@@ -287,7 +287,8 @@ def _emit(fmt: str, kind: str, report: Any, width: int | None = None, output: st
         click.echo(data, nl=False)
 
 def _run_part(command: str, part: str | None, partial: str | None, options: dict[str, Any], jobs: int | None,
-              fmt: str | None, output: str | None, inputs: Sequence[str] = (), scheduler: str | None = None) -> None:
+              fmt: str | None, output: str | None, inputs: Sequence[str] = (), scheduler: str | None = None,
+              quiet: int = 0, jobs_name: str = "--jobs") -> None:
     """``--part I/N --partial OUT``: compute that part (on the Dask cluster ``scheduler`` names, if any), write
     it, print nothing, exit 0 (neither given: return)."""
     if part is None and partial is None:
@@ -307,6 +308,7 @@ def _run_part(command: str, part: str | None, partial: str | None, options: dict
     _not_an_input(partial, inputs, "--partial")
     with _executor(scheduler) as dask:
         run_part(command, options, which, partial, jobs, fmt, executor=dask)
+    _warn(_jobs_with_scheduler(jobs, scheduler, part=True, name=jobs_name), quiet >= 1)
     sys.exit(EXIT_OK)
 
 
@@ -315,6 +317,20 @@ def _warn(lines: list[str], quiet: bool | int = False) -> None:
         return
     for line in lines:
         click.echo(f"Warning: {printable(line)}", err=True)
+
+
+def _jobs_with_scheduler(jobs: int | None, scheduler: str | None, part: bool = False, name: str = "--jobs"
+                         ) -> list[str]:
+    """The warning for --jobs given with a Dask cluster (--scheduler, else $GRADINSPECT_SCHEDULER): the
+    cluster's workers do the reading --jobs would share among threads (a part run still hashes possible
+    copies on this machine with --jobs threads)."""
+    if jobs is None or (scheduler is None and not os.environ.get("GRADINSPECT_SCHEDULER")):
+        return []
+    by = "--scheduler" if scheduler is not None else "--scheduler ($GRADINSPECT_SCHEDULER)"
+    if part:
+        return [f"{name} with {by} only sets how many threads of this part run hash tensors of equal shapes "
+                "(possible exact copies) on this machine; the Dask cluster's workers compute the statistics"]
+    return [f"{name} is ignored with {by}: the Dask cluster's workers do the reading (local:N starts N of them)"]
 
 
 @contextlib.contextmanager
@@ -453,7 +469,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         paths=paths, norm_type=norm_type, max_norm=max_norm, eps=eps, sort=sort, top=top, include=include,
         exclude=exclude, group_by=group_by, group_sep=group_sep, shards=shards, dedup=dedup, loss_scale=loss_scale,
         allow_outside_index=allow_outside_index, void_as=void_as), jobs,
-        ("json" if as_json else format) if given else None, output, paths, scheduler)
+        ("json" if as_json else format) if given else None, output, paths, scheduler, quiet)
     fmt = _output_format("norms", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"),
                          output)
@@ -466,6 +482,7 @@ def norms(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         )
     _warn(report.input_warnings(), quiet >= 1)
     _warn(report.nonfinite_warnings(), quiet >= 2)
+    _warn(_jobs_with_scheduler(jobs, scheduler), quiet >= 1)
     _emit(fmt, "norms", report, width, output)
 
 
@@ -514,6 +531,7 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
         if opt.name in settings and not _given(ctx, opt.name):
             options[opt.name] = settings[opt.name]
     given = as_json or _given(ctx, "format") or "format" in settings
+    jobs_name = "--jobs" if _given(ctx, "jobs") else f"jobs in {path}"  # else the config file's, or unset
     if part is not None or partial is not None:
         try:
             rules_from(options)
@@ -521,7 +539,8 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
             raise click.UsageError(str(e)) from None
         recorded = {k: v for k, v in options.items() if k not in ("format", "jobs", "quiet", "scheduler")}
         _run_part("check", part, partial, {"paths": paths, **recorded}, options["jobs"],
-                  ("json" if as_json else options["format"]) if given else None, output, paths, options["scheduler"])
+                  ("json" if as_json else options["format"]) if given else None, output, paths, options["scheduler"],
+                  int(options["quiet"]), jobs_name)
     fmt = _output_format("check", "json" if as_json else options["format"], given, output)
     _not_an_input(output, paths)
     try:
@@ -536,6 +555,7 @@ def check(paths: tuple[str, ...], config_file: str | None, as_json: bool, output
                            dedup=options["dedup"], loss_scale=options["loss_scale"],
                            allow_outside_index=options["allow_outside_index"], void_as=options["void_as"])
     _warn(result.report.input_warnings(), quiet)
+    _warn(_jobs_with_scheduler(options["jobs"], options["scheduler"], name=jobs_name), quiet)
     _emit(fmt, "check", result, output=output)
     sys.exit(EXIT_OK if result.ok else EXIT_FINDINGS)
 
@@ -740,13 +760,14 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         group_by=group_by, group_sep=group_sep, step_pattern=step_pattern, window=window, spike_factor=spike_factor,
         clip_target=clip_target, fail_on=fail_on, max_clip_fraction=max_clip_fraction, shards=shards, dedup=dedup,
         loss_scale=loss_scale, allow_outside_index=allow_outside_index, heatmap=heatmap, void_as=void_as), jobs,
-        ("json" if as_json else format) if given else None, output, paths, scheduler)
+        ("json" if as_json else format) if given else None, output, paths, scheduler, quiet)
     fmt = _output_format("trend", "json" if as_json else format,
                          as_json or _given(click.get_current_context(), "format"), output)
     _not_an_input(output, paths)
     from .cache import Cache
 
     cache = None if no_cache else Cache(cache_dir)
+    unused = _jobs_with_scheduler(jobs, scheduler)
     jobs = click.get_current_context().with_resource(_executor(scheduler)) or jobs  # a Dask executor, or threads
     if follow:
         if fmt != "table" or output is not None or fail_on or max_clip_fraction is not None:
@@ -763,6 +784,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
                 on_step=lambda st, w: found.append((st, w)), cache=cache, void_as=void_as)
             return report, step_warnings(found)
 
+        _warn(unused, quiet >= 1)
         _follow(paths, allow_outside_index, interval, compute, width, quiet)
     warnings: list[Any] = []
     with _ProgressBar(not quiet) as bar:
@@ -776,6 +798,7 @@ def trend(paths: tuple[str, ...], norm_type: float, max_norm: float, eps: float,
         )
     report = evaluate(report, fail_on, max_clip_fraction)
     _warn(step_warnings(warnings), quiet >= 1)
+    _warn(unused, quiet >= 1)
     _emit(fmt, "trend", report, width, output, heatmap)
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 

@@ -187,7 +187,8 @@ LOSS_SCALE = Option(
     "computed on the result). Default: the safetensors metadata key loss_scale, when the files have it.",
     metavar="S", range=POSITIVE)
 JOBS = Option("jobs", ("--jobs", "-j"), "int", None,
-              f"Threads to use (default: one per core, at most {MAX_JOBS}). Results are identical for every N.",
+              f"Threads to use (default: one per core, at most {MAX_JOBS}). Results are identical for every N. "
+              "Not used with --scheduler (the cluster's workers read; a warning says so).",
               metavar="N", range=Range(1, MAX_JOBS, integer=True), config=True)
 QUIET = Option("quiet", ("--quiet", "-q"), "count", 0,
                "-q: no progress bar and no warnings on stderr except those about NaN/Inf values; "

@@ -159,8 +159,10 @@ def _where(sources: Sequence[Source]) -> str:
 
 def _unread_values(t: TensorEntry) -> bool:
     """A tensor whose values may be gradients but are not read: complex, float128, sub-byte floats, a zip
-    member that is not an .npy array.  Integers and booleans (step counters, masks) are merely skipped."""
-    return not t.is_float and (t.np_dtype is None or t.np_dtype.kind in "cf")
+    member that is not an .npy array, float sub-arrays not read.  Integers and booleans (step counters, masks) are
+    merely skipped."""
+    d = t.np_dtype if t.np_dtype is None or t.np_dtype.subdtype is None else t.np_dtype.subdtype[0]
+    return not t.is_float and (d is None or d.kind in "cf")
 
 
 def require_floats(sources: Sequence[Source], chosen: Callable[[TensorEntry], bool]) -> None:

@@ -9,8 +9,8 @@ step that carry it must agree); else the last integer in that final path
 component.  A directory PATH whose files are all named
 ``step_N[_rankR].safetensors`` with several N (the layout
 :class:`gradinspect.torch.GradDumper` writes) is a run: one step per N, made
-of its files (the ranks of a step, in name order).  Steps are sorted by number; a number twice is an error naming
-both PATHs.  Every step goes through :func:`gradinspect.api.inspect`
+of its files (the ranks of a step, in rank order: ``_rank10`` after ``_rank9``).  Steps are sorted by number;
+a number twice is an error naming both PATHs.  Every step goes through :func:`gradinspect.api.inspect`
 (``sort="none"``, every row), so its numbers are those of ``gradinspect norms``
 on that step alone.  With a cache, a step whose files and options are those
 of a step entry (:meth:`gradinspect.cache.Cache.lookup_step`) is taken from
@@ -122,22 +122,25 @@ def _number_from(path: str, meta: Mapping[str, Mapping[str, str]], sources: Sequ
     return _step(found[-1], path, f"the last integer in {name!r}")
 
 
-_DUMPER_FILE = re.compile(r"step_([0-9]+)(?:_rank[0-9]+)?\.safetensors")  # gradinspect.torch.GradDumper's
+_DUMPER_FILE = re.compile(r"step_([0-9]+)(?:_rank([0-9]+))?\.safetensors")  # gradinspect.torch.GradDumper's
 
 
 def _directory_steps(path: str, allow_outside_index: bool) -> list[StepPath] | None:
     """A directory of :class:`gradinspect.torch.GradDumper`'s files (every file named ``step_N[_rankR].safetensors``),
-    with several steps N: one step per N, its files (ranks) in name order; None for any other directory."""
+    with several steps N: one step per N, its files (ranks) in rank order (R as a number: GradDumper wrote R
+    unpadded before it padded it to the width of the largest rank); None for any other directory."""
     from .sources import resolve_paths
 
-    steps: dict[int, list[str]] = {}
+    ranked: dict[int, list[tuple[int, str]]] = {}
     for f in resolve_paths([path], allow_outside_index=allow_outside_index):
         m = _DUMPER_FILE.fullmatch(os.path.basename(f))
         if m is None:
             return None
-        steps.setdefault(_step(m.group(1), f, "the step in the name"), []).append(f)
-    if len(steps) < 2:
+        rank = -1 if m.group(2) is None else int(m.group(2))
+        ranked.setdefault(_step(m.group(1), f, "the step in the name"), []).append((rank, f))
+    if len(ranked) < 2:
         return None
+    steps = {n: [f for _, f in sorted(files)] for n, files in ranked.items()}  # by rank, then name (names differ)
     from .api import info
 
     metadata = info(path, allow_outside_index=allow_outside_index).metadata
@@ -199,12 +202,21 @@ def find_steps(paths: Iterable[str | os.PathLike[str]], step_pattern: str | None
 
 def files_state(paths: Iterable[str | os.PathLike[str]], allow_outside_index: bool = False) -> tuple[Any, ...]:
     """What ``trend --follow`` watches: the files ``paths`` resolve to now (globs expanded again), each with
-    its identity; when it differs from the last, the trend is computed again.  InputError as
-    :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches nothing yet)."""
+    its identity, a directory that is one container (a distributed checkpoint) followed by its files' (one
+    rewritten in place leaves the directory's own as it was); when it differs from the last, the trend is
+    computed again.  InputError as :func:`~gradinspect.sources.resolve_paths` raises it (a glob that matches
+    nothing yet)."""
     from .sources import resolve_paths
-    from .sources.paths import file_state
+    from .sources.paths import file_state, member_files
 
-    return tuple(file_state(f) for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index))
+    def members(f: str) -> list[str]:
+        try:
+            return member_files(f)
+        except OSError:  # gone since it was resolved: its own state says so
+            return []
+
+    return tuple(file_state(g) for f in resolve_paths(list(paths), allow_outside_index=allow_outside_index)
+                 for g in (f, *members(f)))
 
 
 def trend(

@@ -130,7 +130,9 @@ class GradDumper:
 
     Call :meth:`step` after ``backward()`` (and before ``optimizer.zero_grad()``) at every step, on every
     rank.  It writes ``directory/step_{step:08d}.safetensors`` (``..._rank{r}.safetensors`` when
-    ``torch.distributed`` runs more than one rank) when ``step % every == 0`` (step 0 included), and
+    ``torch.distributed`` runs more than one rank, ``r`` zero-padded to the width of the largest rank so that
+    name order is rank order: ``_rank00`` to ``_rank11`` with 12 ranks) when ``step % every == 0`` (step 0
+    included), and
     also when the step's global L2 norm is not finite (``on_nonfinite``) or is more than
     ``spike_factor`` (None: never) times the baseline: the gradients of the step that went wrong.
 
@@ -166,7 +168,7 @@ class GradDumper:
     def path(self, step: int) -> str:
         """The file :meth:`step` writes for ``step`` on this rank."""
         rank, world_size = _dist_info(_torch())
-        suffix = f"_rank{rank}" if world_size > 1 else ""
+        suffix = f"_rank{rank:0{len(str(world_size - 1))}d}" if world_size > 1 else ""
         return os.path.join(self.directory, f"step_{step:08d}{suffix}.safetensors")
 
     def baseline(self) -> float | None:

@@ -21,7 +21,7 @@ from ..norms import is_float_dtype
 from . import codec
 from .store import ByteStore, ChunkBuffer
 
-__all__ = ["Extent", "TensorDesc", "Source", "Container", "dtype_name", "skip_reason"]
+__all__ = ["Extent", "TensorDesc", "Source", "Container", "dtype_name", "sub_array_name", "skip_reason"]
 
 
 class Extent(NamedTuple):
@@ -226,6 +226,13 @@ def dtype_name(dtype: np.dtype) -> str:
     return name
 
 
+def sub_array_name(dtype: np.dtype) -> str:
+    """A sub-array dtype as ``float32[3,2]`` (numpy calls every one of them ``void<bits>``)."""
+    assert dtype.subdtype is not None
+    base, sub = dtype.subdtype
+    return f"{dtype_name(base) if base.fields is None else 'structured'}[{','.join(map(str, sub))}]"
+
+
 def skip_reason(name: str, np_dtype: np.dtype | None) -> str | None:
     """Why a tensor of this dtype has no norms (None: it has)."""
     if np_dtype is not None and is_float_dtype(np_dtype.newbyteorder("=")):
@@ -234,6 +241,10 @@ def skip_reason(name: str, np_dtype: np.dtype | None) -> str | None:
         return f"unsupported dtype {name}"
     if np_dtype.kind == "c":
         return f"complex dtype ({name}) is not supported"
+    if np_dtype.fields is not None:
+        return "structured dtype is not a gradient"
+    if np_dtype.subdtype is not None:
+        return f"sub-array dtype ({name}) is not read"
     if np_dtype.kind == "V":
         return f"raw bytes ({name}): np.save loses bfloat16/float8 dtypes; save those with safetensors"
     return f"not a floating-point dtype ({name})"

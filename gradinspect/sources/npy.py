@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import limits, voids
-from .base import Container, Extent, Source, TensorDesc, dtype_name, skip_reason
+from .base import Container, Extent, Source, TensorDesc, dtype_name, skip_reason, sub_array_name
 from .store import ByteStore
 
 __all__ = ["CONTAINER", "parse_npy_header", "npy_header_complete", "npy_desc", "NPY_HEAD_MAX"]
@@ -87,6 +87,12 @@ def parse_npy_header(head: bytes, where: str, path: str) -> tuple[np.dtype, tupl
         raise InputError(path, f"{where}corrupt .npy header ({e})") from None
     if dtype.hasobject:
         raise InputError(path, f"{where}holds Python objects (dtype {dtype}); refusing to unpickle")
+    if dtype.subdtype is not None:  # ('<f4', (3,)): numpy's arrays of it are its base of shape (*shape, *sub)
+        base, sub = dtype.subdtype
+        full = shape + sub
+        if not (fortran and sum(1 for d in full if d > 1) > 1):  # else ambiguous: npy_desc says why it is skipped
+            dtype, shape, fortran = base, full, False
+            descr = descr[0] if isinstance(descr, tuple) else descr
     if voids.raw_dtype(dtype) and isinstance(descr, str):
         dtype = np.dtype(dtype, metadata={"descr": descr})  # raw values (ml_dtypes): keep the byte order written
     # Norms do not depend on the element order; diff needs it (``order``).
@@ -115,8 +121,13 @@ def npy_desc(name: str, path: str, where: str, dtype: np.dtype, shape: tuple[int
         descr = str(meta.get("descr", dtype.str))
         hit = (descr, voids.raw_reason(dtype.itemsize, descr))
     elif hit is None:  # numpy's dtype names are slow to compute: once per dtype
-        name_ = dtype_name(dtype) if dtype.fields is None else "structured"
-        hit = (name_, skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient")
+        if dtype.subdtype is not None:  # left by parse_npy_header: a Fortran-order array of sub-arrays
+            name_ = sub_array_name(dtype)
+            hit = (name_, f"Fortran-order array of sub-arrays ({name_}): whether each sub-array's values are "
+                          "contiguous is not recorded")
+        else:
+            name_ = dtype_name(dtype) if dtype.fields is None else "structured"
+            hit = (name_, skip_reason(name_, dtype) if dtype.fields is None else "structured dtype is not a gradient")
         if len(_NAMES) < 256:
             _NAMES[dtype] = hit
     name_, reason = hit
