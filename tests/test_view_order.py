@@ -207,3 +207,25 @@ def test_copies_of_views_found_as_for_contiguous_copies_and_the_oracle(tmp_path:
     l1 = sum(exact_sums(arrays[k])[0] if arrays[k].dtype == np.float32 else Fraction(math.fsum(
         np.abs(arrays[k]).reshape(-1).tolist())) for k in kept)
     assert rel(once["total"]["l1"], l1) <= 1e-12
+
+
+def test_copies_of_views_computed_in_parts_are_those_of_one_run(tmp_path: Path, rng: np.random.Generator) -> None:
+    """--part/merge fingerprints a strided view's logical bytes (its units, in storage order, hashed nothing:
+    every view of a shape and statistics was a copy of the first, a near miss included)."""
+    obj = _copies_file(rng)
+    save(obj, tmp_path / "c.pt")
+    expected = _oracle_copies({k: np.ascontiguousarray(t.view()) for k, t in obj.items()})
+    assert "t_other" not in expected and expected["t_copy"] == "t"
+    for extra in ((), ("--dedup",)):
+        plain = _norms(tmp_path / "c.pt", *extra)
+        parts = []
+        for i in range(3):
+            out = tmp_path / f"p{i}.json"
+            res = run("norms", tmp_path / "c.pt", *extra, "--part", f"{i}/3", "--partial", out)
+            assert res.exit_code == 0, res.output
+            parts.append(out)
+        res = run("merge", *parts, "--format", "json")
+        assert res.exit_code == 0, res.output
+        assert strict_json(res.stdout) == plain
+        dup = {t["name"]: t["duplicate_of"] for t in plain["tensors"] if t.get("duplicate_of")}
+        assert dup == ({} if extra else expected)
