@@ -479,6 +479,13 @@ def _fingerprints(store: Any, u: Any, entries: list[Any], want: set[int], buf: A
     if u.kind == "stream":
         sums = [sha(buf.array(dtype, n // dtype.itemsize)) for n in inflate_pieces(store, t, buf)]
         return [[u.tensors[0], 0, sums]]
+    if u.kind == "strided":  # units in storage order, copies compare logical order: the first unit hashes it all
+        from .sources.views import view_chunks
+
+        if u.part:
+            return []
+        return [[u.tensors[0], 0, [sha(x) for x in view_chunks(store, t.extent.offset, dtype, t.shape, t.strides,
+                                                                buf)]]]
     span = buf.view[: u.size]
     store.read_into(span, u.offset)
     out = []

@@ -430,36 +430,43 @@ def test_a_permuted_view_reads_its_storage_once(tmp_path: Path, rng: np.random.G
     assert max(calls) <= 1 << 20 and sum(calls) == 4 << 20, (len(calls), sum(calls))
 
 
-def test_a_transposed_matrix_reads_in_few_calls(tmp_path: Path, rng: np.random.Generator) -> None:
-    """w.t() of 1024x1024 in logical order (diff, copy detection: Source.chunks): reads of at most the buffer
-    (1 MiB), the storage at most once per chunk."""
-    from gradinspect.sources import views
-    from gradinspect.sources.store import ByteStore
-
-    w = T.of(rng.standard_normal((1024, 1024)).astype(np.float32))
-    save({"t": T(w.storage, 0, (1024, 1024), (1, 1024))}, tmp_path / "t.pt")
-    calls: list[int] = []
-    real = views.gather
-
-    def counting(store: ByteStore, *args: Any) -> Any:
-        class Counting:
-            def read_into(self, view: memoryview, offset: int) -> None:
-                calls.append(len(view))
-                store.read_into(view, offset)
-        return real(Counting(), *args)  # type: ignore[arg-type]
+@pytest.mark.parametrize("case", ["t", "permute", "rows_apart"])
+def test_a_permuted_view_in_logical_order_reads_each_byte_once(tmp_path: Path, rng: np.random.Generator,
+                                                               case: str) -> None:
+    """In logical order (diff, copy detection: Source.chunks) a permuted view is read tile-wise: each byte of it
+    once, in reads of at most the buffer (1 MiB): w.t() of 1024x1024 and x.permute(2, 0, 1) of 64x128x128 in
+    4 reads; w[:, :512].t() of 512x8192 (storage rows 32 KiB apart) in one read per storage row.  (Gathered
+    chunk by chunk, the first two read their storage once per chunk, 32 MiB, the last two reads per row.)"""
     from gradinspect.sources.store import ChunkBuffer
 
+    if case == "t":
+        w = T.of(rng.standard_normal((1024, 1024)).astype(np.float32))
+        v, most = T(w.storage, 0, (1024, 1024), (1, 1024)), 4
+    elif case == "permute":
+        w = T.of(rng.standard_normal((64, 128, 128)).astype(np.float32))
+        v, most = T(w.storage, 0, (128, 64, 128), (1, 128 * 128, 128)), 4
+    else:
+        w = T.of(rng.standard_normal((512, 8192)).astype(np.float32))
+        v, most = T(w.storage, 0, (512, 512), (1, 8192)), 512
+    save({"t": v}, tmp_path / "t.pt")
+    calls: list[int] = []
     src = open_source(str(tmp_path / "t.pt"))
+    assert src.store is not None
+    real = src.store.read_into
+
+    def counting(view: memoryview, offset: int) -> None:
+        calls.append(len(view))
+        real(view, offset)
+
     try:
         with src, pytest.MonkeyPatch.context() as mp:
-            mp.setattr(views, "gather", counting)
-            got = np.concatenate([c.copy() for c in src.chunks(src.tensors[0], ChunkBuffer())])
+            mp.setattr(src.store, "read_into", counting)
+            chunks = [c.copy() for c in src.chunks(src.tensors[0], ChunkBuffer())]
     finally:
         src.close()
-    assert np.array_equal(got, w.view().T.reshape(-1))
-    chunks = 1024 * 1024 // (1 << 17)
-    assert max(calls) <= 1 << 20 and len(calls) <= chunks * 4 + chunks, calls[:5]
-    assert sum(calls) <= chunks * 4 * 1024 * 1024, sum(calls)
+    assert [len(c) for c in chunks] == [1 << 17] * (v.view().size >> 17)
+    assert np.array_equal(np.concatenate(chunks), v.view().reshape(-1))
+    assert sum(calls) == v.view().nbytes and max(calls) <= 1 << 20 and len(calls) <= most, (len(calls), sum(calls))
 
 
 def test_tied_views_are_read_once(tmp_path: Path, rng: np.random.Generator) -> None:
