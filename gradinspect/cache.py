@@ -244,6 +244,7 @@ class Cache:
         self.stored = 0
         self._options: tuple[Any, str] | None = None
         self._names: dict[bytes, tuple[str, ...]] = {}
+        self._made = False  # the directory made (or found) by this object
 
     def __repr__(self) -> str:
         return f"Cache({self.directory!r})"
@@ -374,10 +375,18 @@ class Cache:
         """``data`` written to ``path`` atomically (a temporary file, then a rename); False on an OS error."""
         from .atomic import write_bytes_atomically
 
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            write_bytes_atomically(path, data, prefix=".tmp-", suffix=os.path.splitext(path)[1])  # 0o600
-        except OSError:
+        for again in (False, True):
+            try:
+                if not self._made or again:  # made once per run, not per entry (and again if it was removed)
+                    os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                    self._made = True
+                write_bytes_atomically(path, data, prefix=".tmp-", suffix=os.path.splitext(path)[1])  # 0o600
+                break
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+        else:
             return False
         self.stored += 1
         return True

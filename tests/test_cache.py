@@ -768,3 +768,14 @@ def test_a_cold_step_is_parsed_once(tmp_path: Path, headers: list[str]) -> None:
     assert r.exit_code == 0, r.output
     assert [s["step"] for s in strict_json(r.stdout)["steps"]] == [0, 10, 20, 30]
     assert sorted(headers) == sorted(str(p) for p in tmp_path.glob("s*.safetensors"))
+
+
+def test_a_cache_directory_removed_during_a_run_is_made_again(tmp_path: Path) -> None:
+    """The directory is made once per Cache, and again when it is gone (removed by hand between steps)."""
+    files = _run(tmp_path, 2)
+    c = Cache(tmp_path / "c")
+    trend([str(files[0])], cache=c)
+    assert len(_step_entries(tmp_path / "c")) == 1
+    shutil.rmtree(tmp_path / "c")
+    trend([str(files[1])], cache=c)
+    assert len(_step_entries(tmp_path / "c")) == 1 and len(_entries(tmp_path / "c")) == 1
