@@ -8,6 +8,7 @@ stdout).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -920,6 +921,9 @@ def main(argv: list[str] | None = None) -> None:
     # gradinspect never calls BLAS, but OpenBLAS starts a thread per core as numpy is imported, and they spin
     # for a while: CPU a busy machine's other work could use (about 0.1 s per run on 2 cores).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # A warm `trend` makes a million floats in tuples, which hold no cycles; at the default threshold (700 new
+    # objects) the cyclic collector's passes over them were about a tenth of the run.  It still runs.
+    gc.set_threshold(100_000, 20, 100)
     cli.main(args=argv, prog_name="gradinspect")
 
 
