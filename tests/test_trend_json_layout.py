@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from safetensors.numpy import save_file
 
+import gradinspect.cache as cache_mod
 from gradinspect.cache import Cache
+from gradinspect.cli import cli
 from gradinspect.clip import clip_coef
 from gradinspect.formats import json as json_format
 from gradinspect.runs import trend
@@ -138,8 +141,6 @@ def test_a_cached_run_writes_the_text_of_an_uncached_one(tmp_path: Path, rng: np
         if k == 4:
             grads["m.2.w"][1] = np.inf
         save_file(grads, str(run / f"step_{k}.safetensors"), metadata={"step": str(k)})
-    import gradinspect.cache as cache_mod
-
     monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)  # store files written just now
     pattern = str(run / "step_*.safetensors")
     plain = _plain(trend(pattern))
@@ -153,3 +154,50 @@ def test_a_cached_run_writes_the_text_of_an_uncached_one(tmp_path: Path, rng: np
     for report in (cold, warm):
         assert series_spellings(report) is not None
         assert json_format.trend_dumps(report) == plain
+
+
+def test_the_cli_writes_a_long_run_the_same_cold_warm_and_without_cache(tmp_path: Path, rng: np.random.Generator,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run long enough for one-line JSON (60 steps x 20 tensors), with a NaN step, an Inf step and a tensor
+    missing from one step: every run of it prints the same bytes, with the norms of an independent oracle."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+    run = tmp_path / "run"
+    run.mkdir()
+    steps = []
+    for k in range(60):
+        grads = {f"block.{i}.w": rng.standard_normal(3 + i).astype(np.float32) * (30.0 if k == 41 else 1.0)
+                 for i in range(20) if not (k == 7 and i == 5)}
+        if k == 50:
+            grads["block.3.w"][0] = np.nan
+        if k == 52:
+            grads["block.4.w"][1] = -np.inf
+        save_file(grads, str(run / f"step_{k:03d}.safetensors"))
+        steps.append(grads)
+    args = ["trend", str(run / "step_*.safetensors"), "-f", "json", "-q"]
+    runner = CliRunner()
+    outs = [runner.invoke(cli, [*args, *extra], catch_exceptions=False)
+            for extra in (["--no-cache"], ["--cache-dir", str(tmp_path / "c")], ["--cache-dir", str(tmp_path / "c")])]
+    assert [r.exit_code for r in outs] == [0, 0, 0]
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout
+    text = outs[0].stdout
+    assert text.count("\n") == 1  # one line, as a long run is written
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    row = doc["tensors"].index
+    assert doc["series"]["norm"][row("block.3.w")][50] == "NaN"
+    assert doc["series"]["norm"][row("block.5.w")][7] is None
+    assert doc["missing"] == [{"name": "block.5.w", "steps": [7]}]
+    assert 41 in [s["step"] for s in doc["spikes"]]
+    # without the missing tensor every step has the same rows: the series are laid out from the spellings
+    exclude = [*args, "--exclude", "block.5.w"]
+    cold, warm = (runner.invoke(cli, [*exclude, "--cache-dir", str(tmp_path / "c")], catch_exceptions=False)
+                  for _ in range(2))
+    plain = runner.invoke(cli, [*exclude, "--no-cache"], catch_exceptions=False)
+    assert cold.stdout == warm.stdout == plain.stdout and cold.stdout.count("\n") == 1
+    doc = json.loads(plain.stdout)
+    assert doc["series"]["norm"][doc["tensors"].index("block.4.w")][52] == "Infinity" and doc["missing"] == []
+    for name, norms in zip(doc["tensors"], doc["series"]["norm"], strict=True):
+        for k, got in enumerate(norms):
+            x = steps[k][name].astype(np.float64)
+            if np.isfinite(x).all():
+                want = math.sqrt(math.fsum((x * x).tolist()))
+                assert abs(got - want) <= 1e-12 * want
