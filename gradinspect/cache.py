@@ -209,7 +209,12 @@ def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
         return None
     l1, l2, linf, norm, sq, coef = struct.unpack_from("<6d", data, at)
     col = struct.Struct(f"<{n}d").unpack_from  # tuples of floats: no list made and copied
-    f = [col(data, at + 8 * (6 + k * n)) for k in range(6)]
+    f = [col(data, at + 8 * (6 + k * n)) for k in range(3)]  # l1, l2, linf
+    start = at + 8 * (6 + 3 * n)
+    norm_bytes = data[start:start + 8 * n]  # with -p 1, 2 or inf the norms are one of those, bit for bit: shared
+    same = [c for k, c in enumerate(f) if data[at + 8 * (6 + k * n):at + 8 * (6 + (k + 1) * n)] == norm_bytes]
+    f.append(same[0] if same else col(data, start))
+    f += [col(data, at + 8 * (6 + k * n)) for k in (4, 5)]  # sq, share
     at += 8 * (6 + 6 * n)
     nonfinite = struct.unpack_from(f"<{n}Q", data, at)
     counts = struct.Struct(f"<{t}Q").unpack_from
