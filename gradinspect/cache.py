@@ -181,6 +181,20 @@ def _names(line: bytes, known: dict[bytes, tuple[str, ...]]) -> tuple[str, ...]:
     return got
 
 
+_SAME: dict[tuple[type, object, int], tuple[Any, ...]] = {}
+
+
+def _same(value: object, n: int) -> tuple[Any, ...]:
+    """``(value,) * n``, one tuple for all steps (a run's steps mostly hold no NaN and no all-zero tensor)."""
+    key = (type(value), value, n)  # False == 0: told apart by type
+    got = _SAME.get(key)
+    if got is None:
+        if len(_SAME) > 64:
+            _SAME.clear()
+        got = _SAME[key] = (value,) * n
+    return got
+
+
 def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
              ) -> tuple[StepResult, list[str]] | None:
     """The step and warnings in entry ``data`` when it is whole and its key is ``key``; else None (or ValueError).
@@ -216,19 +230,23 @@ def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
     f.append(same[0] if same else col(data, start))
     f += [col(data, at + 8 * (6 + k * n)) for k in (4, 5)]  # sq, share
     at += 8 * (6 + 6 * n)
-    nonfinite = struct.unpack_from(f"<{n}Q", data, at)
-    counts = struct.Struct(f"<{t}Q").unpack_from
-    tensor_nan, tensor_inf = counts(data, at + 8 * n), counts(data, at + 8 * (n + t))
+    if data[at:at + 8 * (n + 2 * t)].count(0) == 8 * (n + 2 * t):  # no NaN, no Inf (most steps): shared zeros
+        nonfinite, tensor_nan, tensor_inf = _same(0, n), _same(0, t), _same(0, t)
+    else:
+        nonfinite = struct.unpack_from(f"<{n}Q", data, at)
+        counts = struct.Struct(f"<{t}Q").unpack_from
+        tensor_nan, tensor_inf = counts(data, at + 8 * n), counts(data, at + 8 * (n + t))
     at += 8 * (n + 2 * t)
     zero = data[at:at + t]
     if zero.strip(b"\0\1"):
         return None
+    tensor_zero = tuple(map(bool, zero)) if zero.count(0) != t else _same(False, t)
     cells = np.frombuffer(data, dtype=np.uint8, offset=at + t).reshape(2, n, SPELLING_WIDTH).copy()
     return with_spellings(StepResult(
         step=step, sources=sources, total=StepTotals(l1, l2, linf, norm, sq, *total), clip_coef=coef,
         clipped=clipped, names=names, l1=f[0], l2=f[1], linf=f[2], norm=f[3], sq=f[4], share=f[5],
         nonfinite=nonfinite, tensor_names=tensor_names, tensor_nan=tensor_nan, tensor_inf=tensor_inf,
-        tensor_zero=tuple(map(bool, zero))), cells), warnings
+        tensor_zero=tensor_zero), cells), warnings
 
 
 class Cache:

@@ -151,6 +151,9 @@ def test_a_cached_run_writes_the_text_of_an_uncached_one(tmp_path: Path, rng: np
     warm = trend(pattern, cache=warm_cache)
     assert warm_cache.step_hits == 6
     assert "spellings" in vars(warm.steps[0])  # from the entry, not spelled again
+    assert [repr(s) for s in warm.steps] == [repr(s) for s in cold.steps]  # every field, its type too (NaN, bool)
+    assert warm.steps[0].tensor_zero[list(warm.steps[0].tensor_names).index("m.0.w")] is True
+    assert warm.steps[3].total.nan == 1 and sum(warm.steps[3].tensor_nan) == 1
     for report in (cold, warm):
         assert series_spellings(report) is not None
         assert json_format.trend_dumps(report) == plain
