@@ -40,7 +40,9 @@ rest, a line of JSON (key, counts, warnings), a line each of the rows' and the
 tensors' names (JSON; ``null``: the rows'), then the floats and counts
 as little-endian binary, and the rows' norms and shares as JSON spells them
 (:attr:`~gradinspect.trend.StepResult.spellings`: a warm ``-f json`` lays them
-out, it does not spell them again).  Anything else is a miss, as for file entries.
+out, it does not spell them again).  Anything else is a miss, as for file entries.  The checksum
+finds damage, not forgery: an entry made by hand with a valid checksum and a well-formed layout is
+served as it says (its spellings are laid out only when each is a strict JSON number or non-finite name).
 """
 
 from __future__ import annotations

@@ -1,0 +1,76 @@
+"""Step entries made by hand, with a valid checksum: never a crash, never a broken JSON document."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+import gradinspect.cache as cache_mod
+from gradinspect.cli import cli
+from gradinspect.formats import json as json_format
+from gradinspect.trend import SPELLING_WIDTH
+
+
+def _run(tmp_path: Path, rng: np.random.Generator, steps: int = 3, tensors: int = 4) -> str:
+    run = tmp_path / "run"
+    run.mkdir()
+    for k in range(steps):
+        grads = {f"m.{i}.w": rng.standard_normal(3 + i).astype(np.float32) for i in range(tensors)}
+        save_file(grads, str(run / f"step_{k}.safetensors"))
+    return str(run / "step_*.safetensors")
+
+
+def _rewrite(entry: Path, change: bytes, at_end: int) -> None:
+    """``entry`` with ``change`` written ``at_end`` bytes before its end, its SHA-256 recomputed (valid)."""
+    body = bytearray(entry.read_bytes()[65:])
+    body[len(body) - at_end:len(body) - at_end + len(change)] = change
+    entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + bytes(body))
+
+
+@pytest.mark.parametrize("cell", [b"\xff" * 3, b"1,2]", b"", b"1\0-1", b"NaN", b'"NaN', b"1e", b"01.5", b"[1.0]",
+                                  b"\xc3\xa9"])
+def test_a_step_entry_with_cells_that_are_not_json_numbers_prints_the_plain_json(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, cell: bytes) -> None:
+    """The norms' spellings of a step entry are laid out as JSON text on a warm ``-f json`` run: a cell that is not
+    a JSON number (made by hand: the checksum is valid) made a traceback (non-ASCII) or a broken document; its
+    floats are then spelled as a plain run spells them."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+    monkeypatch.setattr(json_format, "PRETTY_MAX_ROWS", 0)  # one line: laid out from the cells
+    pattern = _run(tmp_path, rng)
+    runner = CliRunner()
+    args = ["trend", pattern, "-f", "json", "-q"]
+    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
+    cached = ["--cache-dir", str(tmp_path / "c")]
+    assert runner.invoke(cli, [*args, *cached], catch_exceptions=False).stdout == plain.stdout
+    entries = sorted((tmp_path / "c").glob("*.step"))
+    assert len(entries) == 3
+    for entry in entries:  # the last cell: the last row's share; the first of the shares' column
+        _rewrite(entry, cell.ljust(SPELLING_WIDTH, b"\0"), SPELLING_WIDTH)
+        _rewrite(entry, cell.ljust(SPELLING_WIDTH, b"\0"), 5 * SPELLING_WIDTH)
+    warm = runner.invoke(cli, [*args, *cached])
+    assert warm.exception is None and warm.exit_code == 0, warm.stderr
+    assert warm.stdout == plain.stdout
+    json.loads(warm.stdout, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+
+
+def test_a_step_entry_with_other_well_formed_cells_is_served_as_it_says(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hand-made entry (valid checksum) whose cells are valid JSON numbers other than its floats: served as it
+    says (documented), still strict JSON."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+    monkeypatch.setattr(json_format, "PRETTY_MAX_ROWS", 0)
+    pattern = _run(tmp_path, rng)
+    runner = CliRunner()
+    args = ["trend", pattern, "-f", "json", "-q", "--cache-dir", str(tmp_path / "c")]
+    runner.invoke(cli, args, catch_exceptions=False)
+    for entry in (tmp_path / "c").glob("*.step"):
+        _rewrite(entry, b"0.25".ljust(SPELLING_WIDTH, b"\0"), SPELLING_WIDTH)
+    warm = runner.invoke(cli, args, catch_exceptions=False)
+    doc = json.loads(warm.stdout)
+    assert doc["series"]["share"][-1] == [0.25, 0.25, 0.25]
