@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 import gradinspect.cache as cache_mod
 from gradinspect.cli import cli
 from gradinspect.formats import json as json_format
+from gradinspect.runs import trend
 from gradinspect.trend import SPELLING_WIDTH
 
 
@@ -74,3 +75,28 @@ def test_a_step_entry_with_other_well_formed_cells_is_served_as_it_says(
     warm = runner.invoke(cli, args, catch_exceptions=False)
     doc = json.loads(warm.stdout)
     assert doc["series"]["share"][-1] == [0.25, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("step", [2**63, 10**30])
+def test_a_step_entry_with_a_step_number_beyond_int64_is_a_miss(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Steps are numbers from 0 to 2**63 - 1 (a larger one in a name is refused): an entry saying more (made by
+    hand, valid checksum) ended the run in an OverflowError traceback; it is a miss, the step read again."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+    pattern = _run(tmp_path, rng)
+    runner = CliRunner()
+    args = ["trend", pattern, "-f", "csv", "-q"]
+    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
+    cached = ["--cache-dir", str(tmp_path / "c")]
+    runner.invoke(cli, [*args, *cached], catch_exceptions=False)
+    entry = sorted((tmp_path / "c").glob("*.step"))[0]
+    head, rest = entry.read_bytes()[65:].split(b"\n", 1)
+    doc = json.loads(head)
+    doc["step"] = step
+    body = json.dumps(doc, separators=(",", ":")).encode("ascii") + b"\n" + rest
+    entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
+    cache = cache_mod.Cache(tmp_path / "c")
+    assert [s.step for s in trend(pattern, cache=cache).steps] == [0, 1, 2] and cache.step_misses == 1
+    entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
+    warm = runner.invoke(cli, [*args, *cached])
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
