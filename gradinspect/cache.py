@@ -115,8 +115,11 @@ def _stats_of(row: Any, p: float) -> Stats:
     numel, nan, inf, linf, exp, s1, s2, sp = row
     if type(exp) is not int or abs(exp) > 100_000:
         raise ValueError("bad exponent")
-    return Stats(numel=_int(numel), nan=_int(nan), inf=_int(inf), linf=_float(linf), exp=exp, s1=_float(s1),
-                 s2=_float(s2), sp=_float(sp), p=p)
+    sums = _float(linf), _float(s1), _float(s2), _float(sp)
+    if any(x < 0 for x in sums):  # magnitudes: a negative one made a traceback (sqrt, or a complex power)
+        raise ValueError("a negative sum")
+    return Stats(numel=_int(numel), nan=_int(nan), inf=_int(inf), linf=sums[0], exp=exp, s1=sums[1], s2=sums[2],
+                 sp=sums[3], p=p)
 
 
 #: The exact encoding of :class:`~gradinspect.norms.Stats` (also used by partial results, ``partial.py``).

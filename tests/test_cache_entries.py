@@ -100,3 +100,45 @@ def test_a_step_entry_with_a_step_number_beyond_int64_is_a_miss(
     entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
     warm = runner.invoke(cli, [*args, *cached])
     assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+
+
+def _file_checksum(key: object, stats: object) -> str:
+    """A file entry's checksum, as the cache makes it (written here independently)."""
+    body = json.dumps({"key": key, "stats": stats}, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(body.encode("ascii")).hexdigest()
+
+
+@pytest.mark.parametrize(("p", "field"), [("2", 6), ("3", 7), ("1", 5), ("inf", 3)])
+def test_a_file_entry_with_a_negative_sum_is_a_miss(tmp_path: Path, rng: np.random.Generator,
+                                                    monkeypatch: pytest.MonkeyPatch, p: str, field: int) -> None:
+    """A file entry's sums (linf, s1, s2, sp: magnitudes) made negative by hand, checksum valid: a square root
+    (-p 2) or a power (-p 3: a complex number) of it ended the run in a traceback; it is a miss, the file read again."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+    pattern = _run(tmp_path, rng)
+    runner = CliRunner()
+    args = ["trend", pattern, "-f", "csv", "-q", "-p", p]
+    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
+    cached = ["--cache-dir", str(tmp_path / "c")]
+    runner.invoke(cli, [*args, *cached], catch_exceptions=False)
+    for entry in (tmp_path / "c").glob("*.step"):
+        entry.unlink()  # else the step entries answer, the file entries unread
+    entries = sorted((tmp_path / "c").glob("*.json"))
+    assert len(entries) == 3
+
+    def negative() -> None:
+        for entry in entries:
+            doc = json.loads(entry.read_bytes())
+            for row in doc["stats"].values():
+                row[field] = (-1.0).hex()
+            doc["checksum"] = _file_checksum(doc["key"], doc["stats"])
+            entry.write_text(json.dumps(doc))
+
+    negative()
+    warm = runner.invoke(cli, [*args, *cached])
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+    negative()
+    for entry in (tmp_path / "c").glob("*.step"):
+        entry.unlink()
+    cache = cache_mod.Cache(tmp_path / "c")
+    report = trend(pattern, cache=cache, norm_type=p)
+    assert cache.misses == 3 and cache.hits == 0 and [s.step for s in report.steps] == [0, 1, 2]
