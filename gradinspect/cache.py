@@ -75,6 +75,8 @@ SETTLE_NS = 2_000_000_000  #: a file changed more recently than this is not stor
 _MAX_ENTRY = 64 << 20  # a larger entry file is not read
 _SUFFIXES = (".json", ".step")  # file entries, step entries
 _MAX_STEP = 2**63 - 1  # a step number, as trend reads one (steps are kept as int64)
+# an entry is opened without waiting: a FIFO (or other special file) put in its place is read as empty, a miss
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
 def default_dir() -> str:
@@ -294,7 +296,7 @@ class Cache:
         if key is None:
             return {}
         try:
-            with open(self._file(key), "rb") as f:
+            with os.fdopen(os.open(self._file(key), _READ_FLAGS), "rb") as f:
                 raw = f.read(_MAX_ENTRY + 1)
             if len(raw) > _MAX_ENTRY:
                 return {}
@@ -355,7 +357,7 @@ class Cache:
     def lookup_step(self, key: StepKey) -> tuple[StepResult, list[str]] | None:
         """The step and its warnings from the entry of ``key``, or None (nothing usable)."""
         try:
-            fd = os.open(key.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = os.open(key.file, _READ_FLAGS)
             try:
                 size = os.fstat(fd).st_size
                 data = os.read(fd, size + 1) if size <= _MAX_ENTRY else b""

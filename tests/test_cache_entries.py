@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,8 @@ from gradinspect.cli import cli
 from gradinspect.formats import json as json_format
 from gradinspect.runs import trend
 from gradinspect.trend import SPELLING_WIDTH
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path: Path, rng: np.random.Generator, steps: int = 3, tensors: int = 4) -> str:
@@ -142,3 +148,23 @@ def test_a_file_entry_with_a_negative_sum_is_a_miss(tmp_path: Path, rng: np.rand
     cache = cache_mod.Cache(tmp_path / "c")
     report = trend(pattern, cache=cache, norm_type=p)
     assert cache.misses == 3 and cache.hits == 0 and [s.step for s in report.steps] == [0, 1, 2]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_a_fifo_in_place_of_an_entry_is_a_miss_not_a_hang(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Opening a named pipe with no writer waits forever: a FIFO put where a step entry and the file entries are
+    hung trend; they are misses now (in a subprocess, so that a hang fails the test instead of stopping it)."""
+    pattern = _run(tmp_path, rng)
+    time.sleep(2.1)  # files written just now are not stored
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "gradinspect", "trend", pattern, "-f", "csv", "-q"]
+    plain = subprocess.run([*args, "--no-cache"], capture_output=True, env=env, timeout=120, check=True)
+    cached = ["--cache-dir", str(tmp_path / "c")]
+    subprocess.run([*args, *cached], capture_output=True, env=env, timeout=120, check=True)
+    entries = sorted((tmp_path / "c").glob("*.step")) + sorted((tmp_path / "c").glob("*.json"))
+    assert len(entries) == 6
+    for entry in entries[:1] + entries[3:]:  # step 0's step entry, every file entry
+        entry.unlink()
+        os.mkfifo(entry)
+    warm = subprocess.run([*args, *cached], capture_output=True, env=env, timeout=60, check=False)
+    assert (warm.returncode, warm.stdout, warm.stderr) == (0, plain.stdout, b"")
