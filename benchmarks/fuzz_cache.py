@@ -95,9 +95,10 @@ def make_runs(root: Path, seed: int) -> dict[str, str]:
     for d in (long_run, mixed, dumper):
         d.mkdir(parents=True)
     for k in range(5):  # 5 steps x 220 tensors: more than 1,000 numbers, one-line JSON from the spellings
-        _save(long_run / f"step_{k}.safetensors",
-              {f"layer.{i}.{'w' if i % 2 else 'b'}": (rng.standard_normal(1 + i % 7) * 10.0 ** (i % 9 - 4)
-                                                     ).astype(np.float32) for i in range(220)})
+        grads = {f"layer.{i}.{'w' if i % 2 else 'b'}": (rng.standard_normal(1 + i % 7) * 10.0 ** (i % 9 - 4)
+                                                       ).astype(np.float32) for i in range(220)}
+        grads.update({name: rng.standard_normal(2).astype(np.float32) for name in HOSTILE_NAMES})
+        _save(long_run / f"step_{k}.safetensors", grads)
     special = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, 5e-324, 1e308, -1e-310])
     for k in range(4):  # different tensor sets, non-finite values, hostile names
         t: dict[str, np.ndarray] = {"a.w": rng.standard_normal(4).astype(np.float32),
