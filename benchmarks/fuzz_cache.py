@@ -30,7 +30,7 @@ The contract, per case:
 - an entry with a stale checksum is never accepted;
 - an entry with a recomputed checksum that is accepted may serve what it says (``served``: counted,
   not a failure) but the output stays strict JSON / well-formed CSV; a served step number that collides
-  with another step may end the run with one ``Error:`` line, exit 2 (``served-error``).
+  with another step may end the run with an InputError: one ``Error:`` line, exit 2 (``served-error``).
 
 Failures are saved under --out, one directory per kind, with the mutated entry and a description.
 Results depend only on --seed and the case number.
@@ -70,6 +70,7 @@ from click.testing import CliRunner  # noqa: E402
 from gradinspect import runs  # noqa: E402
 from gradinspect.cache import Cache  # noqa: E402
 from gradinspect.cli import cli  # noqa: E402
+from gradinspect.errors import InputError  # noqa: E402
 from gradinspect.formats import RenderOptions  # noqa: E402
 from gradinspect.formats import get as get_format  # noqa: E402
 
@@ -177,6 +178,7 @@ class Outcome:
     error: str = ""
     step_misses: int = 0
     file_misses: int = 0
+    clean: bool = False  # the error is an InputError
 
 
 def in_process(path: str, cfg: Config, cache_dir: Path | None) -> Outcome:
@@ -188,6 +190,8 @@ def in_process(path: str, cfg: Config, cache_dir: Path | None) -> Outcome:
         for fmt in ("json", "csv"):
             data = get_format(fmt).render(report, RenderOptions())
             out[fmt] = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    except InputError as e:  # one Error: line in the CLI, exit 2
+        return Outcome(False, {}, f"InputError: {e}", clean=True)
     except Exception:  # the finding
         return Outcome(False, {}, traceback.format_exc())
     return Outcome(True, out, "", 0 if cache is None else cache.step_misses, 0 if cache is None else cache.misses)
@@ -564,8 +568,19 @@ def _case(st: Setup, seed: int, i: int, res: Result, subprocess_every: int) -> N
 
     fresh()
     got = in_process(path, cfg, case_dir)
-    if not got.ok:
+    if not got.ok and not (got.clean and recompute):  # a served step number may collide with another: an error
         _fail(res, st, "crash-in-process", {**info, "traceback": got.error}, entry)
+        return
+    if not got.ok:
+        fresh()
+        code, out, err, crash = via_cli(path, cfg, rng.choice(["json", "csv"]), case_dir)
+        lines = err.decode("utf-8", "replace").splitlines()
+        if crash or code != 2 or out or len(lines) != 1 or not lines[0].startswith("Error: "):
+            _fail(res, st, "served-error-not-one-line", {**info, "exit": code, "stderr": lines, "traceback": crash},
+                  entry)
+            return
+        res.outcomes["served-error"] += 1
+        res.served[f"{target}: {what.split(' =')[0].split(' at ')[0]} (error)"] += 1
         return
     rejected = (got.step_misses if target == "step" else got.file_misses) > 0
     same = got.outputs == st.plain_in[cfg.name]

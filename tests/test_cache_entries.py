@@ -168,3 +168,35 @@ def test_a_fifo_in_place_of_an_entry_is_a_miss_not_a_hang(tmp_path: Path, rng: n
         os.mkfifo(entry)
     warm = subprocess.run([*args, *cached], capture_output=True, env=env, timeout=60, check=False)
     assert (warm.returncode, warm.stdout, warm.stderr) == (0, plain.stdout, b"")
+
+
+@pytest.mark.parametrize("layout", ["pattern", "dumper"])
+def test_a_step_entry_saying_another_number_than_the_name_is_a_miss(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """With --step-pattern, or in a GradDumper directory, a step's number is its name's: an entry saying another
+    (made by hand, valid checksum) was served under the name's number, two results had one number and the analysis
+    ended in a ValueError traceback. It is a miss: the step read again."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+    run = tmp_path / "run"
+    run.mkdir()
+    for k in range(3):
+        grads = {f"m.{i}.w": rng.standard_normal(3).astype(np.float32) for i in range(3)}
+        name = f"step_{k:08d}_rank0.safetensors" if layout == "dumper" else f"ckpt_{k}.safetensors"
+        save_file(grads, str(run / name))
+    path, extra = (str(run), []) if layout == "dumper" else (str(run / "ckpt_*.safetensors"), ["--step-pattern",
+                                                                                                 r"ckpt_(\d+)"])
+    runner = CliRunner()
+    args = ["trend", path, "-f", "csv", "-q", *extra]
+    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
+    cached = ["--cache-dir", str(tmp_path / "c")]
+    assert runner.invoke(cli, [*args, *cached], catch_exceptions=False).stdout == plain.stdout
+    entries = sorted((tmp_path / "c").glob("*.step"))
+    assert len(entries) == 3
+    for entry in entries:  # every entry says step 0
+        head, rest = entry.read_bytes()[65:].split(b"\n", 1)
+        doc = json.loads(head)
+        doc["step"] = 0
+        body = json.dumps(doc, separators=(",", ":")).encode("ascii") + b"\n" + rest
+        entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
+    warm = runner.invoke(cli, [*args, *cached])
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
