@@ -40,7 +40,9 @@ rest, a line of JSON (key, counts, warnings), a line each of the rows' and the
 tensors' names (JSON; ``null``: the rows'), then the floats and counts
 as little-endian binary, and the rows' norms and shares as JSON spells them
 (:attr:`~gradinspect.trend.StepResult.spellings`: a warm ``-f json`` lays them
-out, it does not spell them again).  Anything else is a miss, as for file entries.
+out, it does not spell them again).  Anything else is a miss, as for file entries.  The checksum
+finds damage, not forgery: an entry made by hand with a valid checksum and a well-formed layout is
+served as it says (its spellings are laid out only when each is a strict JSON number or non-finite name).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ MAX_BYTES = 512 << 20  #: bytes kept (an entry is about 100 bytes per tensor)
 SETTLE_NS = 2_000_000_000  #: a file changed more recently than this is not stored
 _MAX_ENTRY = 64 << 20  # a larger entry file is not read
 _SUFFIXES = (".json", ".step")  # file entries, step entries
+_MAX_STEP = 2**63 - 1  # a step number, as trend reads one (steps are kept as int64)
+# an entry is opened without waiting: a FIFO (or other special file) put in its place is read as empty, a miss
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
 def default_dir() -> str:
@@ -112,8 +117,11 @@ def _stats_of(row: Any, p: float) -> Stats:
     numel, nan, inf, linf, exp, s1, s2, sp = row
     if type(exp) is not int or abs(exp) > 100_000:
         raise ValueError("bad exponent")
-    return Stats(numel=_int(numel), nan=_int(nan), inf=_int(inf), linf=_float(linf), exp=exp, s1=_float(s1),
-                 s2=_float(s2), sp=_float(sp), p=p)
+    sums = _float(linf), _float(s1), _float(s2), _float(sp)
+    if any(x < 0 for x in sums):  # magnitudes: a negative one made a traceback (sqrt, or a complex power)
+        raise ValueError("a negative sum")
+    return Stats(numel=_int(numel), nan=_int(nan), inf=_int(inf), linf=sums[0], exp=exp, s1=sums[1], s2=sums[2],
+                 sp=sums[3], p=p)
 
 
 #: The exact encoding of :class:`~gradinspect.norms.Stats` (also used by partial results, ``partial.py``).
@@ -214,8 +222,8 @@ def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
     tensor_names = names if data[start:end] == b"null" else _names(data[start:end], known)
     sources, warnings = _strings(head["sources"]), list(_strings(head["warnings"]))
     step, clipped, total = head["step"], head["clipped"], head["total"]
-    if (type(step) is not int or step < 0 or type(clipped) is not bool or type(total) is not list or len(total) != 4
-            or not all(type(x) is int and x >= 0 for x in total)):
+    if (type(step) is not int or not 0 <= step <= _MAX_STEP or type(clipped) is not bool or type(total) is not list
+            or len(total) != 4 or not all(type(x) is int and x >= 0 for x in total)):
         return None
     n, t = len(names), len(tensor_names)
     at = end + 1  # the binary part: floats, counts, zero flags, spellings
@@ -306,7 +314,7 @@ class Cache:
         if key is None:
             return {}
         try:
-            with open(self._file(key), "rb") as f:
+            with os.fdopen(os.open(self._file(key), _READ_FLAGS), "rb") as f:
                 raw = f.read(_MAX_ENTRY + 1)
             if len(raw) > _MAX_ENTRY:
                 return {}
@@ -367,7 +375,7 @@ class Cache:
     def lookup_step(self, key: StepKey) -> tuple[StepResult, list[str]] | None:
         """The step and its warnings from the entry of ``key``, or None (nothing usable)."""
         try:
-            fd = os.open(key.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = os.open(key.file, _READ_FLAGS)
             try:
                 size = os.fstat(fd).st_size
                 data = os.read(fd, size + 1) if size <= _MAX_ENTRY else b""

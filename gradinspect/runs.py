@@ -286,12 +286,16 @@ def trend(
             for st in split:
                 key = None if options is None else cache.step_key(st.path, _key_files(st.files), options)
                 hit = None if key is None else cache.lookup_step(key)
+                if hit is not None and hit[0].step != st.step:  # an entry made by hand: the name says the number
+                    hit = None
                 found.append((st, list(st.files), key, hit, hit is not None))
             continue
         number = None if pattern is None else _number(m, pattern, allow_outside_index, void_as)
         files = [m] if one else resolve_paths([m], allow_outside_index=allow_outside_index)
         key = None if options is None else cache.step_key(m, files if one else _key_files(files), options)
         hit = None if key is None else cache.lookup_step(key)
+        if hit is not None and number is not None and hit[0].step != number:  # made by hand: --step-pattern says
+            hit = None
         if number is None and hit is not None:
             number = hit[0].step
         found.append((StepPath(-1 if number is None else number, m), files, key, hit, hit is not None))

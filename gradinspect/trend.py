@@ -41,6 +41,7 @@ import functools
 import itertools
 import math
 import operator
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -666,6 +667,8 @@ def series_spellings(report: TrendReport) -> tuple[np.ndarray, np.ndarray] | Non
         cells = np.stack([s.spellings for s in steps], axis=2)  # (2, rows, steps, width)
     except TypeError:
         return None
+    if not _well_spelled(cells):  # cells of a step entry are untrusted input: never laid out unless valid JSON
+        return None
     for k, (rows, column) in enumerate(((report.series_norm, "norm"), (report.series_share, "share"))):
         if len(rows) != len(names):
             return None
@@ -676,6 +679,22 @@ def series_spellings(report: TrendReport) -> tuple[np.ndarray, np.ndarray] | Non
                     not np.array_equal(spell_cells((cast(tuple[float, ...], row),))[0], cells[k, i])):
                 return None
     return cells[0], cells[1]
+
+
+#: A cell of :func:`spell_cells` as a line: a JSON number or a quoted non-finite name, then its NUL padding.
+_CELL_LINES = re.compile(rb'(?:(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|"NaN"|"Infinity"|"-Infinity")'
+                         rb'\0*\n)*')
+
+
+def _well_spelled(cells: np.ndarray) -> bool:
+    """Every cell one strict-JSON number (or ``"NaN"``, ``"Infinity"``, ``"-Infinity"``) padded with NUL: laid out,
+    the cells make valid JSON (a step entry with a valid checksum may still be made by hand; its values are
+    what it says, but its text must not break the document)."""
+    flat = cells.reshape(-1, SPELLING_WIDTH)
+    lines = np.empty((len(flat), SPELLING_WIDTH + 1), dtype=np.uint8)
+    lines[:, :-1] = flat
+    lines[:, -1] = ord("\n")
+    return all(_CELL_LINES.fullmatch(lines[i:i + 4096].tobytes()) is not None for i in range(0, len(lines), 4096))
 
 
 def _rows_of(s: Series, column: str) -> tuple[tuple[float | None, ...], ...]:
