@@ -42,13 +42,15 @@ as little-endian binary, and the rows' norms and shares as JSON spells them
 (:attr:`~gradinspect.trend.StepResult.spellings`: a warm ``-f json`` lays them
 out, it does not spell them again).  Anything else is a miss, as for file entries.  The checksum
 finds damage, not forgery: an entry made by hand with a valid checksum and a well-formed layout is
-served as it says (its spellings are laid out only when each is a strict JSON number or non-finite name).
+served as it says (its spellings are laid out only when each is number text, ASCII digits, ``.``, ``e``,
+``+``, ``-``, or one of the quoted names: see :func:`gradinspect.trend.series_spellings`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
@@ -120,6 +122,10 @@ def _stats_of(row: Any, p: float) -> Stats:
     sums = _float(linf), _float(s1), _float(s2), _float(sp)
     if any(x < 0 for x in sums):  # magnitudes: a negative one made a traceback (sqrt, or a complex power)
         raise ValueError("a negative sum")
+    _, s1_, s2_, _ = sums
+    if math.isfinite(s1_) and math.isfinite(s2_) and s2_ > s1_ * s1_ * (1.0 + 2.0**-20):
+        # Σx² <= (Σ|x|)²: combine() scales by the sum of magnitudes, and a larger sum of squares overflowed there
+        raise ValueError("a sum of squares beyond the square of the sum")
     return Stats(numel=_int(numel), nan=_int(nan), inf=_int(inf), linf=sums[0], exp=exp, s1=sums[1], s2=sums[2],
                  sp=sums[3], p=p)
 

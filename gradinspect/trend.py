@@ -41,7 +41,6 @@ import functools
 import itertools
 import math
 import operator
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -667,7 +666,7 @@ def series_spellings(report: TrendReport) -> tuple[np.ndarray, np.ndarray] | Non
         cells = np.stack([s.spellings for s in steps], axis=2)  # (2, rows, steps, width)
     except TypeError:
         return None
-    if not _well_spelled(cells):  # cells of a step entry are untrusted input: never laid out unless valid JSON
+    if not _well_spelled(cells):  # cells of a step entry are untrusted input
         return None
     for k, (rows, column) in enumerate(((report.series_norm, "norm"), (report.series_share, "share"))):
         if len(rows) != len(names):
@@ -681,20 +680,29 @@ def series_spellings(report: TrendReport) -> tuple[np.ndarray, np.ndarray] | Non
     return cells[0], cells[1]
 
 
-#: A cell of :func:`spell_cells` as a line: a JSON number or a quoted non-finite name, then its NUL padding.
-_CELL_LINES = re.compile(rb'(?:(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|"NaN"|"Infinity"|"-Infinity")'
-                         rb'\0*\n)*')
+#: What a spelled finite number is made of (``float.__repr__``), and the spellings of the three others.
+_NUMBER_BYTES = b"0123456789.e+-"
+_NAMES = np.array([b'"NaN"', b'"Infinity"', b'"-Infinity"'], dtype=f"S{SPELLING_WIDTH}").view(np.uint8).reshape(
+    3, SPELLING_WIDTH)
 
 
 def _well_spelled(cells: np.ndarray) -> bool:
-    """Every cell one strict-JSON number (or ``"NaN"``, ``"Infinity"``, ``"-Infinity"``) padded with NUL: laid out,
-    the cells make valid JSON (a step entry with a valid checksum may still be made by hand; its values are
-    what it says, but its text must not break the document)."""
+    """Every cell is number text (ASCII digits, ``.``, ``e``, ``+``, ``-``) or exactly ``"NaN"``, ``"Infinity"``
+    or ``"-Infinity"``, not empty and padded with NUL at its end: laid out, such cells can neither make a
+    traceback (not ASCII) nor break the document's structure (a comma, a bracket, a quote, a NUL inside).
+    About 10 ms for 400,000 cells (a regular expression for the exact JSON number grammar took 70 ms, more
+    than a tenth of a warm run).  A step entry made by hand with a valid checksum is served as it says: its
+    floats, and its texts when they pass this check (a malformed number such as ``1e`` is then laid out)."""
     flat = cells.reshape(-1, SPELLING_WIDTH)
-    lines = np.empty((len(flat), SPELLING_WIDTH + 1), dtype=np.uint8)
-    lines[:, :-1] = flat
-    lines[:, -1] = ord("\n")
-    return all(_CELL_LINES.fullmatch(lines[i:i + 4096].tobytes()) is not None for i in range(0, len(lines), 4096))
+    filled = flat != 0
+    if not (filled[:, 0].all() and (filled[:, 1:] <= filled[:, :-1]).all()):  # no NUL before a byte
+        return False
+    named = flat[:, 0] == ord('"')
+    if named.any():
+        if not (flat[named][:, None, :] == _NAMES[None]).all(axis=2).any(axis=1).all():
+            return False
+        flat = flat[~named]
+    return not flat.tobytes().translate(None, _NUMBER_BYTES + b"\0")
 
 
 def _rows_of(s: Series, column: str) -> tuple[tuple[float | None, ...], ...]:

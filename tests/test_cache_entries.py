@@ -40,13 +40,14 @@ def _rewrite(entry: Path, change: bytes, at_end: int) -> None:
     entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + bytes(body))
 
 
-@pytest.mark.parametrize("cell", [b"\xff" * 3, b"1,2]", b"", b"1\0-1", b"NaN", b'"NaN', b"1e", b"01.5", b"[1.0]",
-                                  b"\xc3\xa9"])
+@pytest.mark.parametrize("cell", [b"\xff" * 3, b"1,2]", b"", b"1\0-1", b"NaN", b'"NaN', b"1e\"", b"0 1.5", b"[1.0]",
+                                  b"\xc3\xa9", b'"Infinity', b"1\n", b"1}", b"\x7f"])
 def test_a_step_entry_with_cells_that_are_not_json_numbers_prints_the_plain_json(
         tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, cell: bytes) -> None:
     """The norms' spellings of a step entry are laid out as JSON text on a warm ``-f json`` run: a cell that is not
-    a JSON number (made by hand: the checksum is valid) made a traceback (non-ASCII) or a broken document; its
-    floats are then spelled as a plain run spells them."""
+    number text (digits, '.', 'e', '+', '-') nor a quoted name, NUL-padded at its end (made by hand: the checksum is
+    valid), made a traceback (non-ASCII) or a broken document; its floats are then spelled as a plain run spells
+    them."""
     monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
     monkeypatch.setattr(json_format, "PRETTY_MAX_ROWS", 0)  # one line: laid out from the cells
     pattern = _run(tmp_path, rng)
@@ -200,3 +201,35 @@ def test_a_step_entry_saying_another_number_than_the_name_is_a_miss(
         entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
     warm = runner.invoke(cli, [*args, *cached])
     assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+
+
+def test_a_file_entry_whose_sum_of_squares_exceeds_the_square_of_its_sum_is_a_miss(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """s1 made the smallest subnormal by hand (checksum valid), s2 left: Σx² > (Σ|x|)², impossible for real sums;
+    combine() took its shared exponent from s1 and overflowed rescaling s2 (found by benchmarks/fuzz_cache.py,
+    seed 11): a miss now, the file read again."""
+    monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
+    pattern = _run(tmp_path, rng)
+    runner = CliRunner()
+    args = ["trend", pattern, "-f", "csv", "-q"]
+    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
+    cached = ["--cache-dir", str(tmp_path / "c")]
+    runner.invoke(cli, [*args, *cached], catch_exceptions=False)
+    for entry in (tmp_path / "c").glob("*.step"):
+        entry.unlink()
+    entries = sorted((tmp_path / "c").glob("*.json"))
+    for entry in entries:
+        doc = json.loads(entry.read_bytes())
+        for row in doc["stats"].values():
+            row[5] = (5e-324).hex()
+        doc["checksum"] = _file_checksum(doc["key"], doc["stats"])
+        entry.write_text(json.dumps(doc))
+    cache = cache_mod.Cache(tmp_path / "c")
+    assert _csv(trend(pattern, cache=cache)) == _csv(trend(pattern))
+    assert cache.misses == 3 and cache.hits == 0
+    warm = runner.invoke(cli, [*args, *cached])
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+
+
+def _csv(report: object) -> list[tuple[object, ...]]:
+    return list(report.csv_rows())  # type: ignore[attr-defined]
