@@ -33,6 +33,17 @@ def _run(tmp_path: Path, rng: np.random.Generator, steps: int = 3, tensors: int 
     return str(run / "step_*.safetensors")
 
 
+def _plain_then_cached(tmp_path: Path, path: str, *options: str) -> tuple[list[str], list[str], str]:
+    """``trend PATH OPTIONS`` without the cache, then once with ``tmp_path/c`` (filled, the same output): the
+    arguments, the cache's arguments and the plain output."""
+    runner = CliRunner()
+    args = ["trend", path, *options]
+    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False).stdout
+    cached = ["--cache-dir", str(tmp_path / "c")]
+    assert runner.invoke(cli, [*args, *cached], catch_exceptions=False).stdout == plain
+    return args, cached, plain
+
+
 def _rewrite(entry: Path, change: bytes, at_end: int) -> None:
     """``entry`` with ``change`` written ``at_end`` bytes before its end, its SHA-256 recomputed (valid)."""
     body = bytearray(entry.read_bytes()[65:])
@@ -52,10 +63,7 @@ def test_a_step_entry_with_cells_that_are_not_json_numbers_prints_the_plain_json
     monkeypatch.setattr(json_format, "PRETTY_MAX_ROWS", 0)  # one line: laid out from the cells
     pattern = _run(tmp_path, rng)
     runner = CliRunner()
-    args = ["trend", pattern, "-f", "json", "-q"]
-    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
-    cached = ["--cache-dir", str(tmp_path / "c")]
-    assert runner.invoke(cli, [*args, *cached], catch_exceptions=False).stdout == plain.stdout
+    args, cached, plain = _plain_then_cached(tmp_path, pattern, "-f", "json", "-q")
     entries = sorted((tmp_path / "c").glob("*.step"))
     assert len(entries) == 3
     for entry in entries:  # the last cell: the last row's share; the first of the shares' column
@@ -63,7 +71,7 @@ def test_a_step_entry_with_cells_that_are_not_json_numbers_prints_the_plain_json
         _rewrite(entry, cell.ljust(SPELLING_WIDTH, b"\0"), 5 * SPELLING_WIDTH)
     warm = runner.invoke(cli, [*args, *cached])
     assert warm.exception is None and warm.exit_code == 0, warm.stderr
-    assert warm.stdout == plain.stdout
+    assert warm.stdout == plain
     json.loads(warm.stdout, parse_constant=lambda c: pytest.fail(f"bare {c}"))
 
 
@@ -92,10 +100,7 @@ def test_a_step_entry_with_a_step_number_beyond_int64_is_a_miss(
     monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
     pattern = _run(tmp_path, rng)
     runner = CliRunner()
-    args = ["trend", pattern, "-f", "csv", "-q"]
-    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
-    cached = ["--cache-dir", str(tmp_path / "c")]
-    runner.invoke(cli, [*args, *cached], catch_exceptions=False)
+    args, cached, plain = _plain_then_cached(tmp_path, pattern, "-f", "csv", "-q")
     entry = sorted((tmp_path / "c").glob("*.step"))[0]
     head, rest = entry.read_bytes()[65:].split(b"\n", 1)
     doc = json.loads(head)
@@ -106,7 +111,7 @@ def test_a_step_entry_with_a_step_number_beyond_int64_is_a_miss(
     assert [s.step for s in trend(pattern, cache=cache).steps] == [0, 1, 2] and cache.step_misses == 1
     entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
     warm = runner.invoke(cli, [*args, *cached])
-    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain
 
 
 def _file_checksum(key: object, stats: object) -> str:
@@ -123,10 +128,7 @@ def test_a_file_entry_with_a_negative_sum_is_a_miss(tmp_path: Path, rng: np.rand
     monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
     pattern = _run(tmp_path, rng)
     runner = CliRunner()
-    args = ["trend", pattern, "-f", "csv", "-q", "-p", p]
-    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
-    cached = ["--cache-dir", str(tmp_path / "c")]
-    runner.invoke(cli, [*args, *cached], catch_exceptions=False)
+    args, cached, plain = _plain_then_cached(tmp_path, pattern, "-f", "csv", "-q", "-p", p)
     for entry in (tmp_path / "c").glob("*.step"):
         entry.unlink()  # else the step entries answer, the file entries unread
     entries = sorted((tmp_path / "c").glob("*.json"))
@@ -142,7 +144,7 @@ def test_a_file_entry_with_a_negative_sum_is_a_miss(tmp_path: Path, rng: np.rand
 
     negative()
     warm = runner.invoke(cli, [*args, *cached])
-    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain
     negative()
     for entry in (tmp_path / "c").glob("*.step"):
         entry.unlink()
@@ -187,10 +189,7 @@ def test_a_step_entry_saying_another_number_than_the_name_is_a_miss(
     path, extra = (str(run), []) if layout == "dumper" else (str(run / "ckpt_*.safetensors"), ["--step-pattern",
                                                                                                  r"ckpt_(\d+)"])
     runner = CliRunner()
-    args = ["trend", path, "-f", "csv", "-q", *extra]
-    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
-    cached = ["--cache-dir", str(tmp_path / "c")]
-    assert runner.invoke(cli, [*args, *cached], catch_exceptions=False).stdout == plain.stdout
+    args, cached, plain = _plain_then_cached(tmp_path, path, "-f", "csv", "-q", *extra)
     entries = sorted((tmp_path / "c").glob("*.step"))
     assert len(entries) == 3
     for entry in entries:  # every entry says step 0
@@ -200,7 +199,7 @@ def test_a_step_entry_saying_another_number_than_the_name_is_a_miss(
         body = json.dumps(doc, separators=(",", ":")).encode("ascii") + b"\n" + rest
         entry.write_bytes(hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body)
     warm = runner.invoke(cli, [*args, *cached])
-    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain
 
 
 def test_a_file_entry_whose_sum_of_squares_exceeds_the_square_of_its_sum_is_a_miss(
@@ -211,10 +210,7 @@ def test_a_file_entry_whose_sum_of_squares_exceeds_the_square_of_its_sum_is_a_mi
     monkeypatch.setattr(cache_mod, "SETTLE_NS", 0)
     pattern = _run(tmp_path, rng)
     runner = CliRunner()
-    args = ["trend", pattern, "-f", "csv", "-q"]
-    plain = runner.invoke(cli, [*args, "--no-cache"], catch_exceptions=False)
-    cached = ["--cache-dir", str(tmp_path / "c")]
-    runner.invoke(cli, [*args, *cached], catch_exceptions=False)
+    args, cached, plain = _plain_then_cached(tmp_path, pattern, "-f", "csv", "-q")
     for entry in (tmp_path / "c").glob("*.step"):
         entry.unlink()
     entries = sorted((tmp_path / "c").glob("*.json"))
@@ -228,7 +224,7 @@ def test_a_file_entry_whose_sum_of_squares_exceeds_the_square_of_its_sum_is_a_mi
     assert _csv(trend(pattern, cache=cache)) == _csv(trend(pattern))
     assert cache.misses == 3 and cache.hits == 0
     warm = runner.invoke(cli, [*args, *cached])
-    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain.stdout
+    assert warm.exception is None and warm.exit_code == 0 and warm.stdout == plain
 
 
 def _csv(report: object) -> list[tuple[object, ...]]:
