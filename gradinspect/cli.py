@@ -923,8 +923,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # A warm `trend` makes a million floats in tuples, which hold no cycles; at the default threshold (700 new
     # objects) the cyclic collector's passes over them were about a tenth of the run.  It still runs.
+    threshold = gc.get_threshold()
     gc.set_threshold(100_000, 20, 100)
-    cli.main(args=argv, prog_name="gradinspect")
+    try:
+        cli.main(args=argv, prog_name="gradinspect")
+    finally:  # as it was, for a program that calls main()
+        gc.set_threshold(*threshold)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -309,3 +309,22 @@ def _mkdir(path: Path) -> Path:
 def _npz_object(path: Path) -> Path:
     np.savez(path, w=np.array([object()], dtype=object))
     return path
+
+
+def test_main_leaves_the_collector_as_it_found_it() -> None:
+    """main() raises the cyclic collector's threshold for its run (a warm trend makes a million tuples of floats)
+    and puts it back, for a program that calls it."""
+    import gc
+
+    from gradinspect.cli import main
+
+    before = gc.get_threshold()
+    seen = []
+    real = gc.set_threshold
+    try:
+        gc.set_threshold = lambda *t: (seen.append(t), real(*t))[1]  # type: ignore[assignment]
+        with pytest.raises(SystemExit, match="0"):
+            main(["--version"])
+    finally:
+        gc.set_threshold = real  # type: ignore[assignment]
+    assert seen == [(100_000, 20, 100), before] and gc.get_threshold() == before

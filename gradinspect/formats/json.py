@@ -31,10 +31,7 @@ PRETTY_MAX_ROWS = 1000
 def dumps(doc: dict[str, Any], encoded: Mapping[str, str] | None = None) -> str:
     """``doc`` as strict JSON text.  ``encoded``: top-level values already encoded, by key, exactly as
     this function would encode them (used only on one line, for a large document)."""
-    # A trend document holds a row's numbers for every step: its series count steps x tensors.
-    rows = len(doc.get("tensors", ())) * max(1, len(doc.get("steps", ())))
-    rows += len(doc.get("report", {}).get("tensors", ()))
-    indent = 2 if rows <= PRETTY_MAX_ROWS else None
+    indent = 2 if _pretty(doc) else None
     # One pass of the C encoder; Python's spellings of non-finite numbers (bare NaN, Infinity, -Infinity,
     # never inside a string) then become strings.  A document of 400,000 numbers is encoded once, not twice.
     if encoded and indent is None:  # what json.dumps writes on one line, with some values given (strict)
@@ -45,6 +42,14 @@ def dumps(doc: dict[str, Any], encoded: Mapping[str, str] | None = None) -> str:
     if not text.isascii() or "\x7f" in text:
         text = _UNSAFE.sub(_escape, text)
     return text + "\n"
+
+
+def _pretty(doc: dict[str, Any]) -> bool:
+    """Whether ``doc`` is small enough to be indented (:data:`PRETTY_MAX_ROWS`)."""
+    # A trend document holds a row's numbers for every step: its series count steps x tensors.
+    rows = len(doc.get("tensors", ())) * max(1, len(doc.get("steps", ())))
+    rows += len(doc.get("report", {}).get("tensors", ()))
+    return rows <= PRETTY_MAX_ROWS
 
 
 def _one_line(value: Any) -> str:
@@ -81,7 +86,7 @@ def trend_dumps(report: Any) -> str:
     from ..trend import series_spellings
 
     doc = report.to_dict()
-    spelled = series_spellings(report)
+    spelled = None if _pretty(doc) else series_spellings(report)  # a small document is pretty-printed
     if spelled is None:
         return dumps(doc)
     norm, share = spelled
