@@ -76,6 +76,7 @@ __all__ = [
     "evaluate",
     "max_norm_for_target",
     "median_rows",
+    "percentiles",
     "series",
     "series_spellings",
     "spell",
@@ -616,7 +617,10 @@ def evaluate(report: TrendReport, fail_on: Sequence[str] = (), max_clip_fraction
             n = int(sum(st.finite for st in report.steps))
             found.append(TrendFinding("clip_fraction", None, f"{frac:.1%} of the {n} finite steps are clipped at "
                                       f"max_norm {report.max_norm:g}, more than {max_clip_fraction:g}"))
-    return dataclasses.replace(report, rules=rules, findings=tuple(found))
+    out = dataclasses.replace(report, rules=rules, findings=tuple(found))
+    if vars(report).get(_SERIES_OF_STEPS):  # the same series
+        _mark_series_of_steps(out)
+    return out
 
 
 # --- the analysis -------------------------------------------------------------
@@ -644,13 +648,27 @@ def analyze(
     if not 0.0 <= clip_target <= 1.0:
         raise ValueError(f"clip target must be between 0 and 1, not {clip_target}")
     s = steps if isinstance(steps, Series) else Series(steps)
-    return TrendReport(
+    report = TrendReport(
         norm_type=float(norm_type), max_norm=max_norm, eps=eps, group_by=group_by, window=window,
         spike_factor=spike_factor, steps=s.steps, tensors=s.names,
         series_norm=_rows_of(s, "norm"), series_share=_rows_of(s, "share"),
         spikes=_spikes(s, window, spike_factor), first_nonfinite=_first_nonfinite(s),
         clip_summary=_clip_summary(s, clip_target, eps), dead=_dead(s), missing=_missing(s), drift=_drift(s),
     )
+    if _same_rows(s):
+        _mark_series_of_steps(report)
+    return report
+
+
+#: A report's private mark: its series are its steps' own values, transposed by :func:`analyze` (so
+#: :func:`series_spellings` need not compare them).  Not a field: ``dataclasses.replace`` drops it, and a
+#: report with other series is checked value by value; :func:`evaluate`, which changes only the findings,
+#: keeps it.
+_SERIES_OF_STEPS = "_series_of_steps"
+
+
+def _mark_series_of_steps(report: TrendReport) -> None:
+    object.__setattr__(report, _SERIES_OF_STEPS, True)
 
 
 def series_spellings(report: TrendReport) -> tuple[np.ndarray, np.ndarray] | None:
@@ -668,6 +686,8 @@ def series_spellings(report: TrendReport) -> tuple[np.ndarray, np.ndarray] | Non
         return None
     if not _well_spelled(cells):  # cells of a step entry are untrusted input
         return None
+    if vars(report).get(_SERIES_OF_STEPS):  # made by analyze from these steps: their values, by construction
+        return cells[0], cells[1]
     for k, (rows, column) in enumerate(((report.series_norm, "norm"), (report.series_share, "share"))):
         if len(rows) != len(names):
             return None
@@ -705,12 +725,16 @@ def _well_spelled(cells: np.ndarray) -> bool:
     return not flat.tobytes().translate(None, _NUMBER_BYTES + b"\0")
 
 
+def _same_rows(s: Series) -> bool:
+    """Every step has the series' rows, in its order."""
+    return bool(s.steps) and all(st.names == s.names for st in s.steps)
+
+
 def _rows_of(s: Series, column: str) -> tuple[tuple[float | None, ...], ...]:
     """The series of ``column`` ([row][step], None where absent): when every step has the same rows, its
     steps' very floats (a transpose); else from the arrays."""
-    first = s.steps[0].names if s.steps else ()
-    if first == s.names and all(st.names == first for st in s.steps):
-        return tuple(zip(*(getattr(st, column) for st in s.steps), strict=True)) if s.steps else ()
+    if _same_rows(s):
+        return tuple(zip(*(getattr(st, column) for st in s.steps), strict=True))
     return _with_none(getattr(s, column), s.present)
 
 
@@ -762,11 +786,31 @@ def _first_nonfinite(s: Series) -> FirstNonfinite | None:
     return None
 
 
+def percentiles(values: np.ndarray, qs: Sequence[float]) -> tuple[float, ...]:
+    """``np.percentile(values, qs)`` of a 1-D array without NaN, bit for bit: numpy's default, linear
+    interpolation between the sorted values at ``(n - 1) * q / 100``, with its two-sided formula
+    (``a + (b - a) * t``, or ``b - (b - a) * (1 - t)`` for ``t >= 0.5``).  Written out because numpy's
+    own imports ``numpy.ma`` on its first call (8 ms of a warm ``trend``)."""
+    ordered = np.sort(values)
+    n = len(ordered)
+    out = []
+    for q in qs:
+        v = (n - 1) * (q / 100)
+        lo = math.floor(v)
+        if v >= n - 1:
+            out.append(float(ordered[-1]))
+            continue
+        a, b, t = float(ordered[lo]), float(ordered[lo + 1]), v - lo
+        diff = b - a
+        out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+    return tuple(out)
+
+
 def _clip_summary(s: Series, target: float, eps: float) -> ClipSummary:
     norms = s.global_norm[s.finite]
     if not len(norms):
         return ClipSummary(math.nan, math.nan, math.nan, math.nan, math.nan, target, math.nan)
-    p50, p90, p99 = (float(x) for x in np.percentile(norms, [50, 90, 99]))
+    p50, p90, p99 = percentiles(norms, (50, 90, 99))
     return ClipSummary(int(np.count_nonzero(s.clipped[s.finite])) / len(norms), p50, p90, p99,
                        float(norms.max()), target, max_norm_for_target(norms, target, eps))
 

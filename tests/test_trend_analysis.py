@@ -393,3 +393,15 @@ def test_a_thousand_steps_of_two_hundred_tensors(rng: np.random.Generator) -> No
     assert len(trend.tensors) == 200
     s = series(steps)
     assert s.norm.shape == (200, 1000) and s.present.all()
+
+
+def test_percentiles_are_numpys_bit_for_bit(rng: np.random.Generator) -> None:
+    """trend.percentiles against np.percentile (its default, linear), == for every size and quantile."""
+    from gradinspect.trend import percentiles
+
+    qs = (0, 1, 12.5, 33.3, 50, 66.7, 90, 99, 99.9, 100)
+    for n in [*range(1, 40), 97, 1000, 4097]:
+        for scale in (1e-300, 1.0, 1e300):
+            values = np.abs(rng.standard_normal(n)) * scale
+            values[rng.integers(0, n, n // 3)] = values[0]  # ties
+            assert percentiles(values, qs) == tuple(np.percentile(values, qs).tolist()), (n, scale)

@@ -26,6 +26,7 @@ from gradinspect.trend import (
     StepResult,
     StepTotals,
     analyze,
+    evaluate,
     series_spellings,
     spell_cells,
     with_spellings,
@@ -83,6 +84,11 @@ def test_the_laid_out_series_is_the_plain_encoding(rng: np.random.Generator, mon
     report = analyze(steps)
     spelled = series_spellings(report)
     assert spelled is not None and spelled[0].shape == (rows, 12, SPELLING_WIDTH)
+    if rows:  # evaluate() changes only the findings: its report is laid out the same, without checking again
+        ruled = evaluate(report, ["spike", "nonfinite"], 0.5)
+        assert json_format.trend_dumps(ruled) == _plain(ruled)
+        again = series_spellings(ruled)
+        assert again is not None and all(np.array_equal(a, b) for a, b in zip(again, spelled, strict=True))
     text = json_format.trend_dumps(report)
     assert text == _plain(report)
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))  # strict: no bare NaN
