@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -111,17 +111,6 @@ def _escape(m: re.Match[str]) -> str:
     if "\ud800" <= c <= "\udfff":  # visible text, its backslash escaped for JSON
         return escape_char(c).replace("\\", "\\\\")
     return f"\\u{ord(c):04x}"
-
-
-def _render(report: Any, out: TextIO, options: RenderOptions) -> None:
-    out.write(dumps(report.to_dict()))
-
-
-def render_trend(report: Any, out: TextIO, options: RenderOptions) -> None:
-    out.write(trend_dumps(report))
-
-
-render_norms = render_check = render_diff = render_info = _render
 
 
 class JsonFormat(Format):
