@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .norms import CHUNK, SMALL, Stats
-from .trend import SPELLING_WIDTH, StepResult, StepTotals, with_spellings
+from .trend import MAX_STEP, SPELLING_WIDTH, StepResult, StepTotals, with_spellings
 
 if TYPE_CHECKING:
     from .sources.base import Source
@@ -76,7 +76,6 @@ MAX_BYTES = 512 << 20  #: bytes kept (an entry is about 100 bytes per tensor)
 SETTLE_NS = 2_000_000_000  #: a file changed more recently than this is not stored
 _MAX_ENTRY = 64 << 20  # a larger entry file is not read
 _SUFFIXES = (".json", ".step")  # file entries, step entries
-_MAX_STEP = 2**63 - 1  # a step number, as trend reads one (steps are kept as int64)
 # an entry is opened without waiting: a FIFO (or other special file) put in its place is read as empty, a miss
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
@@ -228,7 +227,7 @@ def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
     tensor_names = names if data[start:end] == b"null" else _names(data[start:end], known)
     sources, warnings = _strings(head["sources"]), list(_strings(head["warnings"]))
     step, clipped, total = head["step"], head["clipped"], head["total"]
-    if (type(step) is not int or not 0 <= step <= _MAX_STEP or type(clipped) is not bool or type(total) is not list
+    if (type(step) is not int or not 0 <= step <= MAX_STEP or type(clipped) is not bool or type(total) is not list
             or len(total) != 4 or not all(type(x) is int and x >= 0 for x in total)):
         return None
     n, t = len(names), len(tensor_names)

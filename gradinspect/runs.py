@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 from .clip import DEFAULT_EPS
 from .errors import InputError
-from .trend import DEFAULT_CLIP_TARGET, DEFAULT_SPIKE_FACTOR, DEFAULT_WINDOW, StepResult, TrendReport, analyze
+from .trend import (
+    DEFAULT_CLIP_TARGET,
+    DEFAULT_SPIKE_FACTOR,
+    DEFAULT_WINDOW,
+    MAX_STEP,
+    StepResult,
+    TrendReport,
+    analyze,
+)
 
 if TYPE_CHECKING:
     from .norms import Stats
@@ -39,12 +47,11 @@ if TYPE_CHECKING:
 __all__ = ["StepPath", "compile_step_pattern", "find_steps", "regroup", "trend", "step_warnings", "files_state"]
 
 _INT = re.compile(r"[0-9]+")
-_MAX_STEP = 2**63 - 1  # steps are kept as int64
 
 
 def _step(text: str, where: str, what: str) -> int:
     """A step number: ASCII digits, at most 2**63 - 1."""
-    if not text.isascii() or not text.isdigit() or int(text) > _MAX_STEP:
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_STEP:
         raise InputError(where, f"{what} {text[:40]!r} is not a step number (a whole number from 0 to 2**63 - 1)")
     return int(text)
 

@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_SPIKE_FACTOR",
     "DEFAULT_WINDOW",
     "DRIFT_TOP",
+    "MAX_STEP",
     "SPELLING_WIDTH",
     "TREND_CSV_COLUMNS",
     "TREND_SCHEMA",
@@ -92,6 +93,7 @@ DEFAULT_CLIP_TARGET = 0.1
 DRIFT_TOP = 10
 FAIL_ON = ("spike", "nonfinite")  # --fail-on rules; --max-clip-fraction is the rule clip_fraction
 MIN_BASELINE = 3  # finite steps a baseline needs
+MAX_STEP = 2**63 - 1  #: the largest step number (steps are kept as int64)
 
 
 # --- input: one step ----------------------------------------------------------
