@@ -7,9 +7,18 @@ import math
 import os
 from collections.abc import Callable, Mapping
 
-__all__ = ["dump_metadata", "save_atomically"]
+__all__ = ["check_step", "dump_metadata", "save_atomically"]
 
 _OPTIONS = ("step", "loss_scale")  # metadata keys given as save_grads keyword arguments
+
+
+def check_step(step: object) -> int:
+    """``step`` when it is a step number ``trend`` reads (an int from 0 to 2**63 - 1), else ValueError."""
+    from .trend import MAX_STEP
+
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be an integer from 0 to 2**63 - 1, not {step!r}")
+    return int(step)
 
 
 def dump_metadata(step: int | None, loss_scale: float | None, metadata: Mapping[str, str] | None,
@@ -25,9 +34,7 @@ def dump_metadata(step: int | None, loss_scale: float | None, metadata: Mapping[
             raise TypeError(f"metadata must map str to str, not {key!r}: {value!r}")
         md[key] = value
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
-            raise ValueError(f"step must be an integer from 0 to 2**63 - 1, not {step!r}")
-        md["step"] = str(int(step))
+        md["step"] = str(check_step(step))
     if loss_scale is not None:
         scale = float(loss_scale)
         if not 0.0 < scale < math.inf:

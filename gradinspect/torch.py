@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .dumps import dump_metadata, save_atomically
+from .dumps import check_step, dump_metadata, save_atomically
 
 __all__ = ["save_grads", "GradDumper", "TORCH_EXTRA"]
 
@@ -208,8 +208,7 @@ class GradDumper:
         ``loss_scale``: the scale the gradients carry (AMP: ``scaler.get_scale()``), written to the
         metadata and divided out of the norm.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
-            raise ValueError(f"step must be an integer from 0 to 2**63 - 1, not {step!r}")
+        check_step(step)
         reason = "every" if step % self.every == 0 else None
         if self.on_nonfinite or self.spike_factor is not None:
             norm = self.last_norm = self.global_norm(loss_scale)
