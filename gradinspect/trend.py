@@ -650,14 +650,15 @@ def analyze(
     if not 0.0 <= clip_target <= 1.0:
         raise ValueError(f"clip target must be between 0 and 1, not {clip_target}")
     s = steps if isinstance(steps, Series) else Series(steps)
+    same = bool(s.steps) and all(st.names == s.names for st in s.steps)  # every step has the series' rows
     report = TrendReport(
         norm_type=float(norm_type), max_norm=max_norm, eps=eps, group_by=group_by, window=window,
         spike_factor=spike_factor, steps=s.steps, tensors=s.names,
-        series_norm=_rows_of(s, "norm"), series_share=_rows_of(s, "share"),
+        series_norm=_rows_of(s, "norm", same), series_share=_rows_of(s, "share", same),
         spikes=_spikes(s, window, spike_factor), first_nonfinite=_first_nonfinite(s),
         clip_summary=_clip_summary(s, clip_target, eps), dead=_dead(s), missing=_missing(s), drift=_drift(s),
     )
-    if _same_rows(s):
+    if same:
         _mark_series_of_steps(report)
     return report
 
@@ -727,15 +728,10 @@ def _well_spelled(cells: np.ndarray) -> bool:
     return not flat.tobytes().translate(None, _NUMBER_BYTES + b"\0")
 
 
-def _same_rows(s: Series) -> bool:
-    """Every step has the series' rows, in its order."""
-    return bool(s.steps) and all(st.names == s.names for st in s.steps)
-
-
-def _rows_of(s: Series, column: str) -> tuple[tuple[float | None, ...], ...]:
-    """The series of ``column`` ([row][step], None where absent): when every step has the same rows, its
-    steps' very floats (a transpose); else from the arrays."""
-    if _same_rows(s):
+def _rows_of(s: Series, column: str, same: bool) -> tuple[tuple[float | None, ...], ...]:
+    """The series of ``column`` ([row][step], None where absent): when every step has the series' rows
+    (``same``), its steps' very floats (a transpose); else from the arrays."""
+    if same:
         return tuple(zip(*(getattr(st, column) for st in s.steps), strict=True))
     return _with_none(getattr(s, column), s.present)
 
