@@ -11,6 +11,7 @@ import sys
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -116,6 +117,24 @@ def exact_sums(arr: np.ndarray) -> tuple[Fraction, Fraction]:
         s1 += Fraction(int(a)) * Fraction(2) ** (k - 24)
         s2 += Fraction((int(hi) << 24) + int(lo)) * Fraction(2) ** (2 * (k - 24))
     return s1, s2
+
+
+def check_diff_row(row: dict[str, Any], a: np.ndarray, b: np.ndarray) -> None:
+    """A ``diff`` JSON row of tensors ``a`` and ``b`` against an oracle: each side's L2 norm exact
+    (:func:`exact_sums`, float32) or numpy's within 1e-12, the difference's L∞ exact (the values are close,
+    so their differences are), its L2 and the cosine within 1e-12."""
+    x, y = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
+    if a.dtype == np.float32:
+        (_, sa), (_, sb) = exact_sums(a), exact_sums(b)
+        assert rel_sqrt(row["l2_a"], sa) <= 1e-12 and rel_sqrt(row["l2_b"], sb) <= 1e-12, row["name"]
+    else:
+        assert row["l2_a"] == pytest.approx(float(np.linalg.norm(x)), rel=1e-12), row["name"]
+        assert row["l2_b"] == pytest.approx(float(np.linalg.norm(y)), rel=1e-12), row["name"]
+    d = x - y
+    assert row["linf_diff"] == float(np.abs(d).max()), row["name"]
+    assert row["l2_diff"] == pytest.approx(float(np.linalg.norm(d)), rel=1e-12), row["name"]
+    cos = float(x @ y) / float(np.linalg.norm(x)) / float(np.linalg.norm(y))
+    assert row["cosine"] == pytest.approx(cos, rel=1e-12), row["name"]
 
 
 def _dec(f: Fraction) -> Decimal:

@@ -13,13 +13,12 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ptwriter import Storage, T, save
 from safetensors.numpy import save_file
 
-from conftest import exact_sums, rel, rel_sqrt, run, strict_json
+from conftest import check_diff_row, exact_sums, rel, run, strict_json
 from gradinspect.sources.store import ChunkBuffer, MemoryStore
 from gradinspect.sources.views import view_chunks
 
@@ -118,18 +117,7 @@ def test_diff_of_views_is_that_of_contiguous_copies_and_the_oracle(tmp_path: Pat
     for row in ours["tensors"]:
         a, b = va[row["name"]].view(), vb[row["name"]].view()
         assert row["shape"] == list(a.shape) and row["numel"] == a.size
-        x, y = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
-        if a.dtype == np.float32:
-            (_, sa), (_, sb) = exact_sums(a), exact_sums(b)
-            assert rel_sqrt(row["l2_a"], sa) <= 1e-12 and rel_sqrt(row["l2_b"], sb) <= 1e-12, row["name"]
-        else:
-            assert row["l2_a"] == pytest.approx(float(np.linalg.norm(x)), rel=1e-12), row["name"]
-            assert row["l2_b"] == pytest.approx(float(np.linalg.norm(y)), rel=1e-12), row["name"]
-        d = x - y  # exact: the values are close
-        assert row["linf_diff"] == float(np.abs(d).max()), row["name"]
-        assert row["l2_diff"] == pytest.approx(float(np.linalg.norm(d)), rel=1e-12), row["name"]
-        cos = float(x @ y) / float(np.linalg.norm(x)) / float(np.linalg.norm(y))
-        assert row["cosine"] == pytest.approx(cos, rel=1e-12), row["name"]
+        check_diff_row(row, a, b)
 
 
 def test_diff_finds_one_changed_element_of_each_view(tmp_path: Path, rng: np.random.Generator) -> None:

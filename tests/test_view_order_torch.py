@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import exact_sums, rel_sqrt, run, strict_json
+from conftest import check_diff_row, run, strict_json
 
 torch = pytest.importorskip("torch", reason="torch writes the files these tests read (gradinspect never imports it)")
 
@@ -63,17 +63,7 @@ def test_diff_of_torch_views(tmp_path: Path) -> None:
     for row in ours["tensors"]:
         a, b = _numpy(la[row["name"]]), _numpy(lb[row["name"]])
         assert row["shape"] == list(a.shape), row["name"]
-        x, y = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
-        if a.dtype == np.float32:
-            (_, sa), (_, sb) = exact_sums(a), exact_sums(b)
-            assert rel_sqrt(row["l2_a"], sa) <= 1e-12 and rel_sqrt(row["l2_b"], sb) <= 1e-12, row["name"]
-        else:
-            assert row["l2_a"] == pytest.approx(float(np.linalg.norm(x)), rel=1e-12), row["name"]
-        d = x - y  # exact: the values are close
-        assert row["linf_diff"] == float(np.abs(d).max()), row["name"]
-        assert row["l2_diff"] == pytest.approx(float(np.linalg.norm(d)), rel=1e-12), row["name"]
-        cos = float(x @ y) / float(np.linalg.norm(x)) / float(np.linalg.norm(y))
-        assert row["cosine"] == pytest.approx(cos, rel=1e-12), row["name"]
+        check_diff_row(row, a, b)
 
 
 def test_copies_of_torch_views(tmp_path: Path) -> None:
