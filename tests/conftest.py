@@ -119,6 +119,31 @@ def exact_sums(arr: np.ndarray) -> tuple[Fraction, Fraction]:
     return s1, s2
 
 
+def readme_blocks() -> list[list[str]]:
+    """The lines of every fenced code block of README.md, in order."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").split("\n"):
+        if line.startswith("```"):
+            if current is None:
+                current = []
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def lines_match(expected: list[str], actual: list[str]) -> bool:
+    """``actual`` is ``expected``, where a line ``...`` stands for any number of lines."""
+    if not expected:
+        return not actual
+    if expected[0] == "...":
+        return any(lines_match(expected[1:], actual[i:]) for i in range(len(actual) + 1))
+    return bool(actual) and expected[0] == actual[0] and lines_match(expected[1:], actual[1:])
+
+
 def check_diff_row(row: dict[str, Any], a: np.ndarray, b: np.ndarray) -> None:
     """A ``diff`` JSON row of tensors ``a`` and ``b`` against an oracle: each side's L2 norm exact
     (:func:`exact_sums`, float32) or numpy's within 1e-12, the difference's L∞ exact (the values are close,

@@ -11,23 +11,11 @@ import shlex
 
 import pytest
 
-from conftest import ROOT, run_process
+from conftest import ROOT, lines_match, readme_blocks, run_process
 
 
 def _blocks() -> list[list[str]]:
-    blocks: list[list[str]] = []
-    current: list[str] | None = None
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").split("\n"):
-        if line.startswith("```"):
-            if current is None:
-                current = []
-            else:
-                if current and current[0].startswith("$ gradinspect"):
-                    blocks.append(current)
-                current = None
-        elif current is not None:
-            current.append(line)
-    return blocks
+    return [b for b in readme_blocks() if b and b[0].startswith("$ gradinspect")]
 
 
 def _run(command: str, last_code: int) -> tuple[str, int]:
@@ -51,15 +39,6 @@ def _run(command: str, last_code: int) -> tuple[str, int]:
     return out, proc.returncode
 
 
-def _matches(expected: list[str], actual: list[str]) -> bool:
-    """``...`` in ``expected`` matches any run of lines."""
-    if not expected:
-        return not actual
-    if expected[0] == "...":
-        return any(_matches(expected[1:], actual[i:]) for i in range(len(actual) + 1))
-    return bool(actual) and expected[0] == actual[0] and _matches(expected[1:], actual[1:])
-
-
 BLOCKS = _blocks()
 
 
@@ -80,7 +59,7 @@ def test_readme_block(block: list[str]) -> None:
         out, code = _run(command, code)
         actual = [line.rstrip() for line in out.rstrip("\n").split("\n")] if out.strip() else []
         shown = f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
-        assert _matches(expected, actual), shown
+        assert lines_match(expected, actual), shown
         i = j
 
 

@@ -12,32 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_process
+from conftest import ROOT, lines_match, readme_blocks, run_process
 
 
 def _round_trip() -> tuple[str, list[str]]:
     """The `# train.py` block and the session block right after it."""
-    blocks: list[list[str]] = []
-    current: list[str] | None = None
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").split("\n"):
-        if line.startswith("```"):
-            if current is None:
-                current = []
-            else:
-                blocks.append(current)
-                current = None
-        elif current is not None:
-            current.append(line)
+    blocks = readme_blocks()
     i = next(i for i, b in enumerate(blocks) if b and b[0].startswith("# train.py"))
     return "\n".join(blocks[i]) + "\n", blocks[i + 1]
-
-
-def _matches(expected: list[str], actual: list[str]) -> bool:
-    if not expected:
-        return not actual
-    if expected[0] == "...":
-        return any(_matches(expected[1:], actual[i:]) for i in range(len(actual) + 1))
-    return bool(actual) and expected[0] == actual[0] and _matches(expected[1:], actual[1:])
 
 
 def test_the_readme_shows_the_round_trip() -> None:
@@ -75,5 +57,5 @@ def test_the_round_trip_runs(tmp_path: Path) -> None:
         out = _run(command, tmp_path)
         actual = [line.rstrip() for line in out.rstrip("\n").split("\n")] if out.strip() else []
         shown = f"{command}\n--- README\n" + "\n".join(expected) + "\n--- actual\n" + "\n".join(actual)
-        assert _matches(expected, actual), shown
+        assert lines_match(expected, actual), shown
         i = j
