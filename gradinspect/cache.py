@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .norms import CHUNK, SMALL, Stats
-from .trend import MAX_STEP, SPELLING_WIDTH, StepResult, StepTotals, with_spellings
+from .trend import MAX_STEP, SPELLING_WIDTH, StepResult, StepTotals, packed_step, with_spellings
 
 if TYPE_CHECKING:
     from .sources.base import Source
@@ -235,13 +235,7 @@ def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
     if len(data) - at != 8 * (6 + 6 * n) + 8 * (n + 2 * t) + t + 2 * n * SPELLING_WIDTH:
         return None
     l1, l2, linf, norm, sq, coef = struct.unpack_from("<6d", data, at)
-    col = struct.Struct(f"<{n}d").unpack_from  # tuples of floats: no list made and copied
-    f = [col(data, at + 8 * (6 + k * n)) for k in range(3)]  # l1, l2, linf
-    start = at + 8 * (6 + 3 * n)
-    norm_bytes = data[start:start + 8 * n]  # with -p 1, 2 or inf the norms are one of those, bit for bit: shared
-    same = [c for k, c in enumerate(f) if data[at + 8 * (6 + k * n):at + 8 * (6 + (k + 1) * n)] == norm_bytes]
-    f.append(same[0] if same else col(data, start))
-    f += [col(data, at + 8 * (6 + k * n)) for k in (4, 5)]  # sq, share
+    floats = np.frombuffer(data, dtype="<f8", count=6 * n, offset=at + 48).reshape(6, n).astype(np.float64)
     at += 8 * (6 + 6 * n)
     if data[at:at + 8 * (n + 2 * t)].count(0) == 8 * (n + 2 * t):  # no NaN, no Inf (most steps): shared zeros
         nonfinite, tensor_nan, tensor_inf = _same(0, n), _same(0, t), _same(0, t)
@@ -255,11 +249,10 @@ def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
         return None
     tensor_zero = tuple(map(bool, zero)) if zero.count(0) != t else _same(False, t)
     cells = np.frombuffer(data, dtype=np.uint8, offset=at + t).reshape(2, n, SPELLING_WIDTH).copy()
-    return with_spellings(StepResult(
-        step=step, sources=sources, total=StepTotals(l1, l2, linf, norm, sq, *total), clip_coef=coef,
-        clipped=clipped, names=names, l1=f[0], l2=f[1], linf=f[2], norm=f[3], sq=f[4], share=f[5],
-        nonfinite=nonfinite, tensor_names=tensor_names, tensor_nan=tensor_nan, tensor_inf=tensor_inf,
-        tensor_zero=tensor_zero), cells), warnings
+    return with_spellings(packed_step(
+        floats, step=step, sources=sources, total=StepTotals(l1, l2, linf, norm, sq, *total), clip_coef=coef,
+        clipped=clipped, names=names, nonfinite=nonfinite, tensor_names=tensor_names, tensor_nan=tensor_nan,
+        tensor_inf=tensor_inf, tensor_zero=tensor_zero), cells), warnings
 
 
 class Cache:

@@ -36,14 +36,15 @@ drift.  Rows are tensors, or groups with ``group_by``; ``first_nonfinite`` and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, cast, overload
 
 import numpy as np
 
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_SPIKE_FACTOR",
     "DEFAULT_WINDOW",
     "DRIFT_TOP",
+    "FLOAT_COLUMNS",
     "MAX_STEP",
     "SPELLING_WIDTH",
     "TREND_CSV_COLUMNS",
@@ -74,9 +76,11 @@ __all__ = [
     "allowed_clipped",
     "analyze",
     "baselines",
+    "column_array",
     "evaluate",
     "max_norm_for_target",
     "median_rows",
+    "packed_step",
     "percentiles",
     "series",
     "series_spellings",
@@ -122,6 +126,39 @@ class StepTotals:
                 "numel": self.numel}
 
 
+#: A step's float row columns, in this order in :func:`packed_step`'s array.
+FLOAT_COLUMNS = ("l1", "l2", "linf", "norm", "sq", "share")
+_PACKED = "_packed_floats"  # a packed step's (6, rows) float64 array, in its __dict__
+
+
+class _FloatColumn:
+    """A float row column of :class:`StepResult` (``l1`` .. ``share``): a tuple of floats.  A step the
+    cache read (:func:`packed_step`) keeps its six columns as one float64 array, and makes a column's tuple
+    only when it is asked for: a warm run of 1,000 steps x 200 tensors analyses the arrays, it does not
+    make (and free) a million float objects."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.row = name, FLOAT_COLUMNS.index(name)
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _FloatColumn: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> tuple[float, ...]: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> tuple[float, ...] | _FloatColumn:
+        if obj is None:
+            return self
+        d = vars(obj)
+        value: tuple[float, ...] | None = d.get(self.name)
+        if value is None:
+            value = d[self.name] = tuple(d[_PACKED][self.row].tolist())
+        return value
+
+    def __set__(self, obj: object, value: tuple[float, ...]) -> None:
+        vars(obj)[self.name] = value
+
+
 @dataclass(frozen=True)
 class StepResult:
     """One step: its totals and clip, its rows (columns of equal length, in file order), and its tensors.
@@ -129,7 +166,9 @@ class StepResult:
     Rows (``names`` .. ``nonfinite``) are tensors, or ``group_by`` groups.
     ``tensor_names`` .. ``tensor_zero`` are always tensors (for
     ``first_nonfinite`` and ``dead``); without ``group_by`` they name the
-    same tensors as the rows.
+    same tensors as the rows.  A step read from the cache (:func:`packed_step`)
+    holds its float columns ``l1`` .. ``share`` as one array and makes each
+    tuple when it is first read (:func:`column_array` reads the array).
     """
 
     step: int
@@ -152,7 +191,13 @@ class StepResult:
 
     def __post_init__(self) -> None:
         n = len(self.names)
-        if any(len(c) != n for c in (self.l1, self.l2, self.linf, self.norm, self.sq, self.share, self.nonfinite)):
+        d = vars(self)
+        floats = d.get(_PACKED)
+        if floats is None:
+            lengths = [len(d[c]) for c in FLOAT_COLUMNS]
+        else:  # from packed_step: the float columns not made yet
+            lengths = [n] * len(FLOAT_COLUMNS) if floats.shape == (len(FLOAT_COLUMNS), n) else [-1]
+        if any(k != n for k in (*lengths, len(self.nonfinite))):
             raise ValueError(f"step {self.step}: row columns of different lengths")
         t = len(self.tensor_names)
         if any(len(c) != t for c in (self.tensor_nan, self.tensor_inf, self.tensor_zero)):
@@ -221,6 +266,11 @@ class StepResult:
         )
 
 
+# Installed once the dataclass is made (its __init__ sets the fields through them, its __eq__ and __repr__ read them).
+for _name in FLOAT_COLUMNS:
+    setattr(StepResult, _name, _FloatColumn(_name))
+_OTHER_FIELDS = {f.name for f in dataclasses.fields(StepResult)} - set(FLOAT_COLUMNS)  # packed_step's
+
 _DISTINCT: dict[int, tuple[str, ...]] = {}  # name tuples found distinct, by id (the tuple kept: the id stays its)
 
 
@@ -266,6 +316,34 @@ def with_spellings(step: StepResult, cells: np.ndarray) -> StepResult:
     return step
 
 
+def packed_step(floats: np.ndarray, **fields: Any) -> StepResult:
+    """A :class:`StepResult` whose float columns ``l1`` .. ``share`` are the rows of ``floats`` (float64,
+    shape ``(6, rows)``, in :data:`FLOAT_COLUMNS` order; kept read-only), made into tuples only when asked
+    for; ``fields``: every other field.  As the constructor checks, ValueError for columns of different
+    lengths or a name twice."""
+    if floats.dtype != np.float64 or floats.ndim != 2:
+        raise ValueError(f"floats of dtype {floats.dtype} and shape {floats.shape}: float64 (6, rows) expected")
+    floats = floats.view()
+    floats.flags.writeable = False
+    if fields.keys() != _OTHER_FIELDS:
+        raise TypeError(f"packed_step: fields {', '.join(sorted(fields))}; expected {', '.join(sorted(_OTHER_FIELDS))}")
+    step = StepResult.__new__(StepResult)
+    d = vars(step)
+    d.update(fields)
+    d[_PACKED] = floats
+    step.__post_init__()
+    return step
+
+
+def column_array(step: StepResult, column: str) -> np.ndarray:
+    """The float column ``column`` (one of :data:`FLOAT_COLUMNS`) of ``step`` as float64: the packed
+    array's row, without making the tuple, for a step from :func:`packed_step`."""
+    floats = vars(step).get(_PACKED)
+    if floats is not None:
+        return cast(np.ndarray, floats[FLOAT_COLUMNS.index(column)])
+    return np.array(getattr(step, column), dtype=np.float64)
+
+
 # --- the series: [row][step] arrays -------------------------------------------
 
 class Series:
@@ -297,10 +375,14 @@ class Series:
         self.present = np.zeros((r, n), dtype=bool)
         for rows, cols in groups:  # the steps with the same rows at once
             at = np.ix_(rows, cols)
+            packed = all(_PACKED in vars(ordered[j]) for j in cols)
             for column in ("norm", "sq", "share"):
-                values = itertools.chain.from_iterable(getattr(ordered[j], column) for j in cols)
-                getattr(self, column)[at] = np.fromiter(values, dtype=np.float64, count=len(rows) * len(cols)
-                                                        ).reshape(len(cols), -1).T
+                if packed:  # read from the cache: the arrays, not tuples made of them
+                    values = np.stack([column_array(ordered[j], column) for j in cols])
+                else:
+                    chain = itertools.chain.from_iterable(getattr(ordered[j], column) for j in cols)
+                    values = np.fromiter(chain, dtype=np.float64, count=len(rows) * len(cols)).reshape(len(cols), -1)
+                getattr(self, column)[at] = values.T
             self.present[at] = True
         self.tensor_names, groups = _index(ordered, "tensor_names")
         self.tensor_present = np.zeros((len(self.tensor_names), n), dtype=bool)
@@ -504,6 +586,44 @@ class TrendFinding:
     message: str
 
 
+class _Deferred:
+    """A field's value not made yet: ``make(*args)`` makes it when the field is first read (:class:`_Later`).
+    Picklable when ``make`` is a module-level function."""
+
+    __slots__ = ("args", "make")
+
+    def __init__(self, make: Callable[..., Any], *args: Any) -> None:
+        self.make, self.args = make, args
+
+
+class _Later:
+    """A field of a frozen dataclass that may be given as a :class:`_Deferred`: made on first read, then
+    kept.  A trend report's series ([row][step] tuples: 400,000 floats for 1,000 steps x 200 tensors) are
+    made only when read: the table, and ``-f json`` when it lays the series out from their spellings, never
+    read them."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Later: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Any: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        d = vars(obj)
+        value = d[self.name]
+        if type(value) is _Deferred:
+            value = d[self.name] = value.make(*value.args)
+        return value
+
+    def __set__(self, obj: object, value: Any) -> None:
+        vars(obj)[self.name] = value
+
+
 @dataclass(frozen=True)
 class TrendReport:
     """The result of ``gradinspect trend``; ``to_dict()`` is the ``gradinspect.trend/1`` JSON shape.
@@ -539,6 +659,10 @@ class TrendReport:
         return not self.findings
 
     def to_dict(self) -> dict[str, Any]:
+        return self._doc(series=True)
+
+    def _doc(self, series: bool) -> dict[str, Any]:
+        """:meth:`to_dict`; without ``series``, its ``"series"`` is None (for a writer that lays it out)."""
         return {
             "schema": TREND_SCHEMA,
             "norm_type": norm_type_label(self.norm_type),
@@ -550,7 +674,8 @@ class TrendReport:
             "steps": [{"step": s.step, "sources": list(s.sources), "total": s.total.to_dict(),
                        "clip": {"coef": s.clip_coef, "clipped": s.clipped}} for s in self.steps],
             "tensors": list(self.tensors),
-            "series": {"norm": [list(r) for r in self.series_norm], "share": [list(r) for r in self.series_share]},
+            "series": {"norm": [list(r) for r in self.series_norm], "share": [list(r) for r in self.series_share]}
+            if series else None,
             "spikes": [s.to_dict() for s in self.spikes],
             "first_nonfinite": None if self.first_nonfinite is None else self.first_nonfinite.to_dict(),
             "clip_summary": self.clip_summary.to_dict(),
@@ -573,6 +698,11 @@ class TrendReport:
                 cols = tuple(tuple(map(f, c)) for c in cols)
             yield from zip(itertools.repeat(s.step), s.names, *cols, s.nonfinite)
 
+
+
+# Installed once the dataclass is made: analyze() gives the series as _Deferred.
+for _name in ("series_norm", "series_share"):
+    setattr(TrendReport, _name, _Later(_name))
 
 def spell(x: float) -> str:
     """A float for CSV: ``repr``, or ``NaN``, ``Infinity``, ``-Infinity`` as in the JSON."""
@@ -619,9 +749,9 @@ def evaluate(report: TrendReport, fail_on: Sequence[str] = (), max_clip_fraction
             n = int(sum(st.finite for st in report.steps))
             found.append(TrendFinding("clip_fraction", None, f"{frac:.1%} of the {n} finite steps are clipped at "
                                       f"max_norm {report.max_norm:g}, more than {max_clip_fraction:g}"))
-    out = dataclasses.replace(report, rules=rules, findings=tuple(found))
-    if vars(report).get(_SERIES_OF_STEPS):  # the same series
-        _mark_series_of_steps(out)
+    out = copy.copy(report)  # as dataclasses.replace, but a series not made yet is not made, and the mark is kept
+    object.__setattr__(out, "rules", rules)
+    object.__setattr__(out, "findings", tuple(found))
     return out
 
 
@@ -654,7 +784,8 @@ def analyze(
     report = TrendReport(
         norm_type=float(norm_type), max_norm=max_norm, eps=eps, group_by=group_by, window=window,
         spike_factor=spike_factor, steps=s.steps, tensors=s.names,
-        series_norm=_rows_of(s, "norm", same), series_share=_rows_of(s, "share", same),
+        series_norm=cast(Any, _Deferred(_rows_of, s, "norm", same)),  # made when read (_Later)
+        series_share=cast(Any, _Deferred(_rows_of, s, "share", same)),
         spikes=_spikes(s, window, spike_factor), first_nonfinite=_first_nonfinite(s),
         clip_summary=_clip_summary(s, clip_target, eps), dead=_dead(s), missing=_missing(s), drift=_drift(s),
     )
@@ -713,12 +844,15 @@ def _well_spelled(cells: np.ndarray) -> bool:
     """Every cell is number text (ASCII digits, ``.``, ``e``, ``+``, ``-``) or exactly ``"NaN"``, ``"Infinity"``
     or ``"-Infinity"``, not empty and padded with NUL at its end: laid out, such cells can neither make a
     traceback (not ASCII) nor break the document's structure (a comma, a bracket, a quote, a NUL inside).
-    About 10 ms for 400,000 cells (a regular expression for the exact JSON number grammar took 70 ms, more
-    than a tenth of a warm run).  A step entry made by hand with a valid checksum is served as it says: its
-    floats, and its texts when they pass this check (a malformed number such as ``1e`` is then laid out)."""
-    flat = cells.reshape(-1, SPELLING_WIDTH)
-    filled = flat != 0
-    if not (filled[:, 0].all() and (filled[:, 1:] <= filled[:, :-1]).all()):  # no NUL before a byte
+    About 12 ms for 400,000 cells, with no temporary array as large as the cells (a regular expression for
+    the exact JSON number grammar took 70 ms, more than a tenth of a warm run).  A step entry made by hand
+    with a valid checksum is served as it says: its floats, and its texts when they pass this check (a
+    malformed number such as ``1e`` is then laid out)."""
+    flat = np.ascontiguousarray(cells).reshape(-1, SPELLING_WIDTH)
+    if not flat[:, 0].all():  # an empty cell
+        return False
+    # A cell's text runs to its last byte that is not NUL; it holds that many such bytes when no NUL is inside.
+    if int(np.char.str_len(flat.view(f"S{SPELLING_WIDTH}")).sum()) != np.count_nonzero(flat):
         return False
     named = flat[:, 0] == ord('"')
     if named.any():
@@ -731,9 +865,9 @@ def _well_spelled(cells: np.ndarray) -> bool:
 def _rows_of(s: Series, column: str, same: bool) -> tuple[tuple[float | None, ...], ...]:
     """The series of ``column`` ([row][step], None where absent): when every step has the series' rows
     (``same``), its steps' very floats (a transpose); else from the arrays."""
-    if same:
+    if same and not any(_PACKED in vars(st) for st in s.steps):
         return tuple(zip(*(getattr(st, column) for st in s.steps), strict=True))
-    return _with_none(getattr(s, column), s.present)
+    return _with_none(getattr(s, column), s.present)  # the same floats, bit for bit
 
 
 def _with_none(values: np.ndarray, present: np.ndarray) -> tuple[tuple[float | None, ...], ...]:
