@@ -10,7 +10,8 @@ The data (made once; about 1,000 x 0.8 MB) is a run of ``--steps`` safetensors f
 GLOB -f json -q`` process (min and median of ``--runs``; in brackets the CPU time, user + system,
 which a busy shared machine inflates less): cold with an empty ``--cache-dir`` (every file
 read and stored), warm with the cache the cold runs left.  The files are made at least 2 s
-before the first run (a file changed less than 2 s before it is read is not cached).  gradinspect's
+before the first run (a file changed less than 2 s before it is read is not cached), and each
+run starts once the one before has been written to disk (``sync``).  gradinspect's
 modules are compiled first, as an install compiles them.  Also
 timed in-process (imports and Python startup left out): the per-step cost of a warm run.
 """
@@ -52,9 +53,13 @@ def make_run(data: Path, steps: int, tensors: int) -> None:
 
 
 def wall(args: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """The wall time and the CPU time (user + system) of a process."""
+    """The wall time and the CPU time (user + system) of a process, started once what earlier runs wrote is on
+    disk (``sync``): a run is not slowed by the write-back of the one before (a cold run writes ~80 MB of
+    cache entries), as a re-run some time later is not."""
     import resource
 
+    if hasattr(os, "sync"):
+        os.sync()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
