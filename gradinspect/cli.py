@@ -921,8 +921,9 @@ def main(argv: list[str] | None = None) -> None:
     # gradinspect never calls BLAS, but OpenBLAS starts a thread per core as numpy is imported, and they spin
     # for a while: CPU a busy machine's other work could use (about 0.1 s per run on 2 cores).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # A warm `trend` makes a million floats in tuples, which hold no cycles; at the default threshold (700 new
-    # objects) the cyclic collector's passes over them were about a tenth of the run.  It still runs.
+    # A run makes many small objects that hold no cycles (a cold `trend` of 1,000 steps x 200 tensors: rows,
+    # tuples and dicts by the hundred thousand), which the cyclic collector's passes at the default threshold
+    # (700 new objects) walk again and again.  It still runs.
     threshold = gc.get_threshold()
     gc.set_threshold(100_000, 20, 100)
     try:
