@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,20 +28,25 @@ from ._escape import escape_char
 PRETTY_MAX_ROWS = 1000
 
 
-def dumps(doc: dict[str, Any], encoded: Mapping[str, str] | None = None) -> str:
+def dumps(doc: dict[str, Any], encoded: Mapping[str, Sequence[str]] | None = None) -> str:
     """``doc`` as strict JSON text.  ``encoded``: top-level values already encoded, by key, exactly as
-    this function would encode them (used only on one line, for a large document)."""
+    this function would encode them, each as pieces of text to join (used only on one line, for a large
+    document: joined once, with the rest, rather than copied at each step)."""
     indent = 2 if _pretty(doc) else None
     # One pass of the C encoder; Python's spellings of non-finite numbers (bare NaN, Infinity, -Infinity,
     # never inside a string) then become strings.  A document of 400,000 numbers is encoded once, not twice.
     if encoded and indent is None:  # what json.dumps writes on one line, with some values given (strict)
-        text = "{" + ", ".join(f"{json.dumps(k)}: {encoded[k] if k in encoded else _strict(_one_line(v))}"
-                               for k, v in doc.items()) + "}"
+        parts = ["{"]
+        for k, v in doc.items():
+            parts += (", " if len(parts) > 1 else "", json.dumps(k), ": ")
+            parts += encoded[k] if k in encoded else (_strict(_one_line(v)),)
+        parts.append("}\n")
+        text = "".join(parts)
     else:
-        text = _strict(json.dumps(doc, indent=indent, allow_nan=True, ensure_ascii=False))
+        text = _strict(json.dumps(doc, indent=indent, allow_nan=True, ensure_ascii=False)) + "\n"
     if not text.isascii() or "\x7f" in text:
         text = _UNSAFE.sub(_escape, text)
-    return text + "\n"
+    return text
 
 
 def _pretty(doc: dict[str, Any]) -> bool:
@@ -61,22 +66,23 @@ def _strict(text: str) -> str:
     return _NONFINITE.sub(_quoted, text) if "NaN" in text or "Infinity" in text else text
 
 
-def _rows(cells: np.ndarray) -> str:
+def _rows(cells: np.ndarray) -> list[str]:
     """Rows of numbers spelled in cells (``(rows, n, width)`` bytes, NUL-padded:
     :func:`gradinspect.trend.spell_cells`) as :func:`dumps` writes a list of lists of those numbers on one
-    line: ``[[a, b], [c, d]]``.  Laid out with numpy, then the padding dropped in one pass."""
+    line, ``[[a, b], [c, d]]``, in pieces to join.  Laid out with numpy, then the padding dropped in one pass."""
     import numpy as np
 
     r, n, w = cells.shape
     if r == 0 or n == 0:
-        return "[" + ", ".join(["[]"] * r) + "]"
+        return ["[" + ", ".join(["[]"] * r) + "]"]
     buf = np.zeros((r, n * (w + 2) + 4), dtype=np.uint8)
     body = buf[:, :n * (w + 2)].reshape(r, n, w + 2)
     body[:, :, :w] = cells
     body[:, :-1, w:] = np.frombuffer(b", ", dtype=np.uint8)
     buf[:, -4:] = np.frombuffer(b"], [", dtype=np.uint8)
-    text = buf.tobytes().translate(None, b"\0").decode("ascii")  # every row followed by "], ["
-    return "[[" + text[:-3] + "]"
+    # Every row followed by "], [", but the last, by "]"
+    text = buf.reshape(-1)[:-3].tobytes().translate(None, b"\0").decode("ascii")
+    return ["[[", text, "]"]
 
 
 def trend_dumps(report: Any) -> str:
@@ -90,7 +96,7 @@ def trend_dumps(report: Any) -> str:
     if spelled is None:
         return dumps(report.to_dict())
     norm, share = spelled
-    return dumps(doc, {"series": f'{{"norm": {_rows(norm)}, "share": {_rows(share)}}}'})
+    return dumps(doc, {"series": ['{"norm": ', *_rows(norm), ', "share": ', *_rows(share), "}"]})
 
 
 # A JSON string (left as it is) or a bare non-finite number (quoted).
