@@ -692,17 +692,22 @@ class TrendReport:
         writer makes them safe).  Without, raw values.
         """
         for s in self.steps:
-            cols: tuple[tuple[Any, ...], ...] = (s.l1, s.l2, s.linf, s.norm, s.sq, s.share)
-            if spelled:
-                f = float.__repr__ if np.isfinite(np.array(cols, dtype=np.float64)).all() else spell
-                cols = tuple(tuple(map(f, c)) for c in cols)
+            cols: Sequence[Sequence[Any]]
+            if spelled:  # as floats (a step made by hand may hold ints); a packed step's tuples are not made
+                floats = vars(s).get(_PACKED)
+                if floats is None:
+                    floats = np.array([getattr(s, c) for c in FLOAT_COLUMNS], dtype=np.float64)
+                f = float.__repr__ if np.isfinite(floats).all() else spell
+                cols = [list(map(f, c)) for c in floats.tolist()]
+            else:
+                cols = [getattr(s, c) for c in FLOAT_COLUMNS]
             yield from zip(itertools.repeat(s.step), s.names, *cols, s.nonfinite)
-
 
 
 # Installed once the dataclass is made: analyze() gives the series as _Deferred.
 for _name in ("series_norm", "series_share"):
     setattr(TrendReport, _name, _Later(_name))
+
 
 def spell(x: float) -> str:
     """A float for CSV: ``repr``, or ``NaN``, ``Infinity``, ``-Infinity`` as in the JSON."""

@@ -23,6 +23,7 @@ from gradinspect.trend import (
     FLOAT_COLUMNS,
     SPELLING_WIDTH,
     StepResult,
+    StepTotals,
     _well_spelled,
     analyze,
     column_array,
@@ -174,3 +175,21 @@ def test_the_cell_check_takes_every_json_number_and_refuses_what_could_break_the
     for cell in (b"1" * 23, b"1" * 24, b"-1.5e+300", b'"NaN"', b"0"):
         assert not bad(cell), cell
     assert not _well_spelled(np.zeros((2, 3, 4, SPELLING_WIDTH), np.uint8))
+
+
+def test_csv_rows_spell_packed_and_hand_made_steps_as_floats(rng: np.random.Generator) -> None:
+    """The CSV of a packed step is that of the plain step (its tuples are not made for it); a step made by hand
+    with ints is spelled as floats (it was a TypeError), as its JSON numbers are the same values."""
+    plain = [_plain_step(rng, step=k, bad=k == 1) for k in range(3)]
+    want = list(analyze(plain).csv_rows())
+    packed = [_packed_copy(s) for s in plain]
+    assert list(analyze(packed).csv_rows()) == want
+    assert all("l1" not in vars(s) for s in packed)
+    assert next(r[2] for r in want if r[1] == "last" and r[0] == 1) == "NaN"
+    names = ("a", "b")
+    by_hand = StepResult(1, ("s",), StepTotals(7.0, 5.0, 4.0, 5.0, 25.0, 0, 0, 2, 2), 1.0, False, names, (3, 4), (3, 4),
+                         (3, 4), (3, 4), (9, 16), (0.36, 0.64), (0, 0), names, (0, 0), (0, 0), (False, False))
+    assert list(analyze([by_hand]).csv_rows()) == [
+        (1, "a", "3.0", "3.0", "3.0", "3.0", "9.0", "0.36", 0), (1, "b", "4.0", "4.0", "4.0", "4.0", "16.0", "0.64", 0)]
+    raw = list(analyze([by_hand]).csv_rows(spelled=False))
+    assert raw[0][2:8] == (3, 3, 3, 3, 9, 0.36)
