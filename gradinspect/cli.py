@@ -920,7 +920,9 @@ def _follow(paths: tuple[str, ...], allow_outside_index: bool, interval: float, 
 def main(argv: list[str] | None = None) -> None:
     # gradinspect never calls BLAS, but OpenBLAS starts a thread per core as numpy is imported, and they spin
     # for a while: CPU a busy machine's other work could use (about 0.1 s per run on 2 cores).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    blas = "OPENBLAS_NUM_THREADS" not in os.environ
+    if blas:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
     # A run makes many small objects that hold no cycles (a cold `trend` of 1,000 steps x 200 tensors: rows,
     # tuples and dicts by the hundred thousand), which the cyclic collector's passes at the default threshold
     # (700 new objects) walk again and again.  It still runs.
@@ -930,6 +932,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="gradinspect")
     finally:  # as it was, for a program that calls main()
         gc.set_threshold(*threshold)
+        if blas:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
 
 
 if __name__ == "__main__":  # pragma: no cover

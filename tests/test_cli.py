@@ -312,7 +312,7 @@ def _npz_object(path: Path) -> Path:
 
 
 def test_main_leaves_the_collector_as_it_found_it() -> None:
-    """main() raises the cyclic collector's threshold for its run (a warm trend makes a million tuples of floats)
+    """main() raises the cyclic collector's threshold for its run (a run makes many objects without cycles)
     and puts it back, for a program that calls it."""
     import gc
 
@@ -328,3 +328,22 @@ def test_main_leaves_the_collector_as_it_found_it() -> None:
     finally:
         gc.set_threshold = real  # type: ignore[assignment]
     assert seen == [(100_000, 20, 100), before] and gc.get_threshold() == before
+
+
+@pytest.mark.parametrize("given", [None, "3"])
+def test_main_leaves_the_environment_as_it_found_it(monkeypatch: pytest.MonkeyPatch, given: str | None) -> None:
+    """main() holds OpenBLAS to one thread for its run (OPENBLAS_NUM_THREADS=1, unless the caller set it), and
+    takes the variable out again when it set it, for a program that calls it."""
+    import os
+
+    from gradinspect import cli
+
+    if given is None:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", given)
+    during = []
+    monkeypatch.setattr(cli.cli, "main", lambda **kw: during.append(os.environ.get("OPENBLAS_NUM_THREADS")))
+    cli.main(["--version"])
+    assert during == [given or "1"]
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == given
