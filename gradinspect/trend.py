@@ -375,9 +375,12 @@ class Series:
         self.present = np.zeros((r, n), dtype=bool)
         for rows, cols in groups:  # the steps with the same rows at once
             at = np.ix_(rows, cols)
-            packed = all(_PACKED in vars(ordered[j]) for j in cols)
+            arrays = [vars(ordered[j]).get(_PACKED) for j in cols]  # steps read from the cache: (6, rows) each
+            block = None if any(a is None for a in arrays) else np.stack(arrays)
             for column in ("norm", "sq", "share"):
-                if packed:  # read from the cache: the arrays, not tuples made of them
+                if block is not None:  # the arrays, not tuples made of them
+                    values = block[:, FLOAT_COLUMNS.index(column)]
+                elif any(a is not None for a in arrays):  # some steps from the cache, some just read
                     values = np.stack([column_array(ordered[j], column) for j in cols])
                 else:
                     chain = itertools.chain.from_iterable(getattr(ordered[j], column) for j in cols)

@@ -193,3 +193,15 @@ def test_csv_rows_spell_packed_and_hand_made_steps_as_floats(rng: np.random.Gene
         (1, "a", "3.0", "3.0", "3.0", "3.0", "9.0", "0.36", 0), (1, "b", "4.0", "4.0", "4.0", "4.0", "16.0", "0.64", 0)]
     raw = list(analyze([by_hand]).csv_rows(spelled=False))
     assert raw[0][2:8] == (3, 3, 3, 3, 9, 0.36)
+
+
+def test_a_run_of_packed_and_plain_steps_is_analysed_as_the_plain_run(rng: np.random.Generator) -> None:
+    """New dumps after a cached run: some steps packed (from the cache), some just computed, in one group of rows.
+    The series are those of the plain run, bit for bit, and the packed steps' tuples are not made for it."""
+    plain = [_plain_step(rng, step=k, bad=k == 2) for k in range(6)]
+    mixed = [_packed_copy(s) if s.step % 2 else s for s in plain]
+    want, got = analyze(plain, norm_type=3.0), analyze(mixed, norm_type=3.0)
+    for a, b in ((want.series_norm, got.series_norm), (want.series_share, got.series_share)):
+        assert len(a) == len(b) and all(_bits(x) == _bits(y) for x, y in zip(a, b, strict=True))
+    assert _same_with_nan(got.to_dict(), want.to_dict())
+    assert all("sq" not in vars(s) for s in mixed if s.step % 2)
