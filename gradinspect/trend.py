@@ -595,6 +595,9 @@ class _Deferred:
     def __init__(self, make: Callable[..., Any], *args: Any) -> None:
         self.make, self.args = make, args
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle protocols 0 and 1 refuse a class with __slots__ otherwise
+        return _Deferred, (self.make, *self.args)
+
 
 class _Later:
     """A field of a frozen dataclass that may be given as a :class:`_Deferred`: made on first read, then

@@ -1,0 +1,81 @@
+"""What a library user can do with a packed step (``trend.packed_step``) and a trend report whose series
+are made when first read must be what they could do with a plain step and report: pickle at every protocol,
+in another process too."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradinspect.api import compute_norms
+from gradinspect.trend import (
+    FLOAT_COLUMNS,
+    StepResult,
+    TrendReport,
+    analyze,
+    evaluate,
+    packed_step,
+)
+
+
+def _bits(values: tuple[float | None, ...]) -> bytes:
+    return struct.pack(f"<{len(values)}d", *values)
+
+
+def _plain_step(rng: np.random.Generator, step: int, bad: bool = False) -> StepResult:
+    arrays = {f"w{i}": rng.standard_normal(int(rng.integers(1, 30))).astype(np.float32) for i in range(5)}
+    arrays["last"] = np.array([1.0, np.nan, np.inf] if bad else [1.0, 2.0, 3.0], np.float32)
+    return StepResult.from_reports(step, compute_norms(arrays, sort="none"), sources=(f"s{step}",))
+
+
+def _others(step: StepResult) -> dict[str, object]:
+    return {f.name: getattr(step, f.name) for f in dataclasses.fields(StepResult) if f.name not in FLOAT_COLUMNS}
+
+
+def _packed_copy(step: StepResult) -> StepResult:
+    return packed_step(np.array([getattr(step, c) for c in FLOAT_COLUMNS], dtype=np.float64), **_others(step))
+
+
+def _steps(rng: np.random.Generator) -> list[StepResult]:
+    return [_plain_step(rng, k, bad=k == 2) for k in range(5)]
+
+
+def _check_series(report: TrendReport, steps: list[StepResult]) -> None:
+    """The report's series are the steps' values, bit for bit (NaN included)."""
+    assert len(report.series_norm) == len(report.series_share) == len(steps[0].names)
+    for i in range(len(steps[0].names)):
+        assert _bits(report.series_norm[i]) == _bits(tuple(s.norm[i] for s in steps))
+        assert _bits(report.series_share[i]) == _bits(tuple(s.share[i] for s in steps))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_report_whose_series_are_not_made_pickles_at_every_protocol(rng: np.random.Generator, protocol: int,
+                                                                      packed: bool) -> None:
+    steps = _steps(rng)
+    report = evaluate(analyze([_packed_copy(s) for s in steps] if packed else steps), ("nonfinite",))
+    back = pickle.loads(pickle.dumps(report, protocol=protocol))
+    _check_series(back, steps)
+    assert back.findings == report.findings and [s.step for s in back.steps] == [s.step for s in steps]
+    _check_series(report, steps)
+
+
+def test_a_report_pickled_here_is_read_in_another_process(rng: np.random.Generator, tmp_path: Path) -> None:
+    steps = _steps(rng)
+    path = tmp_path / "report.pickle"
+    for protocol in (0, pickle.HIGHEST_PROTOCOL):
+        path.write_bytes(pickle.dumps(analyze([_packed_copy(s) for s in steps]), protocol=protocol))
+        code = ("import pickle, struct, sys; r = pickle.load(open(sys.argv[1], 'rb')); "
+                "print(b''.join(struct.pack(f'<{len(x)}d', *x) for x in (*r.series_norm, *r.series_share)).hex())")
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        want = b"".join(_bits(tuple(getattr(s, c)[i] for s in steps))
+                        for c in ("norm", "share") for i in range(len(steps[0].names)))
+        assert bytes.fromhex(out.stdout.strip()) == want
