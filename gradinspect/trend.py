@@ -152,6 +152,8 @@ class _FloatColumn:
         d = vars(obj)
         value: tuple[float, ...] | None = d.get(self.name)
         if value is None:
+            if _PACKED not in d:  # not set (an instance not initialised): as for any attribute, for hasattr
+                raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
             value = d[self.name] = tuple(d[_PACKED][self.row].tolist())
         return value
 
@@ -618,6 +620,8 @@ class _Later:
         if obj is None:
             return self
         d = vars(obj)
+        if self.name not in d:  # not set (an instance not initialised): as for any attribute, for hasattr
+            raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
         value = d[self.name]
         if type(value) is _Deferred:
             value = d[self.name] = value.make(*value.args)

@@ -79,3 +79,13 @@ def test_a_report_pickled_here_is_read_in_another_process(rng: np.random.Generat
         want = b"".join(_bits(tuple(getattr(s, c)[i] for s in steps))
                         for c in ("norm", "share") for i in range(len(steps[0].names)))
         assert bytes.fromhex(out.stdout.strip()) == want
+
+
+def test_a_field_not_set_is_an_attribute_error_as_for_any_dataclass() -> None:
+    step = StepResult.__new__(StepResult)
+    report = TrendReport.__new__(TrendReport)
+    for obj, name in ((step, "l1"), (step, "share"), (report, "series_norm"), (report, "series_share")):
+        assert not hasattr(obj, name)
+        assert getattr(obj, name, "absent") == "absent"
+        with pytest.raises(AttributeError, match=name):
+            getattr(obj, name)
