@@ -325,7 +325,7 @@ def packed_step(floats: np.ndarray, **fields: Any) -> StepResult:
     lengths or a name twice."""
     if floats.dtype != np.float64 or floats.ndim != 2:
         raise ValueError(f"floats of dtype {floats.dtype} and shape {floats.shape}: float64 (6, rows) expected")
-    floats = floats.view()
+    floats = np.array(floats, copy=True)  # its own: the caller may write to the array it gave
     floats.flags.writeable = False
     if fields.keys() != _OTHER_FIELDS:
         raise TypeError(f"packed_step: fields {', '.join(sorted(fields))}; expected {', '.join(sorted(_OTHER_FIELDS))}")
@@ -342,7 +342,9 @@ def column_array(step: StepResult, column: str) -> np.ndarray:
     array's row, without making the tuple, for a step from :func:`packed_step`."""
     floats = vars(step).get(_PACKED)
     if floats is not None:
-        return cast(np.ndarray, floats[FLOAT_COLUMNS.index(column)])
+        row = cast(np.ndarray, floats[FLOAT_COLUMNS.index(column)])
+        row.flags.writeable = False  # a copied or unpickled step's array is writeable: the step is frozen
+        return row
     return np.array(getattr(step, column), dtype=np.float64)
 
 

@@ -4,11 +4,13 @@ in another process too."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pickle
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from gradinspect.trend import (
     StepResult,
     TrendReport,
     analyze,
+    column_array,
     evaluate,
     packed_step,
 )
@@ -79,6 +82,33 @@ def test_a_report_pickled_here_is_read_in_another_process(rng: np.random.Generat
         want = b"".join(_bits(tuple(getattr(s, c)[i] for s in steps))
                         for c in ("norm", "share") for i in range(len(steps[0].names)))
         assert bytes.fromhex(out.stdout.strip()) == want
+
+
+def _round_trips() -> list[Callable[[StepResult], StepResult]]:
+    def pickled(protocol: int) -> Callable[[StepResult], StepResult]:
+        return lambda s: pickle.loads(pickle.dumps(s, protocol=protocol))  # type: ignore[no-any-return]
+    return [copy.copy, copy.deepcopy, *(pickled(p) for p in range(pickle.HIGHEST_PROTOCOL + 1))]
+
+
+@pytest.mark.parametrize("trip", _round_trips())
+def test_a_packed_steps_array_stays_read_only_through_copies_and_pickles(
+        rng: np.random.Generator, trip: Callable[[StepResult], StepResult]) -> None:
+    plain = _plain_step(rng, 3)
+    step = trip(_packed_copy(plain))
+    for c in FLOAT_COLUMNS:
+        with pytest.raises(ValueError, match="read-only"):
+            column_array(step, c)[0] = 123.0
+    assert step == plain and all(_bits(getattr(step, c)) == _bits(getattr(plain, c)) for c in FLOAT_COLUMNS)
+
+
+def test_a_packed_step_does_not_follow_the_array_it_was_made_of(rng: np.random.Generator) -> None:
+    plain = _plain_step(rng, 3)
+    floats = np.array([getattr(plain, c) for c in FLOAT_COLUMNS], dtype=np.float64)
+    step = packed_step(floats, **_others(plain))
+    first = hash(step)
+    floats[:] = 7.0  # the caller's array, written after the step was made
+    assert hash(step) == first and step == plain
+    assert all(_bits(tuple(column_array(step, c).tolist())) == _bits(getattr(plain, c)) for c in FLOAT_COLUMNS)
 
 
 def test_a_field_not_set_is_an_attribute_error_as_for_any_dataclass() -> None:
