@@ -788,13 +788,15 @@ def analyze(
         raise ValueError(f"spike_factor must be a finite number > 0, not {spike_factor}")
     if not 0.0 <= clip_target <= 1.0:
         raise ValueError(f"clip target must be between 0 and 1, not {clip_target}")
+    given = isinstance(steps, Series)
     s = steps if isinstance(steps, Series) else Series(steps)
     same = bool(s.steps) and all(st.names == s.names for st in s.steps)  # every step has the series' rows
+    # Made when read (_Later), from a Series of the report's own; the caller's may be written to later: now.
+    later: Callable[..., Any] = _rows_of if given else functools.partial(_Deferred, _rows_of)
     report = TrendReport(
         norm_type=float(norm_type), max_norm=max_norm, eps=eps, group_by=group_by, window=window,
         spike_factor=spike_factor, steps=s.steps, tensors=s.names,
-        series_norm=cast(Any, _Deferred(_rows_of, s, "norm", same)),  # made when read (_Later)
-        series_share=cast(Any, _Deferred(_rows_of, s, "share", same)),
+        series_norm=later(s, "norm", same), series_share=later(s, "share", same),
         spikes=_spikes(s, window, spike_factor), first_nonfinite=_first_nonfinite(s),
         clip_summary=_clip_summary(s, clip_target, eps), dead=_dead(s), missing=_missing(s), drift=_drift(s),
     )

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gradinspect.api import compute_norms
+from gradinspect.formats import json as json_format
 from gradinspect.trend import (
     FLOAT_COLUMNS,
     StepResult,
@@ -25,6 +26,7 @@ from gradinspect.trend import (
     column_array,
     evaluate,
     packed_step,
+    series,
 )
 
 
@@ -109,6 +111,34 @@ def test_a_packed_step_does_not_follow_the_array_it_was_made_of(rng: np.random.G
     floats[:] = 7.0  # the caller's array, written after the step was made
     assert hash(step) == first and step == plain
     assert all(_bits(tuple(column_array(step, c).tolist())) == _bits(getattr(plain, c)) for c in FLOAT_COLUMNS)
+
+
+def _column(steps: list[StepResult], column: str, name: str) -> bytes:
+    """A row's values over the steps, bit for bit; absent where the step has no such row."""
+    return b"".join(b"absent" if name not in s.names else _bits((getattr(s, column)[s.names.index(name)],))
+                    for s in steps)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("missing", [False, True])
+def test_a_report_made_from_a_series_does_not_follow_later_changes_to_it(rng: np.random.Generator,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         packed: bool, missing: bool) -> None:
+    steps = _steps(rng)
+    if missing:  # a row absent from a step: the series are made from the arrays, None where absent
+        arrays = {f"w{i}": rng.standard_normal(7).astype(np.float32) for i in range(3)}
+        steps[3] = StepResult.from_reports(3, compute_norms(arrays, sort="none"), sources=("s3",))
+    s = series([_packed_copy(st) for st in steps] if packed else steps)
+    report = analyze(s)
+    monkeypatch.setattr(json_format, "PRETTY_MAX_ROWS", 0)  # one line: the series laid out from spellings
+    s.norm[:] = 1.0  # the caller's arrays, written after the analysis
+    s.share[:] = 0.5
+    s.present[:] = False
+    text = json_format.trend_dumps(report)
+    for i, name in enumerate(report.tensors):
+        for column, rows in (("norm", report.series_norm), ("share", report.series_share)):
+            assert b"".join(b"absent" if v is None else _bits((v,)) for v in rows[i]) == _column(steps, column, name)
+    assert json_format.dumps(report.to_dict()) == text
 
 
 def test_a_field_not_set_is_an_attribute_error_as_for_any_dataclass() -> None:
