@@ -42,6 +42,7 @@ import functools
 import itertools
 import math
 import operator
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast, overload
@@ -154,7 +155,8 @@ class _FloatColumn:
         if value is None:
             if _PACKED not in d:  # not set (an instance not initialised): as for any attribute, for hasattr
                 raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
-            value = d[self.name] = tuple(d[_PACKED][self.row].tolist())
+            # setdefault: threads that make it at once all get the one kept (a step with a NaN equals itself)
+            value = d.setdefault(self.name, tuple(d[_PACKED][self.row].tolist()))
         return value
 
     def __set__(self, obj: object, value: tuple[float, ...]) -> None:
@@ -603,6 +605,9 @@ class _Deferred:
         return _Deferred, (self.make, *self.args)
 
 
+_MADE = threading.Lock()
+
+
 class _Later:
     """A field of a frozen dataclass that may be given as a :class:`_Deferred`: made on first read, then
     kept.  A trend report's series ([row][step] tuples: 400,000 floats for 1,000 steps x 200 tensors) are
@@ -626,7 +631,11 @@ class _Later:
             raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
         value = d[self.name]
         if type(value) is _Deferred:
-            value = d[self.name] = value.make(*value.args)
+            made = value.make(*value.args)
+            with _MADE:  # threads that make it at once all get the one kept
+                value = d[self.name]
+                if type(value) is _Deferred:
+                    value = d[self.name] = made
         return value
 
     def __set__(self, obj: object, value: Any) -> None:

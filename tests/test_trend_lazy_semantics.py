@@ -10,6 +10,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,3 +150,47 @@ def test_a_field_not_set_is_an_attribute_error_as_for_any_dataclass() -> None:
         assert getattr(obj, name, "absent") == "absent"
         with pytest.raises(AttributeError, match=name):
             getattr(obj, name)
+
+
+def test_threads_reading_a_column_or_a_series_first_get_one_and_the_same_value(rng: np.random.Generator) -> None:
+    """Two threads that both make a value (as the first reads of one step may) get the one kept: a step with
+    a NaN equals itself (``==`` compares its tuples, the same object), as a plain step does."""
+    from gradinspect.trend import _Deferred
+
+    both_making = threading.Barrier(2, timeout=10)
+
+    class _Row:  # a packed row whose tuple takes long to make: both threads are making it at once
+        def __init__(self, row: np.ndarray) -> None:
+            self.row = row
+
+        def tolist(self) -> list[float]:
+            both_making.wait()
+            return self.row.tolist()  # type: ignore[no-any-return]
+
+    class _Floats:
+        def __init__(self, floats: np.ndarray) -> None:
+            self.floats = floats
+
+        def __getitem__(self, k: int) -> _Row:
+            return _Row(self.floats[k])
+
+    step = _packed_copy(_plain_step(rng, 2, bad=True))
+    floats = vars(step)["_packed_floats"]
+    vars(step)["_packed_floats"] = _Floats(floats)
+
+    def make() -> tuple[tuple[float, ...], ...]:
+        both_making.wait()
+        return ((float("nan"),),)
+
+    report = analyze([_plain_step(rng, k) for k in range(3)])
+    object.__setattr__(report, "series_share", _Deferred(make))
+    for read in (lambda: step.norm, lambda: report.series_share):
+        got: list[object] = []
+        threads = [threading.Thread(target=lambda g=got, r=read: g.append(r())) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 2 and got[0] is got[1] is read()
+    vars(step)["_packed_floats"] = floats  # the other columns made without waiting
+    assert step == step and step.norm == step.norm and _bits(step.norm) == _bits(tuple(floats[3].tolist()))
