@@ -209,6 +209,14 @@ class StepResult:
         if not (_distinct(self.names) and (self.tensor_names is self.names or _distinct(self.tensor_names))):
             raise ValueError(f"step {self.step}: a name twice")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The state copied (copy, deepcopy) or pickled: a packed step's columns are made first, so that the
+        step and its copy hold the same tuples (one holding a NaN equals its copy, as a plain step does)."""
+        if _PACKED in vars(self):
+            for c in FLOAT_COLUMNS:
+                getattr(self, c)
+        return vars(self)
+
     @property
     def finite(self) -> bool:
         """True when the global norm is finite and no value is NaN/Inf."""

@@ -194,3 +194,14 @@ def test_threads_reading_a_column_or_a_series_first_get_one_and_the_same_value(r
         assert len(got) == 2 and got[0] is got[1] is read()
     vars(step)["_packed_floats"] = floats  # the other columns made without waiting
     assert step == step and step.norm == step.norm and _bits(step.norm) == _bits(tuple(floats[3].tolist()))
+
+
+@pytest.mark.parametrize("trip", [copy.copy, copy.deepcopy])
+def test_a_packed_step_with_a_nan_equals_its_copy_as_a_plain_one_does(rng: np.random.Generator,
+                                                                   trip: Callable[[StepResult], StepResult]) -> None:
+    plain = _plain_step(rng, 2, bad=True)
+    assert trip(plain) == plain  # the same tuples: NaN equals itself (by identity)
+    step = _packed_copy(plain)
+    again = trip(step)
+    assert again == step and step == again and hash(again) == hash(step)
+    assert all(_bits(getattr(again, c)) == _bits(getattr(plain, c)) for c in FLOAT_COLUMNS)
