@@ -1,6 +1,7 @@
 """What a library user can do with a packed step (``trend.packed_step``) and a trend report whose series
-are made when first read must be what they could do with a plain step and report: pickle at every protocol,
-in another process too."""
+are made when first read must be what they could do with a plain step and report: pickle at every protocol
+(read in another process too), copy (a step with a NaN equals its copy), ask ``hasattr``, read from threads at
+once, and not change a frozen value through an array (theirs, or a copy's)."""
 
 from __future__ import annotations
 
