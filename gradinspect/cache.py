@@ -235,7 +235,8 @@ def _step_of(data: bytes, key: StepKey, known: dict[bytes, tuple[str, ...]]
     if len(data) - at != 8 * (6 + 6 * n) + 8 * (n + 2 * t) + t + 2 * n * SPELLING_WIDTH:
         return None
     l1, l2, linf, norm, sq, coef = struct.unpack_from("<6d", data, at)
-    floats = np.frombuffer(data, dtype="<f8", count=6 * n, offset=at + 48).reshape(6, n).astype(np.float64)
+    floats = np.frombuffer(data, dtype="<f8", count=6 * n, offset=at + 48).reshape(6, n)
+    floats = floats.astype(np.float64, copy=False)  # packed_step makes its own copy
     at += 8 * (6 + 6 * n)
     if data[at:at + 8 * (n + 2 * t)].count(0) == 8 * (n + 2 * t):  # no NaN, no Inf (most steps): shared zeros
         nonfinite, tensor_nan, tensor_inf = _same(0, n), _same(0, t), _same(0, t)

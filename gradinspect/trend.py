@@ -42,6 +42,7 @@ import functools
 import itertools
 import math
 import operator
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast, overload
@@ -152,7 +153,10 @@ class _FloatColumn:
         d = vars(obj)
         value: tuple[float, ...] | None = d.get(self.name)
         if value is None:
-            value = d[self.name] = tuple(d[_PACKED][self.row].tolist())
+            if _PACKED not in d:  # not set (an instance not initialised): as for any attribute, for hasattr
+                raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
+            # setdefault: threads that make it at once all get the one kept (a step with a NaN equals itself)
+            value = d.setdefault(self.name, tuple(d[_PACKED][self.row].tolist()))
         return value
 
     def __set__(self, obj: object, value: tuple[float, ...]) -> None:
@@ -204,6 +208,14 @@ class StepResult:
             raise ValueError(f"step {self.step}: tensor columns of different lengths")
         if not (_distinct(self.names) and (self.tensor_names is self.names or _distinct(self.tensor_names))):
             raise ValueError(f"step {self.step}: a name twice")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state copied (copy, deepcopy) or pickled: a packed step's columns are made first, so that the
+        step and its copy hold the same tuples (one holding a NaN equals its copy, as a plain step does)."""
+        if _PACKED in vars(self):
+            for c in FLOAT_COLUMNS:
+                getattr(self, c)
+        return vars(self)
 
     @property
     def finite(self) -> bool:
@@ -323,7 +335,7 @@ def packed_step(floats: np.ndarray, **fields: Any) -> StepResult:
     lengths or a name twice."""
     if floats.dtype != np.float64 or floats.ndim != 2:
         raise ValueError(f"floats of dtype {floats.dtype} and shape {floats.shape}: float64 (6, rows) expected")
-    floats = floats.view()
+    floats = np.array(floats, copy=True)  # its own: the caller may write to the array it gave
     floats.flags.writeable = False
     if fields.keys() != _OTHER_FIELDS:
         raise TypeError(f"packed_step: fields {', '.join(sorted(fields))}; expected {', '.join(sorted(_OTHER_FIELDS))}")
@@ -340,7 +352,9 @@ def column_array(step: StepResult, column: str) -> np.ndarray:
     array's row, without making the tuple, for a step from :func:`packed_step`."""
     floats = vars(step).get(_PACKED)
     if floats is not None:
-        return cast(np.ndarray, floats[FLOAT_COLUMNS.index(column)])
+        row = cast(np.ndarray, floats[FLOAT_COLUMNS.index(column)])
+        row.flags.writeable = False  # a copied or unpickled step's array is writeable: the step is frozen
+        return row
     return np.array(getattr(step, column), dtype=np.float64)
 
 
@@ -598,6 +612,12 @@ class _Deferred:
     def __init__(self, make: Callable[..., Any], *args: Any) -> None:
         self.make, self.args = make, args
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle protocols 0 and 1 refuse a class with __slots__ otherwise
+        return _Deferred, (self.make, *self.args)
+
+
+_MADE = threading.Lock()
+
 
 class _Later:
     """A field of a frozen dataclass that may be given as a :class:`_Deferred`: made on first read, then
@@ -618,9 +638,15 @@ class _Later:
         if obj is None:
             return self
         d = vars(obj)
+        if self.name not in d:  # not set (an instance not initialised): as for any attribute, for hasattr
+            raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
         value = d[self.name]
         if type(value) is _Deferred:
-            value = d[self.name] = value.make(*value.args)
+            made = value.make(*value.args)
+            with _MADE:  # threads that make it at once all get the one kept
+                value = d[self.name]
+                if type(value) is _Deferred:
+                    value = d[self.name] = made
         return value
 
     def __set__(self, obj: object, value: Any) -> None:
@@ -787,13 +813,15 @@ def analyze(
         raise ValueError(f"spike_factor must be a finite number > 0, not {spike_factor}")
     if not 0.0 <= clip_target <= 1.0:
         raise ValueError(f"clip target must be between 0 and 1, not {clip_target}")
+    given = isinstance(steps, Series)
     s = steps if isinstance(steps, Series) else Series(steps)
     same = bool(s.steps) and all(st.names == s.names for st in s.steps)  # every step has the series' rows
+    # Made when read (_Later), from a Series of the report's own; the caller's may be written to later: now.
+    later: Callable[..., Any] = _rows_of if given else functools.partial(_Deferred, _rows_of)
     report = TrendReport(
         norm_type=float(norm_type), max_norm=max_norm, eps=eps, group_by=group_by, window=window,
         spike_factor=spike_factor, steps=s.steps, tensors=s.names,
-        series_norm=cast(Any, _Deferred(_rows_of, s, "norm", same)),  # made when read (_Later)
-        series_share=cast(Any, _Deferred(_rows_of, s, "share", same)),
+        series_norm=later(s, "norm", same), series_share=later(s, "share", same),
         spikes=_spikes(s, window, spike_factor), first_nonfinite=_first_nonfinite(s),
         clip_summary=_clip_summary(s, clip_target, eps), dead=_dead(s), missing=_missing(s), drift=_drift(s),
     )
