@@ -687,11 +687,9 @@ class TrendReport:
     def ok(self) -> bool:
         return not self.findings
 
-    def to_dict(self) -> dict[str, Any]:
-        return self._doc(series=True)
-
-    def _doc(self, series: bool) -> dict[str, Any]:
-        """:meth:`to_dict`; without ``series``, its ``"series"`` is None (for a writer that lays it out)."""
+    def to_dict(self, *, series: bool = True) -> dict[str, Any]:
+        """The ``gradinspect.trend/1`` document.  ``series=False``: its ``"series"`` is None, and the series
+        are not made (for a writer that lays them out itself, as ``-f json`` does on a long run)."""
         return {
             "schema": TREND_SCHEMA,
             "norm_type": norm_type_label(self.norm_type),

@@ -205,3 +205,12 @@ def test_a_run_of_packed_and_plain_steps_is_analysed_as_the_plain_run(rng: np.ra
         assert len(a) == len(b) and all(_bits(x) == _bits(y) for x, y in zip(a, b, strict=True))
     assert _same_with_nan(got.to_dict(), want.to_dict())
     assert all("sq" not in vars(s) for s in mixed if s.step % 2)
+
+
+def test_to_dict_without_series_leaves_them_unmade(rng: np.random.Generator) -> None:
+    report = analyze([_plain_step(rng, step=k) for k in range(3)])
+    doc = report.to_dict(series=False)
+    assert doc["series"] is None and "Deferred" in type(vars(report)["series_norm"]).__name__
+    full = report.to_dict()
+    assert {k: v for k, v in full.items() if k != "series"} == {k: v for k, v in doc.items() if k != "series"}
+    assert full["series"]["norm"] == [list(r) for r in report.series_norm]

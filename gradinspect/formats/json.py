@@ -91,7 +91,7 @@ def trend_dumps(report: Any) -> str:
     they have them: the same text, without spelling 400,000 numbers again on a warm run."""
     from ..trend import series_spellings
 
-    doc = report._doc(series=False)  # the series are not made (or read) when they are laid out
+    doc = report.to_dict(series=False)  # the series are not made (or read) when they are laid out
     spelled = None if _pretty(doc) else series_spellings(report)  # a small document is pretty-printed
     if spelled is None:
         return dumps(report.to_dict())
