@@ -696,7 +696,7 @@ def test_follow_redraws_as_steps_land_and_ctrl_c_exits_0(tmp_path: Path) -> None
         assert _read_until(proc, b"steps           3 (0\xe2\x80\x932)", seen), bytes(seen)
         _atomic_step(tmp_path / "step_3.safetensors", 9.0)
         assert _read_until(proc, b"steps           4 (0\xe2\x80\x933)", seen), bytes(seen)
-        assert b"spikes          1: steps 3" in seen
+        assert b"spikes          1: step 3\n" in seen
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:

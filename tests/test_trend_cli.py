@@ -218,7 +218,7 @@ def test_many_steps_are_bucketed_to_the_width(tmp_path: Path) -> None:
     r = run("trend", str(tmp_path / "step_*.safetensors"), "--width", "60")
     assert r.exit_code == 0, r.output
     assert max(len(x) for x in r.stdout.splitlines()) <= 60 and "4 steps per column" in r.stdout
-    assert "1: steps 120" in r.stdout
+    assert "1: step 120\n" in r.stdout
 
 
 def test_no_escape_codes_in_pipes_and_with_no_color() -> None:

@@ -74,7 +74,7 @@ def summary(report: Any) -> list[tuple[str, str]]:
         lines.append((f"global {label}", f"{num(min(s.total.norm for s in finite))} to {num(top.total.norm)} "
                       f"(max at step {top.step})"))
     spikes = [s.step for s in report.spikes]
-    lines.append(("spikes", f"{len(spikes)}: steps {_steps_text(spikes)}" if spikes else
+    lines.append(("spikes", f"{len(spikes)}: step{'s' if len(spikes) > 1 else ''} {_steps_text(spikes)}" if spikes else
                   f"none (> {report.spike_factor:g}× the median of up to {report.window} steps before)"))
     fn = report.first_nonfinite
     if fn is None:
