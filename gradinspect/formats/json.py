@@ -91,10 +91,11 @@ def trend_dumps(report: Any) -> str:
     they have them: the same text, without spelling 400,000 numbers again on a warm run."""
     from ..trend import series_spellings
 
-    doc = report.to_dict(series=False)  # the series are not made (or read) when they are laid out
-    spelled = None if _pretty(doc) else series_spellings(report)  # a small document is pretty-printed
+    small = _pretty({"tensors": report.tensors, "steps": report.steps})  # pretty-printed: encoded as it is
+    spelled = None if small else series_spellings(report)
+    doc = report.to_dict(series=spelled is None)  # the series are not made (or read) when they are laid out
     if spelled is None:
-        return dumps(report.to_dict())
+        return dumps(doc)
     norm, share = spelled
     return dumps(doc, {"series": ['{"norm": ', *_rows(norm), ', "share": ', *_rows(share), "}"]})
 
